@@ -1,0 +1,1 @@
+"""Federated data: populations, cohort blocks, built-in datasets."""

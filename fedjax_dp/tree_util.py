@@ -1,0 +1,55 @@
+"""Tree helpers: global norms, masked sums and arithmetic on parameter trees."""
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_dp import types
+
+
+def global_l2_norm(tree: types.PyTree) -> jax.Array:
+  """L2 norm of all leaves of `tree` taken together, in float32."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  squares = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves]
+  return jnp.sqrt(sum(squares))
+
+
+def tree_add(a: types.PyTree, b: types.PyTree) -> types.PyTree:
+  return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def tree_sub(a: types.PyTree, b: types.PyTree) -> types.PyTree:
+  return jax.tree_util.tree_map(jnp.subtract, a, b)
+
+
+def tree_scale(tree: types.PyTree, scalar) -> types.PyTree:
+  return jax.tree_util.tree_map(lambda x: x * scalar, tree)
+
+
+def tree_zeros_like(tree: types.PyTree, dtype=jnp.float32) -> types.PyTree:
+  return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, dtype), tree)
+
+
+def masked_sum(stacked: types.PyTree, mask: jax.Array) -> types.PyTree:
+  """Sums `stacked` over its leading axis, counting only rows where `mask`.
+
+  Rows with a false mask contribute exactly zero, even if they hold NaN or
+  Inf (`jnp.where` selects, it does not multiply).
+  """
+
+  def _sum(x):
+    m = mask.reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.sum(jnp.where(m, x, jnp.zeros_like(x)), axis=0)
+
+  return jax.tree_util.tree_map(_sum, stacked)
+
+
+def tree_size(tree: types.PyTree) -> int:
+  """Total number of scalars in `tree`."""
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+
+
+def tree_all_finite(tree: types.PyTree) -> jax.Array:
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
