@@ -1,0 +1,1 @@
+"""Federated algorithms built from the client, privacy and server parts."""

@@ -1,0 +1,155 @@
+"""DP-FedAvg: one round as one compiled program over the whole cohort.
+
+    clients (vmapped in chunks, scanned over chunks): local training -> delta
+    -> clip to C -> masked sum (float32) -> + N(0, (z C)^2) -> / public
+    denominator -> server optimizer step.
+
+Hyperparameters that sweeps vary (learning rates, clip norm, noise
+multiplier, the denominator) are array arguments, never static, so one
+compilation serves every value and a sweep can vmap over them.
+
+Privacy: see `fedjax_dp/privacy/`. The round adds noise once, to the sum of
+clipped deltas of the clients whose slot is valid; padded slots contribute
+exactly zero (selected away, not multiplied). The denominator must be a public
+constant (the sampler's expected cohort size), never the realised count.
+"""
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_dp import client as client_lib
+from fedjax_dp import server as server_lib
+from fedjax_dp import tree_util
+from fedjax_dp import types
+from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import noise
+
+
+class RoundHparams(NamedTuple):
+  """Per-round hyperparameters, all float32 scalars (sweepable)."""
+
+  client_lr: jax.Array
+  server_lr: jax.Array
+  clip_norm: jax.Array
+  noise_multiplier: jax.Array
+  # Public constant the noisy sum is divided by (expected cohort size).
+  denominator: jax.Array
+
+  @classmethod
+  def create(cls, *, client_lr, server_lr, clip_norm, noise_multiplier,
+             denominator) -> "RoundHparams":
+    f = lambda v: jnp.asarray(v, jnp.float32)
+    return cls(f(client_lr), f(server_lr), f(clip_norm), f(noise_multiplier),
+               f(denominator))
+
+
+class CohortBlock(NamedTuple):
+  """Device view of data.blocks.ClientBlock."""
+
+  features: dict
+  example_mask: jax.Array  # [clients, steps, batch]
+  client_mask: jax.Array  # [clients]
+
+
+def _chunked(tree, num_chunks: int):
+  return jax.tree_util.tree_map(
+      lambda x: x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:]),
+      tree)
+
+
+def build_round(
+    model: types.Model,
+    client_optimizer_fn: client_lib.ClientOptimizerFn,
+    server_optimizer: optax.GradientTransformation,
+    *,
+    clients_per_chunk: int = 1,
+    unroll_local_steps: int | bool = 1,
+) -> Callable[..., tuple[server_lib.ServerState, dict]]:
+  """Builds the (unjitted) round function.
+
+  Args:
+    model: pure init/apply model.
+    client_optimizer_fn: learning rate -> optax optimizer for local steps.
+    server_optimizer: optax optimizer with injectable learning_rate (see
+      server.server_optimizer).
+    clients_per_chunk: clients vmapped together; chunks are scanned over and
+      their clipped deltas accumulated, so memory grows with the chunk, not
+      the cohort. The block's client count must be a multiple of it.
+    unroll_local_steps: unroll factor of the local-step scan.
+
+  Returns:
+    `round_fn(state, block, hparams, noise_key) -> (new_state, metrics)`.
+  """
+  client_update = client_lib.make_client_update(
+      model, client_optimizer_fn, unroll=unroll_local_steps)
+
+  def clipped_client(params, features, example_mask, valid, hparams):
+    out = client_update(params, features, example_mask, hparams.client_lr)
+    clip = clipping.clip_by_global_norm(out.delta, hparams.clip_norm)
+    return clip, out.loss, out.num_examples
+
+  def round_fn(state: server_lib.ServerState, block: CohortBlock,
+               hparams: RoundHparams, noise_key: types.PRNGKey):
+    params = state.params
+    num_clients = block.client_mask.shape[0]
+    if num_clients % clients_per_chunk:
+      raise ValueError(
+          f"block holds {num_clients} clients, not a multiple of "
+          f"clients_per_chunk={clients_per_chunk}")
+    num_chunks = num_clients // clients_per_chunk
+    chunks = _chunked((block.features, block.example_mask, block.client_mask),
+                      num_chunks)
+    vmapped = jax.vmap(clipped_client, in_axes=(None, 0, 0, 0, None))
+    zeros = tree_util.tree_zeros_like(params)
+
+    def per_chunk(total, chunk):
+      features, example_mask, valid = chunk
+
+      def compute(total):
+        clip, loss, n = vmapped(params, features, example_mask, valid, hparams)
+        total = tree_util.tree_add(total,
+                                   tree_util.masked_sum(clip.clipped, valid))
+        return total, (clip.norm, clip.was_clipped, loss, n)
+
+      def skip(total):
+        # Valid clients fill the block first, so trailing chunks are often
+        # all padding: skip their training entirely.
+        c = valid.shape[0]
+        return total, (jnp.zeros((c,), jnp.float32), jnp.zeros((c,), bool),
+                       jnp.zeros((c,), jnp.float32), jnp.zeros((c,), jnp.int32))
+
+      return jax.lax.cond(jnp.any(valid), compute, skip, total)
+
+    clipped_sum, (norms, was_clipped, client_loss, num_examples) = jax.lax.scan(
+        per_chunk, zeros, chunks)
+    norms, was_clipped, client_loss, num_examples = (
+        x.reshape(-1) for x in (norms, was_clipped, client_loss, num_examples))
+
+    stddev = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
+    noisy_sum = noise.add_gaussian_noise(clipped_sum, stddev, noise_key)
+    average = tree_util.tree_scale(noisy_sum, 1.0 / hparams.denominator)
+    new_state = server_lib.step(state, average, hparams.server_lr,
+                                server_optimizer)
+
+    valid = block.client_mask
+    num_valid = jnp.sum(valid.astype(jnp.int32))
+    denom = jnp.maximum(num_valid, 1).astype(jnp.float32)
+    masked_norms = jnp.where(valid, norms, jnp.nan)
+    metrics = {
+        "num_clients": num_valid,
+        "train_loss": jnp.sum(jnp.where(valid, client_loss, 0.0)) / denom,
+        "fraction_clipped": jnp.sum(valid & was_clipped) / denom,
+        "update_norm_p10": jnp.nanpercentile(masked_norms, 10),
+        "update_norm_p50": jnp.nanpercentile(masked_norms, 50),
+        "update_norm_p90": jnp.nanpercentile(masked_norms, 90),
+        "update_norm_max": jnp.nanmax(masked_norms),
+        "clipped_sum_norm": tree_util.global_l2_norm(clipped_sum),
+        "noise_stddev": stddev,
+        "num_examples": jnp.sum(jnp.where(valid, num_examples, 0)),
+    }
+    return new_state, metrics
+
+  return round_fn

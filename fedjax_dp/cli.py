@@ -1,0 +1,213 @@
+"""Command line: `fedjax-dp train | account | calibrate | data inspect`."""
+
+import argparse
+
+import datetime
+import importlib.util
+import json
+import logging
+
+import pathlib
+import sys
+
+
+def _load_experiment(path: str, smoke: bool):
+  from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ValueError(f"--config: no experiment file at {path!r}")
+  spec = importlib.util.spec_from_file_location(f"experiment_{file.stem}", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  getter = "get_smoke_config" if smoke else "get_config"
+  if not hasattr(module, getter):
+    raise ValueError(f"--config: {path} defines no {getter}()")
+  config = getattr(module, getter)()
+  if not isinstance(config, config_lib.Config):
+    raise ValueError(f"--config: {path}:{getter}() must return a Config")
+  return config
+
+
+def _cmd_train(args) -> int:
+  from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_dp import runner  # pylint: disable=g-import-not-at-top
+  if args.config:
+    config = _load_experiment(args.config, args.smoke)
+  else:
+    config = config_lib.Config()
+    if args.smoke:
+      config = config.replace(name=config.name + "_smoke", rounds=5)
+  flag_overrides = {
+      "rounds": args.rounds, "noise_multiplier": args.noise_multiplier,
+      "clip_norm": args.clip_norm, "seed": args.seed,
+  }
+  changes = {k: v for k, v in flag_overrides.items() if v is not None}
+  if changes:
+    config = config.replace(**changes)
+  for assignment in args.set or ():
+    config = config_lib.parse_override(config, assignment)
+  run_dir = args.run_dir or (
+      pathlib.Path("runs") /
+      f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+  result = runner.run(config, run_dir=run_dir, progress=not args.no_progress)
+  print(f"run directory: {run_dir}")
+  if args.json:
+    print(json.dumps(result.summary))
+  else:
+    s = result.summary
+    print(f"final held-out accuracy: {s.get('eval_accuracy', float('nan')):.4f}")
+    print(f"epsilon: {s['epsilon']:.4g} at delta={s['delta']:g} "
+          f"({s['accountant']}); noise multiplier {s['noise_multiplier']:.4g}, "
+          f"clip norm {s['clip_norm']:g}, {s['rounds_completed']} rounds")
+  return 0
+
+
+def _sampler_from_args(args):
+  from fedjax_dp.privacy import sampling  # pylint: disable=g-import-not-at-top
+  if args.population is None:
+    raise ValueError("--population: required (number of clients, >= 1)")
+  return sampling.make_sampler(
+      args.sampling, args.population, cohort_size=args.cohort_size,
+      sampling_probability=args.q, capacity=args.capacity)
+
+
+def _check_rounds(rounds):
+  if rounds is None or rounds < 1:
+    raise ValueError(f"--rounds must be an integer >= 1, got {rounds!r}")
+
+
+def _cmd_account(args) -> int:
+  from fedjax_dp.privacy import accounting  # pylint: disable=g-import-not-at-top
+  _check_rounds(args.rounds)
+  if not (args.noise_multiplier is not None and args.noise_multiplier >= 0):
+    raise ValueError("--noise-multiplier must be a number >= 0, got "
+                     f"{args.noise_multiplier!r}")
+  sampler = _sampler_from_args(args)
+  eps = accounting.epsilon_of(
+      [sampler.dp_event(args.noise_multiplier)] * args.rounds, args.delta,
+      accountant=args.accountant, relation=sampler.relation)
+  result = {
+      "epsilon": eps, "delta": args.delta, "accountant": args.accountant,
+      "sampling": args.sampling, "population": args.population,
+      "sampling_probability": sampler.sampling_probability,
+      "expected_cohort_size": sampler.expected_cohort_size,
+      "noise_multiplier": args.noise_multiplier, "rounds": args.rounds,
+      "neighbouring_relation": sampler.relation.value,
+  }
+  if args.json:
+    print(json.dumps(result))
+  else:
+    print(f"epsilon = {eps:.6g} at delta = {args.delta:g} ({args.accountant} "
+          f"accountant, {args.sampling} sampling, q = "
+          f"{sampler.sampling_probability:.6g}, z = {args.noise_multiplier:g}, "
+          f"{args.rounds} rounds, {sampler.relation.value} neighbours)")
+  return 0
+
+
+def _cmd_calibrate(args) -> int:
+  from fedjax_dp.privacy import accounting  # pylint: disable=g-import-not-at-top
+  _check_rounds(args.rounds)
+  sampler = _sampler_from_args(args)
+  z = accounting.calibrate_noise_multiplier(
+      sampler.dp_event, target_epsilon=args.target_epsilon, delta=args.delta,
+      rounds=args.rounds, accountant=args.accountant, relation=sampler.relation)
+  eps = accounting.epsilon_of([sampler.dp_event(z)] * args.rounds, args.delta,
+                              accountant=args.accountant,
+                              relation=sampler.relation)
+  result = {"noise_multiplier": z, "epsilon": eps,
+            "target_epsilon": args.target_epsilon, "delta": args.delta,
+            "accountant": args.accountant, "sampling": args.sampling,
+            "rounds": args.rounds,
+            "sampling_probability": sampler.sampling_probability}
+  if args.json:
+    print(json.dumps(result))
+  else:
+    print(f"noise multiplier = {z:.6g} (epsilon = {eps:.6g} <= "
+          f"{args.target_epsilon:g} at delta = {args.delta:g}, "
+          f"{args.accountant}, {args.rounds} rounds)")
+  return 0
+
+
+def _cmd_data_inspect(args) -> int:
+  from fedjax_dp.data.formats import detect  # pylint: disable=g-import-not-at-top
+  info = detect.inspect(args.path)
+  if args.json:
+    print(json.dumps(info))
+  else:
+    n = info["num_examples"]
+    print(f"{info['path']}: format {info['format']}, {info['num_clients']} "
+          f"clients, examples per client min {n['min']} / median "
+          f"{n['median']} / max {n['max']} (total {n['total']})")
+    for name, spec in info["features"].items():
+      print(f"  {name}: shape {tuple(spec['shape'])}, dtype {spec['dtype']}")
+  return 0
+
+
+def _add_sampling_args(p):
+  p.add_argument("--population", type=int, help="number of clients")
+  p.add_argument("--sampling", choices=["poisson", "fixed"], default="poisson")
+  p.add_argument("--cohort-size", type=int,
+                 help="(expected) clients per round")
+  p.add_argument("--q", type=float, help="poisson sampling probability")
+  p.add_argument("--capacity", type=int, help="poisson block size")
+  p.add_argument("--rounds", type=int, required=True)
+  p.add_argument("--delta", type=float, default=1e-5)
+  p.add_argument("--accountant", choices=["pld", "rdp"], default="pld")
+  p.add_argument("--json", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="fedjax-dp",
+      description="Federated learning with differential privacy on JAX.")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  train = sub.add_parser("train", help="run DP-FedAvg")
+  train.add_argument("--config", help="experiments/<name>.py")
+  train.add_argument("--smoke", action="store_true",
+                     help="use the experiment's small smoke variant")
+  train.add_argument("--rounds", type=int)
+  train.add_argument("--noise-multiplier", type=float)
+  train.add_argument("--clip-norm", type=float)
+  train.add_argument("--seed", type=int)
+  train.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                     help="override any config field (repeatable)")
+  train.add_argument("--run-dir", help="where to write the run directory")
+  train.add_argument("--no-progress", action="store_true")
+  train.add_argument("--json", action="store_true",
+                     help="print the final summary as JSON")
+  train.set_defaults(fn=_cmd_train)
+
+  account = sub.add_parser("account", help="epsilon of a DP-FedAvg schedule")
+  _add_sampling_args(account)
+  account.add_argument("--noise-multiplier", type=float, required=True)
+  account.set_defaults(fn=_cmd_account)
+
+  calibrate = sub.add_parser(
+      "calibrate", help="noise multiplier for a target epsilon")
+  _add_sampling_args(calibrate)
+  calibrate.add_argument("--target-epsilon", type=float, required=True)
+  calibrate.set_defaults(fn=_cmd_calibrate)
+
+  data = sub.add_parser("data", help="federated data files")
+  data_sub = data.add_subparsers(dest="data_command", required=True)
+  inspect = data_sub.add_parser("inspect", help="describe a data file")
+  inspect.add_argument("path")
+  inspect.add_argument("--json", action="store_true")
+  inspect.set_defaults(fn=_cmd_data_inspect)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  # dp_accounting logs a warning per RDP order it skips; they are not errors.
+  logging.getLogger("absl").setLevel(logging.ERROR)
+  try:
+    return args.fn(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"fedjax-dp: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,185 @@
+"""Experiment configuration: a frozen, self-validating dataclass.
+
+A config holds public settings only. Every field is checked when the config
+is built, so bad input fails with a message naming the field and its allowed
+values before any data is loaded or anything is compiled.
+"""
+
+import dataclasses
+import json
+import math
+import typing
+from typing import Any
+
+
+def _fail(field: str, allowed: str, value: Any) -> None:
+  raise ValueError(f"config field {field!r} must be {allowed}; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Settings of one DP-FedAvg run."""
+
+  name: str = "digits_dp_fedavg"
+  # Data and model.
+  dataset: str = "digits"
+  dataset_kwargs: dict = dataclasses.field(default_factory=dict)
+  model: str = "mlp_2nn"
+  model_kwargs: dict = dataclasses.field(default_factory=dict)
+  # Rounds and client sampling.
+  rounds: int = 100
+  sampling: str = "poisson"  # "poisson" or "fixed"
+  cohort_size: int | None = 30  # expected size for poisson
+  sampling_probability: float | None = None  # poisson only; overrides cohort
+  capacity: int | None = None  # poisson block size; None: automatic
+  # Local training.
+  client_optimizer: str = "sgd"
+  client_lr: float = 0.1
+  client_momentum: float = 0.0
+  local_epochs: int = 1
+  batch_size: int = 10
+  max_examples_per_client: int | None = None
+  # Server.
+  server_optimizer: str = "sgd"
+  server_lr: float = 1.0
+  server_momentum: float = 0.9
+  # Privacy.
+  clip_norm: float = 1.0
+  noise_multiplier: float | None = 1.0  # None: calibrate to target_epsilon
+  target_epsilon: float | None = None
+  delta: float = 1e-3
+  epsilon_budget: float | None = None  # stop before exceeding it
+  accountant: str = "pld"
+  # Run.
+  seed: int = 0
+  eval_every: int = 10
+  clients_per_chunk: int | None = None  # None: chosen by backend
+  unroll_local_steps: bool | None = None  # None: chosen by backend
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    """Checks every field; raises ValueError naming the first bad one."""
+    # Imported here: the registries sit in layers below, but importing them
+    # at module load would make `config` heavy for the CLI's --help.
+    from fedjax_dp.data import builtin  # pylint: disable=g-import-not-at-top
+    from fedjax_dp.models import registry  # pylint: disable=g-import-not-at-top
+    from fedjax_dp.privacy import accounting  # pylint: disable=g-import-not-at-top
+    from fedjax_dp import server  # pylint: disable=g-import-not-at-top
+
+    def positive_int(name):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        _fail(name, "an integer >= 1", v)
+
+    if self.dataset not in builtin.NAMES:
+      _fail("dataset", f"one of {list(builtin.NAMES)}", self.dataset)
+    if self.model not in registry.NAMES:
+      _fail("model", f"one of {list(registry.NAMES)}", self.model)
+    for name in ("rounds", "local_epochs", "batch_size", "eval_every"):
+      positive_int(name)
+    if self.sampling not in ("poisson", "fixed"):
+      _fail("sampling", "one of ['poisson', 'fixed']", self.sampling)
+    if self.sampling_probability is not None:
+      if self.sampling != "poisson":
+        _fail("sampling_probability", "unset (None) for fixed-size sampling",
+              self.sampling_probability)
+      if not 0 < self.sampling_probability <= 1:
+        _fail("sampling_probability", "in (0, 1]", self.sampling_probability)
+    elif self.cohort_size is None:
+      _fail("cohort_size", "an integer >= 1 (or set sampling_probability)",
+            None)
+    for name in ("cohort_size", "capacity", "max_examples_per_client",
+                 "clients_per_chunk"):
+      if getattr(self, name) is not None:
+        positive_int(name)
+    if self.client_optimizer not in ("sgd", "adam"):
+      _fail("client_optimizer", "one of ['sgd', 'adam']", self.client_optimizer)
+    if self.server_optimizer not in server.SERVER_OPTIMIZERS:
+      _fail("server_optimizer", f"one of {list(server.SERVER_OPTIMIZERS)}",
+            self.server_optimizer)
+    for name in ("client_lr", "server_lr"):
+      v = getattr(self, name)
+      if not (isinstance(v, (int, float)) and 0 < v < math.inf):
+        _fail(name, "a finite number > 0", v)
+    for name in ("client_momentum", "server_momentum"):
+      v = getattr(self, name)
+      if not (isinstance(v, (int, float)) and 0 <= v < 1):
+        _fail(name, "in [0, 1)", v)
+    if not (isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0):
+      _fail("clip_norm", "a number > 0 (inf disables clipping)", self.clip_norm)
+    if self.noise_multiplier is None:
+      if self.target_epsilon is None:
+        _fail("noise_multiplier", "a number >= 0, or None with target_epsilon "
+              "set", None)
+    elif not (isinstance(self.noise_multiplier, (int, float))
+              and 0 <= self.noise_multiplier < math.inf):
+      _fail("noise_multiplier", "a finite number >= 0", self.noise_multiplier)
+    for name in ("target_epsilon", "epsilon_budget"):
+      v = getattr(self, name)
+      if v is not None and not (isinstance(v, (int, float)) and 0 < v < math.inf):
+        _fail(name, "a finite number > 0 (or None)", v)
+    if self.target_epsilon is not None and self.noise_multiplier is not None:
+      _fail("target_epsilon", "None when noise_multiplier is given (set "
+            "noise_multiplier=None to calibrate it)", self.target_epsilon)
+    if not (isinstance(self.delta, float) and 0 < self.delta < 1):
+      _fail("delta", "in (0, 1)", self.delta)
+    if self.accountant not in accounting.ACCOUNTANTS:
+      _fail("accountant", f"one of {list(accounting.ACCOUNTANTS)}",
+            self.accountant)
+    if self.sampling == "fixed" and self.accountant == "pld":
+      _fail("accountant", "'rdp' for fixed-size sampling (dp_accounting's PLD "
+            "has no event for sampling without replacement)", self.accountant)
+    if not isinstance(self.seed, int) or self.seed < 0:
+      _fail("seed", "an integer >= 0", self.seed)
+    for name in ("dataset_kwargs", "model_kwargs"):
+      if not isinstance(getattr(self, name), dict):
+        _fail(name, "a dict", getattr(self, name))
+
+  def replace(self, **changes) -> "Config":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Config":
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown config fields: {sorted(unknown)}")
+    return cls(**d)
+
+
+def parse_override(config: Config, assignment: str) -> Config:
+  """Applies one 'field=value' override; the value is parsed by the field type.
+
+  JSON syntax is accepted for values (numbers, null, true/false, {...}); a
+  bare word is taken as a string. 'inf' is accepted for floats.
+  """
+  if "=" not in assignment:
+    raise ValueError(f"override {assignment!r} must look like field=value")
+  name, raw = assignment.split("=", 1)
+  name = name.strip().replace("-", "_")
+  fields = {f.name: f for f in dataclasses.fields(Config)}
+  if name not in fields:
+    raise ValueError(
+        f"unknown config field {name!r}; fields are {sorted(fields)}")
+  raw = raw.strip()
+  if raw.lower() in ("inf", "+inf", "infinity"):
+    value = math.inf
+  elif raw.lower() in ("none", "null"):
+    value = None
+  else:
+    try:
+      value = json.loads(raw)
+    except json.JSONDecodeError:
+      value = raw
+  hint = typing.get_type_hints(Config)[name]
+  if float in typing.get_args(hint) + (hint,) and isinstance(value, int) \
+      and not isinstance(value, bool):
+    value = float(value)
+  return config.replace(**{name: value})

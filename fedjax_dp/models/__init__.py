@@ -1,0 +1,1 @@
+"""Models as pure `types.Model` functions (init/apply), one per file."""

@@ -1,0 +1,1 @@
+"""Every privacy-critical line of fedjax-dp: clipping, noise, sampling, ledger."""

@@ -1,0 +1,307 @@
+"""The privacy ledger: one dp_accounting event per round, composed on the host.
+
+Privacy: the ledger reports (epsilon, delta) for the neighbouring relation of
+the sampler whose events it holds (add/remove-one-client for Poisson
+sampling, replace-one-client for fixed-size sampling). Events are composed
+adaptively; dp_accounting's PLD and RDP accountants both allow that.
+
+Two accountants:
+  * "pld": dp_accounting's privacy-loss-distribution accountant (tight).
+    It has no event for sampling without replacement, so fixed-size sampling
+    is refused rather than accounted as something else.
+  * "rdp": dp_accounting's Renyi accountant (Mironov 2017; Wang et al. 2019
+    for sampling without replacement).
+
+Truncated Poisson rounds (a draw larger than the block keeps a random subset
+of `capacity` clients; recorded as dp_accounting's
+`TruncatedSubsampledGaussianDpEvent`) are accounted by both accountants as the
+untruncated Poisson round plus the probability that truncation happened at
+all: if the untruncated T-round mechanism M is (eps, delta0)-DP and the
+truncated M' differs from it only on an event of probability <= beta on every
+dataset (couple the two with the same randomness), then for any output set O,
+P[M'(D) in O] <= P[M(D) in O] + beta <= e^eps (P[M'(D') in O] + beta) + delta0
++ beta, i.e. M' is (eps, delta0 + (1 + e^eps) beta)-DP, with beta the sum over
+rounds of P[Binomial(n + 1, q) > capacity]. Samplers size blocks so that beta
+is negligible (1e-30 per round). This bound is never below dp_accounting's
+exact PLD of the truncated event, and it is fast: that exact PLD takes
+seconds per query, too slow for a per-round epsilon.
+"""
+
+import collections
+import dataclasses
+import functools
+import math
+from typing import Iterable, Sequence
+
+import dp_accounting
+from dp_accounting import pld
+from dp_accounting import rdp
+import numpy as np
+from scipy import stats
+
+from fedjax_dp.privacy import clipping
+
+ACCOUNTANTS = ("pld", "rdp")
+
+_RELATIONS = {
+    clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE:
+        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    clipping.NeighbouringRelation.REPLACE_ONE:
+        dp_accounting.NeighboringRelation.REPLACE_ONE,
+}
+
+
+class UnsupportedAccountingError(ValueError):
+  """An accountant cannot account an event exactly as it ran."""
+
+
+def check_delta(delta: float) -> None:
+  if not 0 < delta < 1:
+    raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+
+
+def check_accountant(accountant: str) -> None:
+  if accountant not in ACCOUNTANTS:
+    raise ValueError(
+        f"accountant must be one of {list(ACCOUNTANTS)}, got {accountant!r}")
+
+
+def make_accountant(
+    accountant: str, relation: clipping.NeighbouringRelation
+) -> dp_accounting.PrivacyAccountant:
+  """A fresh dp_accounting accountant for `relation`."""
+  check_accountant(accountant)
+  rel = _RELATIONS[relation]
+  if accountant == "pld":
+    return pld.PLDAccountant(neighboring_relation=rel)
+  return rdp.RdpAccountant(neighboring_relation=rel)
+
+
+def _group(events: Iterable[dp_accounting.DpEvent]) -> dp_accounting.DpEvent:
+  """Composes equal events as SelfComposedDpEvent (much faster to account)."""
+  counts = collections.Counter(events)
+  parts = [
+      e if c == 1 else dp_accounting.SelfComposedDpEvent(e, c)
+      for e, c in counts.items()
+  ]
+  return dp_accounting.ComposedDpEvent(parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _single_event_pld(event: dp_accounting.DpEvent,
+                      relation: clipping.NeighbouringRelation):
+  """dp_accounting's PLD of one event, built by its own PLDAccountant.
+
+  Building a PLD takes ~0.5 s while composing it T times is fast, so the
+  single-event PLD is cached: a per-round epsilon then costs milliseconds.
+  """
+  acc = make_accountant("pld", relation)
+  if not acc.supports(event):
+    raise UnsupportedAccountingError(
+        f"the pld accountant cannot account {event} under {relation.value} "
+        "neighbours (dp_accounting's PLD has no event for sampling without "
+        "replacement); use accountant='rdp'")
+  acc.compose(event)
+  # pylint: disable-next=protected-access
+  return acc._pld, acc._contains_non_dp_event
+
+
+class _ComposedPld:
+  """Composition of cached single-event PLDs, with the accountant's interface.
+
+  Equal to dp_accounting's PLDAccountant composing the same events (tested).
+  """
+
+  def __init__(self, parts):
+    self._non_dp = any(non_dp for (_, non_dp), _ in parts)
+    self._pld = None
+    if not self._non_dp:
+      for (single, _), count in parts:
+        composed = single.self_compose(count) if count > 1 else single
+        self._pld = composed if self._pld is None else self._pld.compose(
+            composed)
+
+  def get_epsilon(self, delta: float) -> float:
+    return math.inf if self._non_dp else self._pld.get_epsilon_for_delta(delta)
+
+  def get_delta(self, epsilon: float) -> float:
+    return 1.0 if self._non_dp else self._pld.get_delta_for_epsilon(epsilon)
+
+
+def _untruncated_view(
+    event: dp_accounting.DpEvent,
+) -> tuple[dp_accounting.DpEvent, float]:
+  """(the event without truncation, probability that truncation happened)."""
+  if isinstance(event, dp_accounting.TruncatedSubsampledGaussianDpEvent):
+    q = event.sampling_probability
+    beta = float(stats.binom.sf(
+        event.truncated_batch_size, event.dataset_size, q))
+    untruncated = dp_accounting.PoissonSampledDpEvent(
+        q, dp_accounting.GaussianDpEvent(event.noise_multiplier))
+    return untruncated, beta
+  return event, 0.0
+
+
+def epsilon_of(
+    events: Sequence[dp_accounting.DpEvent],
+    delta: float,
+    *,
+    accountant: str,
+    relation: clipping.NeighbouringRelation,
+) -> float:
+  """Epsilon at `delta` of the adaptive composition of `events`.
+
+  Raises:
+    UnsupportedAccountingError: the accountant cannot account these events
+      as they ran.
+  """
+  check_delta(delta)
+  if not events:
+    return 0.0
+  views = [_untruncated_view(e) for e in events]
+  counts = collections.Counter(v for v, _ in views)
+  if accountant == "pld":
+    acc = _ComposedPld(
+        [(_single_event_pld(e, relation), c) for e, c in counts.items()])
+  else:
+    acc = make_accountant(accountant, relation)
+    composed = _group(v for v, _ in views)
+    if not acc.supports(composed):
+      raise UnsupportedAccountingError(
+          f"the rdp accountant cannot account these events under "
+          f"{relation.value} neighbours")
+    acc.compose(composed)
+  beta = sum(b for _, b in views)
+  if beta == 0.0:
+    return float(acc.get_epsilon(delta))
+  # Find eps with delta0(eps) + (1 + e^eps) * beta <= delta. The left side
+  # decreases in eps while (1 + e^eps) * beta grows, so iterate from the
+  # untruncated answer until the condition holds.
+  eps = float(acc.get_epsilon(delta))
+  for _ in range(50):
+    remaining = delta - (1.0 + math.exp(min(eps, 700.0))) * beta
+    if remaining <= 0:
+      return math.inf
+    eps = float(acc.get_epsilon(remaining))
+    if acc.get_delta(eps) + (1.0 + math.exp(min(eps, 700.0))) * beta <= delta:
+      return eps
+  return math.inf
+
+
+@dataclasses.dataclass
+class LedgerEntry:
+  round: int
+  event: dp_accounting.DpEvent
+
+
+class PrivacyLedger:
+  """Records one DP event per released round and reports epsilon.
+
+  Record a round's event before its result is released (logged, written or
+  used): a round that has been computed must never go unaccounted.
+
+  Args:
+    relation: the neighbouring relation of every event recorded here.
+    delta: the delta at which epsilon is reported.
+    accountant: "pld" or "rdp", the accountant for `epsilon()`.
+  """
+
+  def __init__(
+      self,
+      relation: clipping.NeighbouringRelation,
+      delta: float,
+      accountant: str = "pld",
+  ):
+    check_delta(delta)
+    check_accountant(accountant)
+    self.relation = relation
+    self.delta = delta
+    self.accountant = accountant
+    self._entries: list[LedgerEntry] = []
+
+  @property
+  def entries(self) -> tuple[LedgerEntry, ...]:
+    return tuple(self._entries)
+
+  @property
+  def events(self) -> list[dp_accounting.DpEvent]:
+    return [e.event for e in self._entries]
+
+  @property
+  def num_rounds(self) -> int:
+    return len(self._entries)
+
+  def record(self, round_index: int, event: dp_accounting.DpEvent) -> None:
+    """Adds round `round_index`'s event; each round may be recorded once."""
+    if any(e.round == round_index for e in self._entries):
+      raise ValueError(f"round {round_index} is already in the ledger")
+    self._entries.append(LedgerEntry(int(round_index), event))
+
+  def epsilon(self, accountant: str | None = None,
+              delta: float | None = None) -> float:
+    """Epsilon so far at `delta` (default: the ledger's)."""
+    return epsilon_of(
+        self.events, self.delta if delta is None else delta,
+        accountant=accountant or self.accountant, relation=self.relation)
+
+  def epsilon_if(self, event: dp_accounting.DpEvent,
+                 accountant: str | None = None) -> float:
+    """Epsilon the ledger would report after also recording `event`."""
+    return epsilon_of(
+        self.events + [event], self.delta,
+        accountant=accountant or self.accountant, relation=self.relation)
+
+  def to_json(self) -> list[dict]:
+    return [{"round": e.round, "event": e.event.to_named_tuple()._asdict()
+             if hasattr(e.event, "to_named_tuple") else repr(e.event)}
+            for e in self._entries]
+
+
+def calibrate_noise_multiplier(
+    make_event,
+    *,
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    accountant: str,
+    relation: clipping.NeighbouringRelation,
+    rel_tol: float = 1e-4,
+) -> float:
+  """Smallest noise multiplier z with epsilon(rounds x make_event(z)) <= target.
+
+  Args:
+    make_event: z -> the DP event of one round (a sampler's `dp_event`).
+    target_epsilon: > 0.
+    delta: in (0, 1).
+    rounds: >= 1.
+    accountant: "pld" or "rdp".
+    relation: neighbouring relation of the events.
+    rel_tol: relative tolerance on z.
+
+  Returns:
+    z such that epsilon <= target_epsilon, within rel_tol of the smallest.
+  """
+  if not target_epsilon > 0 or math.isinf(target_epsilon):
+    raise ValueError(
+        f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+  if rounds < 1:
+    raise ValueError(f"rounds must be >= 1, got {rounds!r}")
+  check_delta(delta)
+
+  def eps(z):
+    return epsilon_of([make_event(z)] * rounds, delta,
+                      accountant=accountant, relation=relation)
+
+  lo, hi = 0.0, 1.0
+  while eps(hi) > target_epsilon:
+    lo, hi = hi, hi * 2
+    if hi > 1e6:
+      raise ValueError(
+          f"no noise multiplier up to 1e6 reaches epsilon={target_epsilon}")
+  while hi - lo > rel_tol * hi:
+    mid = 0.5 * (lo + hi)
+    if eps(mid) > target_epsilon:
+      lo = mid
+    else:
+      hi = mid
+  return hi

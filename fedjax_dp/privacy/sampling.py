@@ -1,0 +1,262 @@
+"""Client samplers and the DP events that describe them.
+
+Each sampler both draws the cohort (`sample`) and builds the dp_accounting
+event for a round that uses it (`dp_event`). Keeping the two in one class is
+what makes it impossible for the simulation and the ledger to disagree about
+how clients were chosen.
+
+Privacy:
+  * `PoissonSampler`: each client is included independently with
+    probability q; the guarantee is for add/remove-one-client neighbours. The
+    cohort lives in a block of fixed `capacity`. If more than `capacity`
+    clients are drawn, a uniformly random subset of `capacity` of them is kept
+    (truncated Poisson sampling). With `capacity >= population_size` nothing is
+    ever truncated and the event is `PoissonSampledDpEvent(q, Gaussian(z))`.
+    Otherwise the event is dp_accounting's `TruncatedSubsampledGaussianDpEvent`
+    for a dataset of `population_size + 1` clients (the larger of the two
+    neighbours, which is the worse case); `accounting.py` says how it is
+    accounted.
+  * `FixedSizeSampler`: exactly m of n clients uniformly without replacement;
+    the guarantee is for replace-one-client neighbours (n is public). Replacing
+    one client moves the clipped sum by up to 2C, so the event's noise
+    multiplier is sigma / (2C) = z / 2 (Wang, Balle, Kasiviswanathan 2019, as
+    implemented by dp_accounting's RDP accountant).
+"""
+
+import dataclasses
+import math
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+from fedjax_dp import types
+from fedjax_dp.privacy import clipping
+
+# Default bound on the per-round probability that a Poisson draw overflows
+# its block, used to size the block when no capacity is given.
+DEFAULT_OVERFLOW_PROBABILITY = 1e-30
+
+
+def _check_population_size(population_size: int) -> None:
+  if not isinstance(population_size, (int, np.integer)) or population_size < 1:
+    raise ValueError(
+        f"population_size must be an integer >= 1, got {population_size!r}")
+
+
+def _check_noise_multiplier(noise_multiplier: float) -> None:
+  if not noise_multiplier >= 0 or math.isinf(noise_multiplier):
+    raise ValueError(
+        "noise_multiplier must be a finite number >= 0, got "
+        f"{noise_multiplier!r}")
+
+
+def poisson_capacity(
+    population_size: int,
+    sampling_probability: float,
+    overflow_probability: float = DEFAULT_OVERFLOW_PROBABILITY,
+) -> int:
+  """Smallest block size c with P[Binomial(n + 1, q) > c] <= overflow_probability.
+
+  Uses n + 1 so that the bound also holds for the larger neighbour. Capped at
+  the population size (a block that large never truncates).
+  """
+  n, q = population_size, sampling_probability
+  # Bisection on the monotone tail; scipy's isf is inexact this far out.
+  lo, hi = 0, n
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if stats.binom.sf(mid, n + 1, q) <= overflow_probability:
+      hi = mid
+    else:
+      lo = mid + 1
+  c = lo
+  return max(1, min(c, n))
+
+
+@dataclasses.dataclass(frozen=True)
+class PoissonSampler:
+  """Poisson sampling of clients into a block of fixed capacity.
+
+  Attributes:
+    population_size: number of clients n.
+    sampling_probability: q in (0, 1].
+    capacity: block size (client slots per round); None picks
+      `poisson_capacity(n, q)`.
+  """
+
+  population_size: int
+  sampling_probability: float
+  capacity: int | None = None
+  relation = clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE
+
+  def __post_init__(self):
+    _check_population_size(self.population_size)
+    q = self.sampling_probability
+    if not 0 < q <= 1:
+      raise ValueError(f"sampling_probability must be in (0, 1], got {q!r}")
+    if self.capacity is None:
+      object.__setattr__(
+          self, "capacity", poisson_capacity(self.population_size, q))
+    elif not 1 <= self.capacity:
+      raise ValueError(f"capacity must be >= 1, got {self.capacity!r}")
+    object.__setattr__(
+        self, "capacity", int(min(self.capacity, self.population_size)))
+
+  @property
+  def expected_cohort_size(self) -> float:
+    """q * n: the public denominator of the average update."""
+    return self.sampling_probability * self.population_size
+
+  @property
+  def truncates(self) -> bool:
+    """Whether a draw can ever exceed the block (capacity < n)."""
+    return self.capacity < self.population_size
+
+  def overflow_probability(self) -> float:
+    """P[a round's draw is truncated], for the larger neighbour (n + 1)."""
+    if not self.truncates:
+      return 0.0
+    return float(stats.binom.sf(
+        self.capacity, self.population_size + 1, self.sampling_probability))
+
+  def sample(self, key: types.PRNGKey) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Draws one round's cohort.
+
+    Args:
+      key: this round's sampling key.
+
+    Returns:
+      (indices int32 [capacity], valid bool [capacity], num_drawn int32):
+      client indices (padding slots hold 0 and valid=False) and how many
+      clients the Poisson draw chose before truncation.
+    """
+    n = self.population_size
+    k_include, k_order = jax.random.split(key)
+    included = jax.random.bernoulli(k_include, self.sampling_probability, (n,))
+    # Visit clients in a random order so that truncation, when it happens,
+    # keeps a uniformly random subset of the drawn clients.
+    order = jax.random.permutation(k_order, n)
+    included_in_order = included[order]
+    num_drawn = jnp.sum(included, dtype=jnp.int32)
+    (positions,) = jnp.nonzero(
+        included_in_order, size=self.capacity, fill_value=0)
+    valid = jnp.arange(self.capacity) < num_drawn
+    indices = jnp.where(valid, order[positions], 0).astype(jnp.int32)
+    return indices, valid, num_drawn
+
+  def dp_event(self, noise_multiplier: float) -> dp_accounting.DpEvent:
+    """The DP event of one round: this sampling, then Gaussian noise z * C.
+
+    Args:
+      noise_multiplier: z = sigma / C, with C the clip norm (the add/remove
+        sensitivity of the clipped sum).
+    """
+    _check_noise_multiplier(noise_multiplier)
+    if not self.truncates:
+      return dp_accounting.PoissonSampledDpEvent(
+          self.sampling_probability,
+          dp_accounting.GaussianDpEvent(noise_multiplier))
+    return dp_accounting.TruncatedSubsampledGaussianDpEvent(
+        dataset_size=self.population_size + 1,
+        sampling_probability=self.sampling_probability,
+        truncated_batch_size=self.capacity,
+        noise_multiplier=noise_multiplier)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedSizeSampler:
+  """Uniform sampling of exactly `cohort_size` clients without replacement.
+
+  Attributes:
+    population_size: number of clients n (public under replace-one).
+    cohort_size: m, 1 <= m <= n.
+  """
+
+  population_size: int
+  cohort_size: int
+  relation = clipping.NeighbouringRelation.REPLACE_ONE
+
+  def __post_init__(self):
+    _check_population_size(self.population_size)
+    if not 1 <= self.cohort_size <= self.population_size:
+      raise ValueError(
+          f"cohort_size must be in [1, population_size={self.population_size}]"
+          f", got {self.cohort_size!r}")
+
+  @property
+  def capacity(self) -> int:
+    return self.cohort_size
+
+  @property
+  def expected_cohort_size(self) -> float:
+    return float(self.cohort_size)
+
+  @property
+  def sampling_probability(self) -> float:
+    return self.cohort_size / self.population_size
+
+  truncates = False
+
+  def overflow_probability(self) -> float:
+    return 0.0
+
+  def sample(self, key: types.PRNGKey) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Draws `cohort_size` distinct clients; same return shape as Poisson's."""
+    order = jax.random.permutation(key, self.population_size)
+    indices = order[:self.cohort_size].astype(jnp.int32)
+    valid = jnp.ones((self.cohort_size,), bool)
+    return indices, valid, jnp.asarray(self.cohort_size, jnp.int32)
+
+  def dp_event(self, noise_multiplier: float) -> dp_accounting.DpEvent:
+    """The DP event of one round under replace-one neighbours.
+
+    Args:
+      noise_multiplier: z = sigma / C. The event carries
+        sigma / sensitivity = z / 2, since replace-one sensitivity is 2C.
+    """
+    _check_noise_multiplier(noise_multiplier)
+    sens_in_units_of_c = clipping.sensitivity(1.0, self.relation)
+    return dp_accounting.SampledWithoutReplacementDpEvent(
+        source_dataset_size=self.population_size,
+        sample_size=self.cohort_size,
+        event=dp_accounting.GaussianDpEvent(
+            noise_multiplier / sens_in_units_of_c))
+
+
+Sampler = PoissonSampler | FixedSizeSampler
+
+
+def make_sampler(
+    scheme: str,
+    population_size: int,
+    *,
+    cohort_size: int | None = None,
+    sampling_probability: float | None = None,
+    capacity: int | None = None,
+) -> Sampler:
+  """Builds a sampler by name: "poisson" (q, or m / n) or "fixed" (m).
+
+  For "poisson", give `sampling_probability` or `cohort_size` (then
+  q = cohort_size / population_size).
+  """
+  if scheme == "poisson":
+    if sampling_probability is None:
+      if cohort_size is None:
+        raise ValueError("poisson sampling needs sampling_probability or "
+                         "cohort_size")
+      if not 1 <= cohort_size <= population_size:
+        raise ValueError(
+            f"cohort_size must be in [1, population_size={population_size}], "
+            f"got {cohort_size!r}")
+      sampling_probability = cohort_size / population_size
+    return PoissonSampler(population_size, sampling_probability, capacity)
+  if scheme == "fixed":
+    if cohort_size is None:
+      if sampling_probability is None:
+        raise ValueError("fixed sampling needs cohort_size")
+      cohort_size = max(1, round(sampling_probability * population_size))
+    return FixedSizeSampler(population_size, cohort_size)
+  raise ValueError(f"sampling must be one of ['poisson', 'fixed'], got {scheme!r}")
