@@ -1,12 +1,10 @@
 """Command line: `fedjax-dp train | account | calibrate | data inspect`."""
 
 import argparse
-
 import datetime
 import importlib.util
 import json
 import logging
-
 import pathlib
 import sys
 

@@ -18,7 +18,11 @@ def _fail(field: str, allowed: str, value: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Settings of one DP-FedAvg run."""
+  """Settings of one DP-FedAvg run.
+
+  The defaults are the built-in default experiment
+  (experiments/digits_dp_fedavg.py).
+  """
 
   name: str = "digits_dp_fedavg"
   # Data and model.
@@ -27,17 +31,17 @@ class Config:
   model: str = "mlp_2nn"
   model_kwargs: dict = dataclasses.field(default_factory=dict)
   # Rounds and client sampling.
-  rounds: int = 100
+  rounds: int = 150
   sampling: str = "poisson"  # "poisson" or "fixed"
-  cohort_size: int | None = 30  # expected size for poisson
+  cohort_size: int | None = 50  # expected size for poisson
   sampling_probability: float | None = None  # poisson only; overrides cohort
   capacity: int | None = None  # poisson block size; None: automatic
   # Local training.
   client_optimizer: str = "sgd"
-  client_lr: float = 0.1
+  client_lr: float = 0.2
   client_momentum: float = 0.0
-  local_epochs: int = 1
-  batch_size: int = 10
+  local_epochs: int = 2
+  batch_size: int = 5
   max_examples_per_client: int | None = None
   # Server.
   server_optimizer: str = "sgd"
@@ -45,9 +49,9 @@ class Config:
   server_momentum: float = 0.9
   # Privacy.
   clip_norm: float = 1.0
-  noise_multiplier: float | None = 1.0  # None: calibrate to target_epsilon
+  noise_multiplier: float | None = 1.2  # None: calibrate to target_epsilon
   target_epsilon: float | None = None
-  delta: float = 1e-3
+  delta: float = 1e-4
   epsilon_budget: float | None = None  # stop before exceeding it
   accountant: str = "pld"
   # Run.

@@ -97,10 +97,10 @@ def run(
   config.validate()
   dataset = builtin.load(config.dataset, seed=config.seed,
                          **config.dataset_kwargs)
-  model = registry.get_model(config.model, dataset.input_shape,
-                             dataset.num_classes, **config.model_kwargs)
   train = dataset.train
   sampler = build_sampler(config, train.num_clients)
+  model = registry.get_model(config.model, dataset.input_shape,
+                             dataset.num_classes, **config.model_kwargs)
   noise_multiplier = resolve_noise_multiplier(config, sampler)
   ledger = accounting.PrivacyLedger(sampler.relation, config.delta,
                                     config.accountant)

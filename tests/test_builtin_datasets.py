@@ -47,7 +47,7 @@ def test_digits_shapes_dtypes_ranges():
     assert x.min() >= 0.0 and x.max() <= 1.0
     assert y.min() >= 0 and y.max() < 10
     assert all(re.fullmatch(r"digits-\d{4}", c) for c in pop.client_ids)
-  assert ds.train.num_clients == 80 and ds.eval.num_clients == 20
+  assert ds.train.num_clients == 400 and ds.eval.num_clients == 100
   assert ds.train.num_examples.min() >= 2 and ds.eval.num_examples.min() >= 2
 
 
@@ -87,7 +87,7 @@ def test_digits_deterministic_and_seed_dependent():
 def test_held_out_choice_does_not_change_the_partition():
   small = builtin.load("digits", eval_fraction=0.1)
   large = builtin.load("digits", eval_fraction=0.5)
-  assert small.eval.num_clients == 10 and large.eval.num_clients == 50
+  assert small.eval.num_clients == 50 and large.eval.num_clients == 250
   def by_id(ds):
     out = {}
     for pop in (ds.train, ds.eval):
@@ -164,10 +164,20 @@ def test_unknown_name():
     ("digits", dict(alpha=-1.0), "alpha"),
     ("synthetic", dict(beta=-1.0), "beta"),
     ("synthetic", dict(max_examples=0), "max_examples"),
-    ("digits", dict(num_clients=300, alpha=0.1, min_client_size=5),
+    ("digits", dict(num_clients=300, alpha=0.1, min_client_size=5,
+                         partition_scheme="label_split"),
      "min_client_size"),
     ("digits", dict(seed=-1), "seed"),
 ])
 def test_bad_arguments_name_the_field(name, kwargs, field):
   with pytest.raises(ValueError, match=field):
     builtin.load(name, **kwargs)
+
+
+def test_digits_label_split_scheme_and_unknown_scheme():
+  ds = builtin.load("digits", num_clients=60, partition_scheme="label_split",
+                    alpha=0.5, min_client_size=2)
+  assert ds.train.num_clients + ds.eval.num_clients == 60
+  assert ds.train.num_examples.min() >= 2
+  with pytest.raises(ValueError, match="partition_scheme"):
+    builtin.load("digits", partition_scheme="bogus")

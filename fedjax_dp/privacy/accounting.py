@@ -174,17 +174,18 @@ def epsilon_of(
   beta = sum(b for _, b in views)
   if beta == 0.0:
     return float(acc.get_epsilon(delta))
-  # Find eps with delta0(eps) + (1 + e^eps) * beta <= delta. The left side
-  # decreases in eps while (1 + e^eps) * beta grows, so iterate from the
-  # untruncated answer until the condition holds.
+  # Find eps with delta0(eps) + (1 + e^eps) * beta <= delta. The slack grows
+  # with eps, so start from the untruncated answer and move up until the
+  # condition, checked with the accountant's own delta(eps), holds.
   eps = float(acc.get_epsilon(delta))
-  for _ in range(50):
-    remaining = delta - (1.0 + math.exp(min(eps, 700.0))) * beta
-    if remaining <= 0:
+  for _ in range(200):
+    slack = (1.0 + math.exp(min(eps, 700.0))) * beta
+    if slack >= delta:
       return math.inf
-    eps = float(acc.get_epsilon(remaining))
+    eps = max(eps, float(acc.get_epsilon(delta - slack)))
     if acc.get_delta(eps) + (1.0 + math.exp(min(eps, 700.0))) * beta <= delta:
       return eps
+    eps += 1e-4 * max(eps, 1.0)  # past the accountant's discretisation
   return math.inf
 
 
@@ -305,3 +306,32 @@ def calibrate_noise_multiplier(
     else:
       hi = mid
   return hi
+
+
+def rdp_epsilon_classic(
+    events: Sequence[dp_accounting.DpEvent],
+    delta: float,
+    *,
+    relation: clipping.NeighbouringRelation,
+    orders: Sequence[float],
+) -> float:
+  """Epsilon by the original RDP-to-(eps, delta) conversion (Mironov 2017).
+
+  eps = min over orders a of RDP(a) + log(1 / delta) / (a - 1), with the RDP
+  curve composed by dp_accounting. Older papers (Abadi et al. 2016's moments
+  accountant, TensorFlow Privacy's tutorials) report this value; it is looser
+  than `epsilon_of(..., accountant="rdp")`, which uses dp_accounting's
+  tighter conversion. Use it to reproduce published numbers.
+  """
+  check_delta(delta)
+  acc = rdp.RdpAccountant(orders=list(orders),
+                          neighboring_relation=_RELATIONS[relation])
+  views = [_untruncated_view(e) for e in events]
+  if any(beta > 0 for _, beta in views):
+    raise UnsupportedAccountingError(
+        "rdp_epsilon_classic does not take truncated Poisson rounds")
+  acc.compose(_group(v for v, _ in views))
+  # pylint: disable-next=protected-access
+  curve = np.asarray(acc._rdp, dtype=np.float64)
+  a = np.asarray(orders, dtype=np.float64)
+  return float(np.min(curve + math.log(1.0 / delta) / (a - 1.0)))

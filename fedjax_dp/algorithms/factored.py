@@ -1,0 +1,351 @@
+"""DP-FedAvg rounds that exploit what the cohort's clients share.
+
+`dp_fedavg.build_round` trains every client with its own copy of the weights.
+On XLA:CPU that is the slow case: the per-client products are small and
+memory-bound (see docs/benchmarks.md). This module computes *the same round*
+with large shared products instead.
+
+`build_factored_round` -- dense models (the 2NN MLP, logistic regression)
+under plain client SGD. All clients start a round from the same global weights
+W, and after t local SGD steps a dense layer's weights are
+
+    W_c(t) = W - lr * sum_{s<t} A_{c,s}^T G_{c,s}
+
+where A_{c,s} [batch, in] are the layer's inputs and G_{c,s} [batch, out] the
+loss gradients w.r.t. its outputs at step s (the bias is the same with a
+column of ones appended to A). So for client c at step t:
+
+  * forward   A_t W_c(t)   = A_t W   - lr * sum_s (A_t A_s^T) G_s
+  * backward  G_t W_c(t)^T = G_t W^T - lr * sum_s (G_t G_s^T) A_s
+
+i.e. one large product with the *shared* W over every client of a chunk at
+once, plus corrections through [batch, batch] Gram blocks, which are tiny.
+The client's delta is -lr A_c^T G_c (A_c, G_c: the factors of all its steps
+stacked), never materialised:
+
+  * its squared Frobenius norm is lr^2 * sum((A_c A_c^T + 1) * (G_c G_c^T)),
+    from two [steps*batch]^2 Gram matrices per layer;
+  * the clipped sum over clients is -lr [A_1; ...; A_n]^T [s_1 G_1; ...;
+    s_n G_n] with s_c the client's clip scale: one large product of stacked,
+    scaled factors (and a column sum for the bias).
+
+Clients are processed in chunks (scanned over), so working memory depends on
+the chunk, not on the cohort. Sums, Gram matrices and noise are float32.
+
+Everything else -- noise, the public denominator, the server step, metrics --
+is the same code path as `dp_fedavg.build_round`, and `round_fn` has the same
+signature, inputs and outputs; tests/test_factored.py checks the two agree.
+
+Privacy: identical to `dp_fedavg.build_round` (same clip bound, same noise,
+same sum of the valid clients' clipped updates, padded clients selected away
+with `jnp.where`). Only the arithmetic that produces the per-client delta and
+its norm is reorganised; the norm used for clipping is the exact Frobenius
+norm of the delta up to float32 rounding, the same as the reference's.
+"""
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_dp import client as client_lib
+from fedjax_dp import server as server_lib
+from fedjax_dp import tree_util
+from fedjax_dp import types
+from fedjax_dp.algorithms import dp_fedavg
+from fedjax_dp.privacy import noise
+
+# Models built only of flatten -> (dense -> ReLU)* -> dense.
+DENSE_MODELS = ("mlp_2nn", "2nn", "logistic")
+
+# Rows (clients x local steps x batch) per chunk when not given: large enough
+# for efficient shared products, small enough that the chunk's activations and
+# factors stay in the tens of MiB.
+_TARGET_ROWS_PER_CHUNK = 4096
+
+
+def supports(model_name: str, client_optimizer: str = "sgd",
+             momentum: float | None = 0.0) -> bool:
+  """Whether `build_factored_round` computes this configuration's round."""
+  return (model_name in DENSE_MODELS and client_optimizer == "sgd"
+          and not momentum)
+
+
+def _check_plain_sgd(client_optimizer_fn: client_lib.ClientOptimizerFn):
+  """Raises unless the client optimizer is stateless `p - lr * g`."""
+  lr = 0.5
+  opt = client_optimizer_fn(jnp.float32(lr))
+  probe = {"w": jnp.array([1.0, -2.0, 3.0], jnp.float32)}
+  state = opt.init(probe)
+  if jax.tree_util.tree_leaves(state):
+    raise ValueError("factored rounds need plain client SGD (no optimizer "
+                     "state such as momentum or Adam moments)")
+  updates, _ = opt.update(probe, state, probe)
+  if not bool(jnp.allclose(updates["w"], -lr * probe["w"])):
+    raise ValueError("factored rounds need plain client SGD: update must be "
+                     "-learning_rate * gradient")
+
+
+def dense_layer_names(params: types.Params) -> list[str]:
+  """The params' dense layers in forward order ("Dense_0", "Dense_1", ...).
+
+  Raises:
+    ValueError: if the tree is not a stack of flax `Dense` layers.
+  """
+  names = list(params.keys())
+  if not names or not all(n.startswith("Dense_") for n in names):
+    raise ValueError(f"expected only Dense_i layers, got {names}")
+  names.sort(key=lambda n: int(n.split("_")[1]))
+  prev = None
+  for n in names:
+    layer = params[n]
+    if set(layer.keys()) != {"kernel", "bias"} or layer["kernel"].ndim != 2:
+      raise ValueError(f"layer {n} is not a dense kernel + bias")
+    if prev is not None and prev != layer["kernel"].shape[0]:
+      raise ValueError(f"layer {n}: input width {layer['kernel'].shape[0]} "
+                       f"does not match the previous output width {prev}")
+    prev = layer["kernel"].shape[1]
+  return names
+
+
+def _bdot(a, b):
+  """[K, m, d] x [K, n, d] -> [K, m, n] (per-client a @ b^T)."""
+  return jnp.einsum("kmd,knd->kmn", a, b, preferred_element_type=jnp.float32)
+
+
+def _bmm(a, b):
+  """[K, m, n] x [K, n, e] -> [K, m, e]."""
+  return jnp.einsum("kmn,kne->kme", a, b, preferred_element_type=jnp.float32)
+
+
+def _shared(a, w):
+  """[K, m, d] x [d, e] -> [K, m, e] as one [K*m, d] x [d, e] product."""
+  k, m, d = a.shape
+  return jnp.dot(a.reshape(k * m, d), w,
+                 preferred_element_type=jnp.float32).reshape(k, m, -1)
+
+
+def _factored_chunk(kernels, biases, x, y, m, lr):
+  """Local training of a chunk of clients, in factored form.
+
+  Args:
+    kernels, biases: the global dense weights, forward order.
+    x: float32 [K, T, B, d0] flattened inputs.
+    y: int [K, T, B] labels.
+    m: bool [K, T, B] example mask.
+    lr: client learning rate.
+
+  Returns:
+    (A, G, norm, loss): per layer the stacked factors A [K, T*B, in] and G
+    [K, T*B, out] with delta_kernel = -lr A^T G, delta_bias = -lr 1^T G;
+    the delta's L2 norm [K]; the client's mean step loss [K].
+  """
+  num_layers = len(kernels)
+  k_, t_, b_ = m.shape
+  mf = m.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(mf, axis=2), 1.0)  # [K, T]
+  num_classes = kernels[-1].shape[1]
+  # Layer 0 sees the raw inputs: one product with the shared kernel for all
+  # steps, and one Gram matrix that serves both corrections and the norm.
+  x_rows = x.reshape(k_, t_ * b_, -1)
+  first_pre = _shared(x_rows, kernels[0]) + biases[0]  # [K, T*B, d1]
+  first_gram = _bdot(x_rows, x_rows) + 1.0  # [K, T*B, T*B]
+
+  inputs = [[None] * t_ for _ in range(num_layers)]  # A[l][t]: [K, B, in]
+  grads = [[None] * t_ for _ in range(num_layers)]  # G[l][t]: [K, B, out]
+  step_losses = []
+  for t in range(t_):
+    rows = slice(t * b_, (t + 1) * b_)
+    prev = slice(0, t * b_)
+    pre = []
+    h = None
+    for l in range(num_layers):
+      if l == 0:
+        inputs[0][t] = x_rows[:, rows]
+        z = first_pre[:, rows]
+        if t:
+          z = z - lr * _bmm(first_gram[:, rows, prev],
+                            jnp.concatenate(grads[0][:t], axis=1))
+      else:
+        inputs[l][t] = h
+        z = _shared(h, kernels[l]) + biases[l]
+        if t:
+          a_prev = jnp.concatenate(inputs[l][:t], axis=1)
+          g_prev = jnp.concatenate(grads[l][:t], axis=1)
+          z = z - lr * _bmm(_bdot(h, a_prev) + 1.0, g_prev)
+      pre.append(z)
+      h = jax.nn.relu(z) if l < num_layers - 1 else z
+    logits = h
+    labels = y[:, t]
+    log_norm = jax.nn.logsumexp(logits, axis=-1)
+    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    weight = mf[:, t] / count[:, t][:, None]  # [K, B]
+    step_loss = jnp.sum((log_norm - label_logit) * weight, axis=1)
+    active = jnp.any(m[:, t], axis=1)
+    step_losses.append((step_loss * active, active))
+    g = (jnp.exp(logits - log_norm[..., None])
+         - jax.nn.one_hot(labels, num_classes, dtype=jnp.float32))
+    g = g * weight[..., None]
+    for l in reversed(range(num_layers)):
+      grads[l][t] = g
+      if l == 0:
+        break
+      dh = _shared(g, kernels[l].T)
+      if t:
+        a_prev = jnp.concatenate(inputs[l][:t], axis=1)
+        g_prev = jnp.concatenate(grads[l][:t], axis=1)
+        dh = dh - lr * _bmm(_bdot(g, g_prev), a_prev)
+      g = jnp.where(pre[l - 1] > 0, dh, 0.0)
+
+  factors_a, factors_g = [], []
+  norm_sq = jnp.zeros((k_,), jnp.float32)
+  for l in range(num_layers):
+    a = x_rows if l == 0 else jnp.concatenate(inputs[l], axis=1)
+    g = jnp.concatenate(grads[l], axis=1)
+    gram_a = first_gram if l == 0 else _bdot(a, a) + 1.0
+    norm_sq = norm_sq + jnp.sum(gram_a * _bdot(g, g), axis=(1, 2))
+    factors_a.append(a)
+    factors_g.append(g)
+  norm = jnp.abs(lr) * jnp.sqrt(jnp.maximum(norm_sq, 0.0))
+  losses = jnp.stack([s for s, _ in step_losses], axis=1)
+  num_active = jnp.sum(
+      jnp.stack([a for _, a in step_losses], axis=1).astype(jnp.float32),
+      axis=1)
+  loss = jnp.sum(losses, axis=1) / jnp.maximum(num_active, 1.0)
+  return factors_a, factors_g, norm, loss
+
+
+def _default_chunk(num_rows_per_client: int) -> int:
+  return max(1, _TARGET_ROWS_PER_CHUNK // max(num_rows_per_client, 1))
+
+
+def build_factored_round(
+    model: types.Model,
+    client_optimizer_fn: client_lib.ClientOptimizerFn,
+    server_optimizer: optax.GradientTransformation,
+    *,
+    clients_per_chunk: int | None = None,
+    unroll_local_steps: int | bool = True,
+) -> Callable[..., tuple[server_lib.ServerState, dict]]:
+  """Builds a round equal to `dp_fedavg.build_round`'s, in factored form.
+
+  Args:
+    model: a dense model (`model.name` in DENSE_MODELS).
+    client_optimizer_fn: must be plain SGD (checked).
+    server_optimizer: as for `dp_fedavg.build_round`.
+    clients_per_chunk: clients per scanned chunk; None sizes it from the
+      block (about 4,096 example rows per chunk). Any cohort size works: a
+      last, smaller chunk takes the remainder.
+    unroll_local_steps: accepted for signature compatibility; local steps
+      are always unrolled (their count is static and small).
+
+  Returns:
+    `round_fn(state, block, hparams, noise_key) -> (new_state, metrics)`,
+    the same contract as `dp_fedavg.build_round`.
+
+  Raises:
+    ValueError: for a model or client optimizer this round does not cover.
+  """
+  del unroll_local_steps
+  if model.name not in DENSE_MODELS:
+    raise ValueError(f"factored rounds cover {DENSE_MODELS}, not "
+                     f"{model.name!r}")
+  _check_plain_sgd(client_optimizer_fn)
+
+  def round_fn(state: server_lib.ServerState, block: dp_fedavg.CohortBlock,
+               hparams: dp_fedavg.RoundHparams, noise_key: types.PRNGKey):
+    params = state.params
+    names = dense_layer_names(params)
+    kernels = [params[n]["kernel"].astype(jnp.float32) for n in names]
+    biases = [params[n]["bias"].astype(jnp.float32) for n in names]
+    lr = hparams.client_lr
+    num_clients, num_steps, batch = block.example_mask.shape
+    x = jnp.asarray(block.features["x"], jnp.float32).reshape(
+        num_clients, num_steps, batch, -1)
+    y = block.features["y"].astype(jnp.int32)
+    m = block.example_mask
+    valid = block.client_mask
+
+    k = clients_per_chunk or _default_chunk(num_steps * batch)
+    k = min(k, num_clients)
+    num_full = num_clients // k
+    rest = num_clients - num_full * k
+
+    def chunk_fn(sums, chunk):
+      cx, cy, cm, cvalid = chunk
+
+      def compute(sums):
+        factors_a, factors_g, norm, loss = _factored_chunk(
+            kernels, biases, cx, cy, cm, lr)
+        scale = jnp.minimum(1.0, hparams.clip_norm / jnp.maximum(norm, 1e-30))
+        # Padded clients are selected away, never multiplied by zero.
+        scale = jnp.where(cvalid, scale, 0.0)[:, None, None]
+        new_sums = []
+        for (ks, bs), a, g in zip(sums, factors_a, factors_g):
+          sg = jnp.where(cvalid[:, None, None], g * scale, 0.0)
+          ks = ks - lr * jnp.einsum("krd,kre->de", a, sg,
+                                    preferred_element_type=jnp.float32)
+          bs = bs - lr * jnp.sum(sg, axis=(0, 1))
+          new_sums.append((ks, bs))
+        n = jnp.sum(cm.astype(jnp.int32), axis=(1, 2))
+        return new_sums, (norm, norm > hparams.clip_norm, loss, n)
+
+      def skip(sums):
+        c = cvalid.shape[0]
+        return sums, (jnp.zeros((c,), jnp.float32), jnp.zeros((c,), bool),
+                      jnp.zeros((c,), jnp.float32), jnp.zeros((c,), jnp.int32))
+
+      return jax.lax.cond(jnp.any(cvalid), compute, skip, sums)
+
+    sums = [(jnp.zeros(kk.shape, jnp.float32), jnp.zeros(bb.shape, jnp.float32))
+            for kk, bb in zip(kernels, biases)]
+    data = (x, y, m, valid)
+    head = jax.tree_util.tree_map(
+        lambda a: a[:num_full * k].reshape((num_full, k) + a.shape[1:]), data)
+    sums, outs = jax.lax.scan(chunk_fn, sums, head)
+    outs = [o.reshape(-1) for o in outs]
+    if rest:
+      tail = jax.tree_util.tree_map(lambda a: a[num_full * k:], data)
+      sums, tail_outs = chunk_fn(sums, tail)
+      outs = [jnp.concatenate([o, t]) for o, t in zip(outs, tail_outs)]
+    norms, was_clipped, client_loss, num_examples = outs
+
+    clipped_sum = {n: {"kernel": ks.astype(params[n]["kernel"].dtype),
+                       "bias": bs.astype(params[n]["bias"].dtype)}
+                   for n, (ks, bs) in zip(names, sums)}
+    clipped_sum = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(params),
+        jax.tree_util.tree_leaves(clipped_sum))
+    return _finish_round(state, clipped_sum, hparams, noise_key, valid, norms,
+                         was_clipped, client_loss, num_examples,
+                         server_optimizer)
+
+  return round_fn
+
+
+def _finish_round(state, clipped_sum, hparams, noise_key, valid, norms,
+                  was_clipped, client_loss, num_examples, server_optimizer):
+  """Noise, public denominator, server step and metrics (as dp_fedavg)."""
+  stddev = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
+  noisy_sum = noise.add_gaussian_noise(clipped_sum, stddev, noise_key)
+  average = tree_util.tree_scale(noisy_sum, 1.0 / hparams.denominator)
+  new_state = server_lib.step(state, average, hparams.server_lr,
+                              server_optimizer)
+  num_valid = jnp.sum(valid.astype(jnp.int32))
+  denom = jnp.maximum(num_valid, 1).astype(jnp.float32)
+  masked_norms = jnp.where(valid, norms, jnp.nan)
+  metrics = {
+      "num_clients": num_valid,
+      "train_loss": jnp.sum(jnp.where(valid, client_loss, 0.0)) / denom,
+      "fraction_clipped": jnp.sum(valid & was_clipped) / denom,
+      "update_norm_p10": jnp.nanpercentile(masked_norms, 10),
+      "update_norm_p50": jnp.nanpercentile(masked_norms, 50),
+      "update_norm_p90": jnp.nanpercentile(masked_norms, 90),
+      "update_norm_max": jnp.nanmax(masked_norms),
+      "clipped_sum_norm": tree_util.global_l2_norm(clipped_sum),
+      "noise_stddev": stddev,
+      "num_examples": jnp.sum(jnp.where(valid, num_examples, 0)),
+  }
+  return new_state, metrics

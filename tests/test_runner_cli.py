@@ -1,0 +1,129 @@
+"""End to end: the runner's run directory, the budget, and the CLI."""
+
+import json
+import math
+
+import dp_accounting
+import pytest
+
+from fedjax_dp import cli
+from fedjax_dp import config as config_lib
+from fedjax_dp import runner
+from fedjax_dp.privacy import accounting
+
+
+def _small(**changes):
+  base = config_lib.Config(
+      name="tiny", dataset="synthetic",
+      dataset_kwargs={"num_clients": 60, "max_examples": 40},
+      model="logistic", rounds=4, cohort_size=10, batch_size=10,
+      noise_multiplier=1.0, local_epochs=1,
+      eval_every=2, delta=1e-3)
+  return base.replace(**changes)
+
+
+def test_run_writes_run_directory_and_accounts_every_round(tmp_path):
+  result = runner.run(_small(), run_dir=tmp_path, progress=False,
+                      log=lambda s: None)
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text()
+           .splitlines()]
+  assert [m["round"] for m in lines] == [0, 1, 2, 3]
+  eps = [m["epsilon"] for m in lines]
+  assert all(b > a for a, b in zip(eps, eps[1:]))
+  for key in ("train_loss", "fraction_clipped", "update_norm_p50",
+              "num_clients"):
+    assert key in lines[0]
+  assert "eval_accuracy" in lines[1] and "eval_accuracy" in lines[3]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  resolved = json.loads((tmp_path / "config.json").read_text())
+  assert resolved["rounds"] == 4 and summary["rounds_completed"] == 4
+  # The summary's epsilon is dp_accounting's for 4 rounds of the sampler used.
+  q = 10 / 48  # 48 training clients (20% of 60 held out)
+  assert result.ledger.num_rounds == 4
+  acc = dp_accounting.pld.PLDAccountant()
+  event = result.ledger.events[0]
+  assert isinstance(event, dp_accounting.TruncatedSubsampledGaussianDpEvent)
+  assert event.sampling_probability == pytest.approx(q)
+  acc.compose(dp_accounting.PoissonSampledDpEvent(
+      q, dp_accounting.GaussianDpEvent(result.noise_multiplier)), 4)
+  assert summary["epsilon"] == pytest.approx(acc.get_epsilon(1e-3), rel=1e-6)
+
+
+def test_same_seed_same_result_different_seed_different():
+  a = runner.run(_small(rounds=2), progress=False, log=lambda s: None)
+  b = runner.run(_small(rounds=2), progress=False, log=lambda s: None)
+  c = runner.run(_small(rounds=2, seed=1), progress=False, log=lambda s: None)
+  wa, wb, wc = (r.params["Dense_0"]["kernel"] for r in (a, b, c))
+  assert (wa == wb).all()
+  assert not (wa == wc).all()
+
+
+def test_budget_stops_before_the_round_that_would_exceed_it():
+  budget = 1.5
+  result = runner.run(_small(rounds=50, epsilon_budget=budget, eval_every=50),
+                      progress=False, log=lambda s: None)
+  done = result.rounds_completed
+  assert 0 < done < 50
+  assert result.summary["stopped_for_budget"]
+  assert result.ledger.epsilon() <= budget
+  assert result.ledger.epsilon_if(result.ledger.events[0]) > budget
+
+
+def test_target_epsilon_calibrates_noise():
+  result = runner.run(_small(noise_multiplier=None, target_epsilon=2.0),
+                      progress=False, log=lambda s: None)
+  assert result.summary["epsilon"] <= 2.0
+  assert result.summary["epsilon"] == pytest.approx(2.0, rel=0.02)
+
+
+def test_cli_account_and_calibrate_agree(capsys):
+  args = ["--population", "5000", "--cohort-size", "100", "--rounds", "100",
+          "--delta", "1e-5", "--json"]
+  assert cli.main(["calibrate", *args, "--target-epsilon", "4"]) == 0
+  z = json.loads(capsys.readouterr().out)["noise_multiplier"]
+  assert cli.main(["account", *args, "--noise-multiplier", str(z)]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["epsilon"] <= 4.0 and out["epsilon"] == pytest.approx(4, rel=0.01)
+  assert out["neighbouring_relation"] == "add_or_remove_one"
+  assert cli.main(["account", "--population", "5000", "--cohort-size", "100",
+                   "--rounds", "10", "--noise-multiplier", "1"]) == 0
+  assert "epsilon =" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["account", "--population", "100", "--cohort-size", "10", "--rounds", "0",
+      "--noise-multiplier", "1"], "rounds"),
+    (["account", "--population", "100", "--cohort-size", "10", "--rounds", "5",
+      "--noise-multiplier", "-1"], "noise-multiplier"),
+    (["account", "--population", "100", "--cohort-size", "200", "--rounds",
+      "5", "--noise-multiplier", "1"], "cohort_size"),
+    (["account", "--population", "100", "--q", "1.5", "--rounds", "5",
+      "--noise-multiplier", "1"], "sampling_probability"),
+    (["account", "--population", "100", "--cohort-size", "10", "--rounds", "5",
+      "--noise-multiplier", "1", "--delta", "2"], "delta"),
+    (["train", "--set", "clip_norm=0"], "clip_norm"),
+    (["train", "--set", "dataset=imagenet"], "dataset"),
+    (["train", "--rounds", "0"], "rounds"),
+])
+def test_cli_bad_input_exits_nonzero_naming_the_field(argv, field, capsys):
+  assert cli.main(argv) == 2
+  assert field in capsys.readouterr().err
+
+
+def test_cli_train_smoke_experiment(tmp_path, capsys):
+  code = cli.main(["train", "--config", "experiments/digits_dp_fedavg.py",
+                   "--smoke", "--no-progress", "--run-dir", str(tmp_path)])
+  assert code == 0
+  out = capsys.readouterr().out
+  assert "final held-out accuracy" in out and "epsilon" in out
+  assert (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_default_run_with_moderate_dp_beats_chance_by_far(tmp_path):
+  result = runner.run(config_lib.Config(), run_dir=tmp_path, progress=False,
+                      log=lambda s: None)
+  assert math.isfinite(result.summary["epsilon"])
+  assert result.summary["epsilon"] < 10
+  # Ten classes: chance is 0.1.
+  assert result.summary["eval_accuracy"] > 0.6
