@@ -15,24 +15,13 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from fedjax_dp import client as client_lib
 from fedjax_dp import config as config_lib
 from fedjax_dp import evaluation
-from fedjax_dp import server as server_lib
+from fedjax_dp import simulation
 from fedjax_dp.algorithms import dp_fedavg
-from fedjax_dp.data import blocks
-from fedjax_dp.data import builtin
-from fedjax_dp.data import population as population_lib
 from fedjax_dp.data import prefetch
-from fedjax_dp.models import registry
 from fedjax_dp.privacy import accounting
-from fedjax_dp.privacy import sampling
-
-# Independent PRNG streams, folded from the run's root key.
-_INIT_STREAM, _SAMPLE_STREAM, _NOISE_STREAM, _DATA_STREAM = range(4)
 
 
 @dataclasses.dataclass
@@ -44,44 +33,6 @@ class RunResult:
   rounds_completed: int
   history: list[dict]
   summary: dict
-
-
-def _default_execution(config: config_lib.Config, capacity: int):
-  """(clients_per_chunk, unroll) for this backend, unless the config sets them.
-
-  On XLA:CPU a scan over single clients with unrolled local steps is the
-  fastest simple shape measured (docs/benchmarks.md); accelerators want wide
-  vmaps.
-  """
-  on_cpu = jax.default_backend() == "cpu"
-  chunk = config.clients_per_chunk or (1 if on_cpu else min(capacity, 256))
-  unroll = config.unroll_local_steps
-  if unroll is None:
-    unroll = on_cpu
-  return chunk, unroll
-
-
-def resolve_noise_multiplier(config: config_lib.Config,
-                             sampler: sampling.Sampler) -> float:
-  if config.noise_multiplier is not None:
-    return float(config.noise_multiplier)
-  return accounting.calibrate_noise_multiplier(
-      sampler.dp_event, target_epsilon=config.target_epsilon,
-      delta=config.delta, rounds=config.rounds,
-      accountant=config.accountant, relation=sampler.relation)
-
-
-def build_sampler(config: config_lib.Config,
-                  population_size: int) -> sampling.Sampler:
-  if config.cohort_size is not None and config.sampling_probability is None \
-      and config.cohort_size > population_size:
-    raise ValueError(
-        f"config field 'cohort_size' must be in [1, population size "
-        f"{population_size}]; got {config.cohort_size}")
-  return sampling.make_sampler(
-      config.sampling, population_size, cohort_size=config.cohort_size,
-      sampling_probability=config.sampling_probability,
-      capacity=config.capacity)
 
 
 def _to_python(metrics: dict) -> dict:
@@ -96,49 +47,22 @@ def run(
     log: Callable[[str], None] = print,
 ) -> RunResult:
   """Runs DP-FedAvg as configured; writes `run_dir` if given."""
-  config.validate()
-  dataset = builtin.load(config.dataset, seed=config.seed,
-                         **config.dataset_kwargs)
-  train = dataset.train
-  sampler = build_sampler(config, train.num_clients)
-  model = registry.get_model(config.model, dataset.input_shape,
-                             dataset.num_classes, **config.model_kwargs)
-  noise_multiplier = resolve_noise_multiplier(config, sampler)
-  ledger = accounting.PrivacyLedger(sampler.relation, config.delta,
-                                    config.accountant)
-  event = sampler.dp_event(noise_multiplier)
+  sim = simulation.build(config)
+  train, sampler, model = sim.train, sim.sampler, sim.model
+  noise_multiplier = sim.noise_multiplier
+  ledger = sim.new_ledger()
+  event = sim.event()
   planned_epsilon = accounting.epsilon_of(
       [event] * config.rounds, config.delta, accountant=config.accountant,
       relation=sampler.relation)
-
-  chunk, unroll = _default_execution(config, sampler.capacity)
-  slots = -(-sampler.capacity // chunk) * chunk
-  max_examples = int(train.num_examples.max())
-  if config.max_examples_per_client is not None:
-    max_examples = min(max_examples, config.max_examples_per_client)
-  num_steps = blocks.num_local_steps(max_examples, config.batch_size,
-                                     config.local_epochs)
-
-  server_opt = server_lib.server_optimizer(
-      config.server_optimizer, momentum=config.server_momentum)
-  round_fn = jax.jit(
-      dp_fedavg.build_round(
-          model,
-          client_lib.client_optimizer(config.client_optimizer,
-                                      config.client_momentum),
-          server_opt, clients_per_chunk=chunk, unroll_local_steps=unroll),
-      donate_argnums=(0,))
+  round_fn = jax.jit(sim.round_fn(), donate_argnums=(0,))
   sample_fn = jax.jit(sampler.sample)
-  hparams = dp_fedavg.RoundHparams.create(
-      client_lr=config.client_lr, server_lr=config.server_lr,
-      clip_norm=config.clip_norm, noise_multiplier=noise_multiplier,
-      denominator=sampler.expected_cohort_size)
-
-  root = jax.random.key(config.seed)
-  state = server_lib.init(model.init(jax.random.fold_in(root, _INIT_STREAM)),
-                          server_opt)
-  sample_key = jax.random.fold_in(root, _SAMPLE_STREAM)
-  noise_key = jax.random.fold_in(root, _NOISE_STREAM)
+  hparams = sim.hparams()
+  state = sim.initial_state(config.seed)
+  _, noise_key = sim.stream_keys(config.seed)
+  eval_population = sim.eval_population
+  dataset = sim.dataset
+  slots = sim.slots
 
   out = pathlib.Path(run_dir) if run_dir is not None else None
   metrics_file = None
@@ -156,25 +80,9 @@ def run(
       f"{noise_multiplier:.4g}, C={config.clip_norm:g}, planned epsilon="
       f"{planned_epsilon:.4g} at delta={config.delta:g} ({config.accountant})")
 
-  # Held-out clients are loaded once (a lazy source reads them here).
-  eval_population = dataset.eval
-  if not isinstance(eval_population, population_lib.FederatedPopulation):
-    eval_population = eval_population.subset(range(eval_population.num_clients))
-
   def prepare(r: int):
-    """Samples round r's cohort and lays out its block (runs ahead, on a
-    background thread, while the previous round computes)."""
-    indices, valid, num_drawn = jax.device_get(
-        sample_fn(jax.random.fold_in(sample_key, r)))
-    cohort = train.subset(indices[valid])
-    local_valid = np.arange(slots) < cohort.num_clients
-    local = np.where(local_valid, np.arange(slots), 0)
-    block = blocks.make_block(
-        cohort, local, local_valid, batch_size=config.batch_size,
-        epochs=config.local_epochs, num_steps=num_steps,
-        rng=np.random.default_rng([config.seed, _DATA_STREAM, r]),
-        max_examples_per_client=config.max_examples_per_client)
-    return r, block, int(num_drawn)
+    # Runs ahead on a background thread while the previous round computes.
+    return (r,) + sim.prepare(r, config.seed, sample_fn)
 
   history = []
   stopped_for_budget = False

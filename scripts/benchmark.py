@@ -335,15 +335,16 @@ def measure(spec: dict) -> dict:
       return compiled(state, block, hparams, key)
 
   rss_before = _current_rss()
-  times = []
+  times, cpu_times = [], []
   with _RssSampler() as sampler:
     state, _ = one_round(state, jax.random.fold_in(noise_key, 0))  # warm-up
     jax.block_until_ready(state)
     for r in range(1, rounds + 1):
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       state, metrics = one_round(state, jax.random.fold_in(noise_key, r))
       jax.block_until_ready((state, metrics))
       times.append(time.perf_counter() - t0)
+      cpu_times.append(time.process_time() - c0)
   finite = bool(np.all([np.all(np.isfinite(np.asarray(x)))
                         for x in jax.tree_util.tree_leaves(state.params)]))
   peak_rss = _max_rss()
@@ -354,6 +355,9 @@ def measure(spec: dict) -> dict:
       "shape": shape,
       "s_per_round": s_per_round,
       "round_times_s": times,
+      # CPU seconds the whole process used per round (all threads): less
+      # sensitive than wall time to other jobs on a shared machine.
+      "cpu_s_per_round": statistics.median(cpu_times),
       "updates_per_s": spec["cohort"] / s_per_round,
       "compile_s": compile_s,
       "peak_rss_mb": peak_rss / mib,
@@ -456,7 +460,7 @@ def print_table(res: dict):
         f"{res['matmul_peak_gflops']:.0f} GFLOP/s; "
         f"{res['flops_per_round'] / 1e9:.1f} GFLOP/round; FLOP bound "
         f"{res['flop_bound_s']:.4f} s")
-  print(f"{'shape':<18} {'s/round':>9} {'upd/s':>9} {'x bound':>8} "
+  print(f"{'shape':<18} {'s/round':>9} {'cpu s':>7} {'upd/s':>9} {'x bound':>8} "
         f"{'vs loop':>8} {'compile':>8} {'rss MiB':>8} {'extra':>7} "
         f"{'xla tmp':>8}")
   for name, v in res["shapes"].items():
@@ -464,7 +468,9 @@ def print_table(res: dict):
       print(f"{name:<18} FAILED")
       continue
     tmp = "-" if v["xla_temp_mb"] is None else f"{v['xla_temp_mb']:.0f}"
-    print(f"{name:<18} {v['s_per_round']:>9.4f} {v['updates_per_s']:>9.0f} "
+    cpu = v.get("cpu_s_per_round", float("nan"))
+    print(f"{name:<18} {v['s_per_round']:>9.4f} {cpu:>7.3f} "
+          f"{v['updates_per_s']:>9.0f} "
           f"{v['ratio_to_flop_bound']:>8.2f} {v['speedup_vs_loop']:>8.2f} "
           f"{v['compile_s']:>8.1f} {v['peak_rss_mb']:>8.0f} "
           f"{v['round_extra_mb']:>7.0f} {tmp:>8}")

@@ -217,8 +217,16 @@ def _factored_chunk(kernels, biases, x, y, m, lr):
   return factors_a, factors_g, norm, loss
 
 
-def _default_chunk(num_rows_per_client: int) -> int:
-  return max(1, _TARGET_ROWS_PER_CHUNK // max(num_rows_per_client, 1))
+def _default_chunk(num_clients: int, num_rows_per_client: int) -> int:
+  """About _TARGET_ROWS_PER_CHUNK rows; a divisor of the cohort if one is
+  near, so that no second (tail) copy of the chunk program is compiled."""
+  limit = max(1, _TARGET_ROWS_PER_CHUNK // max(num_rows_per_client, 1))
+  if num_clients <= limit:
+    return num_clients
+  for k in range(limit, limit // 2, -1):
+    if num_clients % k == 0:
+      return k
+  return -(-num_clients // -(-num_clients // limit))
 
 
 def build_factored_round(
@@ -268,7 +276,7 @@ def build_factored_round(
     m = block.example_mask
     valid = block.client_mask
 
-    k = clients_per_chunk or _default_chunk(num_steps * batch)
+    k = clients_per_chunk or _default_chunk(num_clients, num_steps * batch)
     k = min(k, num_clients)
     num_full = num_clients // k
     rest = num_clients - num_full * k
@@ -302,9 +310,14 @@ def build_factored_round(
     sums = [(jnp.zeros(kk.shape, jnp.float32), jnp.zeros(bb.shape, jnp.float32))
             for kk, bb in zip(kernels, biases)]
     data = (x, y, m, valid)
-    head = jax.tree_util.tree_map(
-        lambda a: a[:num_full * k].reshape((num_full, k) + a.shape[1:]), data)
-    sums, outs = jax.lax.scan(chunk_fn, sums, head)
+
+    def scanned(sums, i):
+      # Slices of the block itself: no chunked copy of the whole block.
+      chunk = jax.tree_util.tree_map(
+          lambda a: jax.lax.dynamic_slice_in_dim(a, i * k, k), data)
+      return chunk_fn(sums, chunk)
+
+    sums, outs = jax.lax.scan(scanned, sums, jnp.arange(num_full))
     outs = [o.reshape(-1) for o in outs]
     if rest:
       tail = jax.tree_util.tree_map(lambda a: a[num_full * k:], data)

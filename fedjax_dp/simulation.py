@@ -1,0 +1,175 @@
+"""Everything a run needs, built once from a config, without side effects.
+
+`build(config)` loads the data, builds the model, the sampler (and with it
+the round's DP event), resolves the noise multiplier and chooses the round's
+execution shape. The runner drives one Simulation; a sweep drives many
+configurations of the same shape with one compiled, vmapped round.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+
+from fedjax_dp import client as client_lib
+from fedjax_dp import config as config_lib
+from fedjax_dp import server as server_lib
+from fedjax_dp import types
+from fedjax_dp.algorithms import dp_fedavg
+from fedjax_dp.data import blocks
+from fedjax_dp.data import builtin
+from fedjax_dp.data import population as population_lib
+from fedjax_dp.models import registry
+from fedjax_dp.privacy import accounting
+from fedjax_dp.privacy import sampling
+
+# Independent PRNG streams, folded from a run's root key.
+INIT_STREAM, SAMPLE_STREAM, NOISE_STREAM, DATA_STREAM = range(4)
+
+
+def default_execution(config: config_lib.Config,
+                      capacity: int) -> tuple[int, bool]:
+  """(clients_per_chunk, unroll) for this backend, unless the config sets them.
+
+  On XLA:CPU a scan over single clients with unrolled local steps is the
+  fastest simple shape measured (docs/benchmarks.md); accelerators want wide
+  vmaps.
+  """
+  on_cpu = jax.default_backend() == "cpu"
+  chunk = config.clients_per_chunk or (1 if on_cpu else min(capacity, 256))
+  unroll = config.unroll_local_steps
+  if unroll is None:
+    unroll = on_cpu
+  return chunk, unroll
+
+
+def build_sampler(config: config_lib.Config,
+                  population_size: int) -> sampling.Sampler:
+  if config.cohort_size is not None and config.sampling_probability is None \
+      and config.cohort_size > population_size:
+    raise ValueError(
+        f"config field 'cohort_size' must be in [1, population size "
+        f"{population_size}]; got {config.cohort_size}")
+  return sampling.make_sampler(
+      config.sampling, population_size, cohort_size=config.cohort_size,
+      sampling_probability=config.sampling_probability,
+      capacity=config.capacity)
+
+
+def resolve_noise_multiplier(config: config_lib.Config,
+                             sampler: sampling.Sampler) -> float:
+  if config.noise_multiplier is not None:
+    return float(config.noise_multiplier)
+  return accounting.calibrate_noise_multiplier(
+      sampler.dp_event, target_epsilon=config.target_epsilon,
+      delta=config.delta, rounds=config.rounds,
+      accountant=config.accountant, relation=sampler.relation)
+
+
+@dataclasses.dataclass
+class Simulation:
+  """The parts of a DP-FedAvg run (see `build`)."""
+
+  config: config_lib.Config
+  dataset: builtin.FederatedDataset
+  eval_population: population_lib.FederatedPopulation
+  model: types.Model
+  sampler: sampling.Sampler
+  noise_multiplier: float
+  clients_per_chunk: int
+  unroll_local_steps: bool
+  slots: int
+  num_steps: int
+  server_optimizer: optax.GradientTransformation
+
+  @property
+  def train(self):
+    return self.dataset.train
+
+  def event(self):
+    """The DP event of one round of this run."""
+    return self.sampler.dp_event(self.noise_multiplier)
+
+  def new_ledger(self) -> accounting.PrivacyLedger:
+    return accounting.PrivacyLedger(self.sampler.relation, self.config.delta,
+                                    self.config.accountant)
+
+  def round_fn(self):
+    """The unjitted round (same for every config of this shape)."""
+    return dp_fedavg.build_round(
+        self.model,
+        client_lib.client_optimizer(self.config.client_optimizer,
+                                    self.config.client_momentum),
+        self.server_optimizer, clients_per_chunk=self.clients_per_chunk,
+        unroll_local_steps=self.unroll_local_steps)
+
+  def hparams(self, config: config_lib.Config | None = None,
+              noise_multiplier: float | None = None) -> dp_fedavg.RoundHparams:
+    config = config or self.config
+    z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+    return dp_fedavg.RoundHparams.create(
+        client_lr=config.client_lr, server_lr=config.server_lr,
+        clip_norm=config.clip_norm, noise_multiplier=z,
+        denominator=self.sampler.expected_cohort_size)
+
+  def initial_state(self, seed: int) -> server_lib.ServerState:
+    root = jax.random.key(seed)
+    params = self.model.init(jax.random.fold_in(root, INIT_STREAM))
+    return server_lib.init(params, self.server_optimizer)
+
+  @staticmethod
+  def stream_keys(seed: int) -> tuple[types.PRNGKey, types.PRNGKey]:
+    """(sampling key, noise key) of a run with this seed."""
+    root = jax.random.key(seed)
+    return (jax.random.fold_in(root, SAMPLE_STREAM),
+            jax.random.fold_in(root, NOISE_STREAM))
+
+  def prepare(self, r: int, seed: int, sample_fn) -> tuple[blocks.ClientBlock, int]:
+    """Samples round r's cohort (seed's stream) and lays out its block.
+
+    Returns:
+      (block, number of clients the sampler drew before any truncation).
+    """
+    sample_key, _ = self.stream_keys(seed)
+    indices, valid, num_drawn = jax.device_get(
+        sample_fn(jax.random.fold_in(sample_key, r)))
+    cohort = self.train.subset(indices[valid])
+    local_valid = np.arange(self.slots) < cohort.num_clients
+    local = np.where(local_valid, np.arange(self.slots), 0)
+    block = blocks.make_block(
+        cohort, local, local_valid, batch_size=self.config.batch_size,
+        epochs=self.config.local_epochs, num_steps=self.num_steps,
+        rng=np.random.default_rng([seed, DATA_STREAM, r]),
+        max_examples_per_client=self.config.max_examples_per_client)
+    return block, int(num_drawn)
+
+
+def build(config: config_lib.Config) -> Simulation:
+  """Validates `config` and builds its Simulation (loads data, no compiling)."""
+  config.validate()
+  dataset = builtin.load(config.dataset, seed=config.seed,
+                         **config.dataset_kwargs)
+  train = dataset.train
+  sampler = build_sampler(config, train.num_clients)
+  model = registry.get_model(config.model, dataset.input_shape,
+                             dataset.num_classes, **config.model_kwargs)
+  noise_multiplier = resolve_noise_multiplier(config, sampler)
+  chunk, unroll = default_execution(config, sampler.capacity)
+  slots = -(-sampler.capacity // chunk) * chunk
+  max_examples = int(np.max(train.num_examples))
+  if config.max_examples_per_client is not None:
+    max_examples = min(max_examples, config.max_examples_per_client)
+  num_steps = blocks.num_local_steps(max_examples, config.batch_size,
+                                     config.local_epochs)
+  eval_population = dataset.eval
+  if not isinstance(eval_population, population_lib.FederatedPopulation):
+    # Held-out clients are loaded once (a lazy source reads them here).
+    eval_population = eval_population.subset(range(eval_population.num_clients))
+  return Simulation(
+      config=config, dataset=dataset, eval_population=eval_population,
+      model=model, sampler=sampler, noise_multiplier=noise_multiplier,
+      clients_per_chunk=chunk, unroll_local_steps=unroll, slots=slots,
+      num_steps=num_steps,
+      server_optimizer=server_lib.server_optimizer(
+          config.server_optimizer, momentum=config.server_momentum))

@@ -1,0 +1,262 @@
+"""Distributed discrete Gaussian with simulated SecAgg."""
+
+import math
+
+import dp_accounting
+from dp_accounting import rdp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedjax_dp.privacy import accounting
+from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import sampling
+from fedjax_dp.privacy import secure_aggregation as sa
+
+ADD_REMOVE = clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE
+# Compiled once per shape: the eager while_loop is slow.
+_aggregate = jax.jit(sa.aggregate, static_argnames=("max_trials",))
+_sample_dg = jax.jit(sa.sample_discrete_gaussian,
+                     static_argnames=("shape", "max_trials"))
+
+
+def _chi_square_pvalue(samples, pmf_fn, min_expected=5.0):
+  """Chi-square of integer samples against a pmf; tails merged into 2 bins."""
+  n = samples.size
+  lo, hi = -1, 1
+  while n * pmf_fn(np.array([lo - 1]))[0] >= min_expected:
+    lo -= 1
+  while n * pmf_fn(np.array([hi + 1]))[0] >= min_expected:
+    hi += 1
+  support = np.arange(lo, hi + 1)
+  probs = pmf_fn(support)
+  left, right = (1 - probs.sum()) / 2, (1 - probs.sum()) / 2  # symmetric
+  observed = np.array([np.sum(samples < lo)]
+                      + [np.sum(samples == k) for k in support]
+                      + [np.sum(samples > hi)])
+  expected = n * np.concatenate([[left], probs, [right]])
+  return stats.chisquare(observed, expected).pvalue
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
+def test_discrete_gaussian_matches_exact_pmf(sigma):
+  n = 200_000
+  y, failures = _sample_dg(jax.random.key(0), sigma, (n,))
+  y = np.asarray(y)
+  assert int(failures) == 0
+  pmf = lambda k: sa.discrete_gaussian_pmf(sigma, k)
+  # Fails by accident with probability 1e-3.
+  assert _chi_square_pvalue(y, pmf) > 1e-3
+  support = np.arange(-60, 61)
+  exact_var = float(np.sum(support ** 2 * pmf(support)))
+  # Mean 0 and the exact variance (~sigma^2 for sigma >= 1), 5 std errors.
+  assert abs(y.mean()) < 5 * math.sqrt(exact_var / n)
+  se_var = exact_var * math.sqrt(2.0 / n) * 1.2  # kurtosis slack
+  assert abs(y.var() - exact_var) < 5 * se_var
+  if sigma >= 1:
+    assert exact_var == pytest.approx(sigma ** 2, rel=1e-3)
+  # Power: a 5% larger sigma is rejected; at small sigma so is a rounded
+  # continuous Gaussian (at sigma = 3 the two are nearly the same law).
+  wider, _ = _sample_dg(jax.random.key(1), 1.05 * sigma, (n,))
+  assert _chi_square_pvalue(np.asarray(wider), pmf) < 1e-6
+  if sigma <= 1:
+    rounded = np.round(np.random.default_rng(0).normal(0, sigma, n))
+    assert _chi_square_pvalue(rounded, pmf) < 1e-6
+
+
+def test_discrete_laplace_matches_exact_pmf():
+  t, n = 3.0, 200_000
+  y = np.asarray(sa.sample_discrete_laplace(jax.random.key(1), t, (n,)))
+  a = 1.0 / t
+  pmf = lambda k: np.tanh(a / 2) * np.exp(-a * np.abs(k))
+  assert _chi_square_pvalue(y, pmf) > 1e-3
+
+
+def test_discrete_gaussian_zero_sigma_and_large_sigma():
+  y, f = _sample_dg(jax.random.key(2), 0.0, (100_000,))
+  np.testing.assert_array_equal(y, 0)
+  assert int(f) == 0
+  y, f = _sample_dg(jax.random.key(2), 1000.0, (100_000,))
+  y = np.asarray(y, np.float64)
+  assert int(f) == 0
+  assert abs(y.std() / 1000.0 - 1) < 5 / math.sqrt(2 * 100_000)
+  # Integers, as sent (no float rounding of large values).
+  assert np.all(y == np.round(y))
+
+
+def test_stochastic_rounding_is_unbiased_and_within_one():
+  x = jnp.array([0.25, -1.7, 3.5, 0.0, 2.0, -0.999])
+  n = 20_000
+  r = np.asarray(jax.vmap(lambda k: sa.stochastic_round(x, k))(
+      jax.random.split(jax.random.key(3), n)))
+  xs = np.asarray(x, np.float64)
+  assert np.all(np.abs(r - xs) < 1)
+  assert np.all((r == np.floor(xs)) | (r == np.ceil(xs)))
+  # Mean within 5 standard errors (Bernoulli std <= 1/2).
+  assert np.all(np.abs(r.mean(0) - xs) < 5 * 0.5 / math.sqrt(n))
+  # Integers stay put.
+  np.testing.assert_array_equal(r[:, [3, 4]], np.array([[0, 2]] * n))
+
+
+def _clipped_updates(key, n, d, c):
+  u = jax.random.normal(key, (n, d))
+  norms = jnp.linalg.norm(u, axis=1, keepdims=True)
+  return u * jnp.minimum(1.0, c / norms)
+
+
+def test_enough_bits_recovers_sum_within_quantisation_bound():
+  n, d, c, s = 20, 64, 1.0, 2.0 ** 10
+  u = _clipped_updates(jax.random.key(4), n, d, c)
+  bits = sa.required_bits(n, c, s, 0.0)
+  sa.check_params(n, c, s, 0.0, bits)
+  params = sa.SecAggParams.create(scale=s, share_stddev=0.0, bits=bits)
+  res, failures = _aggregate({"w": u}, jnp.ones(n, bool), params,
+                               jax.random.key(5))
+  err = np.abs(np.asarray(res.sum["w"], np.float64)
+               - np.asarray(u, np.float64).sum(0))
+  # Deterministic bound: n roundings, each moves by < 1 / s.
+  assert err.max() < n / s
+  # Typical size: each rounding has variance <= 1 / (4 s^2).
+  assert np.sqrt(np.mean(err ** 2)) <= math.sqrt(n) / (2 * s) * 1.2
+  assert int(res.num_wrapped) == 0
+  assert int(res.num_near_overflow) == 0
+  assert int(failures) == 0
+
+
+def test_padding_slots_send_zero_updates():
+  n, d, s = 6, 16, 2.0 ** 8
+  u = jnp.ones((n, d)) * 0.1
+  valid = jnp.array([True, True, True, False, False, False])
+  u = u.at[3:].set(jnp.nan)
+  params = sa.SecAggParams.create(scale=s, share_stddev=0.0, bits=20)
+  res, _ = _aggregate({"w": u}, valid, params, jax.random.key(6))
+  np.testing.assert_allclose(res.sum["w"], 0.3, atol=3 / s)
+
+
+def test_noise_shares_sum_to_the_central_noise():
+  n, d, c, s, z = 10, 20_000, 1.0, 2.0 ** 12, 1.0
+  sigma_c = sa.share_stddev(z, c, s, n)
+  bits = sa.required_bits(n, c, s, sigma_c)
+  sa.check_params(n, c, s, sigma_c, bits)
+  assert bits <= 32
+  u = _clipped_updates(jax.random.key(7), n, d, c)
+  params = sa.SecAggParams.create(scale=s, share_stddev=sigma_c, bits=bits)
+  res, failures = _aggregate({"w": u}, jnp.ones(n, bool), params,
+                               jax.random.key(8))
+  noise = (np.asarray(res.sum["w"], np.float64)
+           - np.asarray(u, np.float64).sum(0))
+  # Rounding adds variance <= n / (4 s^2) ~ 1.5e-7: negligible at this n.
+  assert stats.kstest(noise / (z * c), "norm").pvalue > 1e-3
+  assert abs(noise.std() / (z * c) - 1) < 5 / math.sqrt(2 * d)
+  assert int(res.num_wrapped) == 0 and int(failures) == 0
+  # Different keys, different noise; the same key, the same result.
+  again, _ = _aggregate({"w": u}, jnp.ones(n, bool), params,
+                          jax.random.key(8))
+  np.testing.assert_array_equal(again.sum["w"], res.sum["w"])
+
+
+def test_decode_flags_every_sum_in_the_guard_band_and_counts_wraps():
+  bits = 8  # range [-128, 128); flag threshold 64
+  true = np.arange(-191, 192, dtype=np.int64)  # |t| < 3 * 2^(bits-2)
+  acc = jnp.asarray((true % 2 ** 32).astype(np.uint32))
+  params = sa.SecAggParams.create(scale=1.0, share_stddev=0.0, bits=bits)
+  res = sa.decode({"w": acc}, params)
+  decoded = np.asarray(res.sum["w"]).astype(np.int64)
+  np.testing.assert_array_equal(decoded % 256, true % 256)
+  wrapped = (true < -128) | (true >= 128)
+  assert int(res.num_wrapped) == int(wrapped.sum()) > 0
+  np.testing.assert_array_equal(decoded[~wrapped], true[~wrapped])
+  # Every true sum of magnitude >= 64 is flagged, wrapped or not; no other.
+  assert int(res.num_near_overflow) == int(np.sum(np.abs(true) >= 64))
+  # 32 bits decode the accumulator as int32 exactly.
+  res32 = sa.decode({"w": acc}, sa.SecAggParams.create(
+      scale=1.0, share_stddev=0.0, bits=32))
+  np.testing.assert_array_equal(np.asarray(res32.sum["w"]), true)
+  assert int(res32.num_wrapped) == 0
+
+
+def test_too_few_bits_is_detected_and_reported():
+  n, d, c, s = 20, 4, 1.0, 2.0 ** 10
+  # Every client at +C / sqrt(d) in every coordinate: sum = n s C / sqrt(d).
+  u = jnp.full((n, d), c / math.sqrt(d))
+  true = n * s * c / math.sqrt(d)  # 10240
+  bits = int(math.floor(math.log2(true))) + 1  # 14: range [-8192, 8192)
+  # The true sum wrapped once, into the guard band: the server sees it.
+  assert 2 ** (bits - 1) <= true < 1.5 * 2 ** (bits - 1)
+  params = sa.SecAggParams.create(scale=s, share_stddev=0.0, bits=bits)
+  res, _ = _aggregate({"w": u}, jnp.ones(n, bool), params, jax.random.key(9))
+  assert int(res.num_wrapped) == d
+  assert int(res.num_near_overflow) == d
+  # And the decoded sum is indeed wrong, by a multiple of 2^bits / s.
+  err = np.asarray(res.sum["w"]) - true / s
+  assert np.all(np.abs(err) > 1)
+  np.testing.assert_allclose(err, -(2 ** bits) / s, atol=n / s)
+  # One bit fewer: the sum wraps past the guard band; only the simulator's
+  # oracle can tell (this is why required_bits keeps a public margin).
+  params = sa.SecAggParams.create(scale=s, share_stddev=0.0, bits=bits - 2)
+  res, _ = _aggregate({"w": u}, jnp.ones(n, bool), params, jax.random.key(9))
+  assert int(res.num_wrapped) == d
+  # required_bits would have avoided it.
+  ok = sa.SecAggParams.create(scale=s, share_stddev=0.0,
+                              bits=sa.required_bits(n, c, s, 0.0))
+  res_ok, _ = _aggregate({"w": u}, jnp.ones(n, bool), ok, jax.random.key(9))
+  assert int(res_ok.num_wrapped) == 0 and int(res_ok.num_near_overflow) == 0
+
+
+def test_check_params_refuses_int32_overflow():
+  with pytest.raises(ValueError, match="overflow"):
+    sa.check_params(1000, 1.0, 2.0 ** 22, 10.0, 32)
+  with pytest.raises(ValueError, match="bits"):
+    sa.check_params(10, 1.0, 2.0, 1.0, 33)
+
+
+def _rdp_eps(event, count=100, delta=1e-5):
+  acc = rdp.RdpAccountant()
+  acc.compose(dp_accounting.SelfComposedDpEvent(event, count))
+  return acc.get_epsilon(delta)
+
+
+def test_event_is_the_ddg_bound_and_close_to_central_for_large_shares():
+  n, c, s, z, d = 100, 1.0, 2.0 ** 14, 1.2, 10_000
+  sigma_c = sa.share_stddev(z, c, s, n)
+  sampler = sampling.PoissonSampler(10_000, 0.01, capacity=10_000)
+  event = sa.dp_event(sampler, clip_norm=c, scale=s, share_stddev_=sigma_c,
+                      num_shares=n, dim=d)
+  sens = s * c + math.sqrt(d)
+  # tau underflows for sigma_c this large: rho = D^2 / (2 n sigma_c^2).
+  assert event.rho == pytest.approx(sens ** 2 / (2 * n * sigma_c ** 2),
+                                    rel=1e-12)
+  # The same RDP curve as a Gaussian with z_eff = sqrt(n) sigma_c / D < z.
+  z_eff = math.sqrt(n) * sigma_c / sens
+  assert z_eff < z and z_eff == pytest.approx(z / (1 + math.sqrt(d) / (s * c)))
+  assert _rdp_eps(event) == pytest.approx(
+      _rdp_eps(dp_accounting.GaussianDpEvent(z_eff)), rel=1e-9)
+  # The project's ledger takes it with the RDP accountant, not with PLD.
+  eps = accounting.epsilon_of([event] * 100, 1e-5, accountant="rdp",
+                              relation=ADD_REMOVE)
+  assert eps == pytest.approx(_rdp_eps(event), rel=1e-9)
+  with pytest.raises(accounting.UnsupportedAccountingError):
+    accounting.epsilon_of([event], 1e-5, accountant="pld",
+                          relation=ADD_REMOVE)
+
+
+def test_event_small_shares_pay_tau_and_replacement_doubles_d():
+  n, d = 100, 10_000
+  rho_small = sa.ddg_rho(10.0, 0.5, n, d)
+  assert rho_small > 0.5 * (10.0 / (math.sqrt(n) * 0.5)) ** 2 * 1.5
+  with pytest.raises(ValueError, match="1/2"):
+    sa.ddg_rho(10.0, 0.4, n, d)
+  kw = dict(clip_norm=1.0, scale=2.0 ** 12, share_stddev_=500.0,
+            num_shares=n, dim=d)
+  poisson = sa.dp_event(sampling.PoissonSampler(1000, 0.1, capacity=1000),
+                        **kw)
+  fixed = sa.dp_event(sampling.FixedSizeSampler(1000, 100), **kw)
+  truncating = sa.dp_event(sampling.PoissonSampler(1000, 0.1), **kw)
+  assert fixed.rho == pytest.approx(4 * poisson.rho, rel=1e-12)
+  assert truncating.rho == pytest.approx(4 * poisson.rho, rel=1e-12)
+  # Fewer shares (dropouts, colluders) means less privacy.
+  fewer = sa.dp_event(sampling.PoissonSampler(1000, 0.1, capacity=1000),
+                      **(kw | {"num_shares": 50}))
+  assert fewer.rho == pytest.approx(2 * poisson.rho, rel=1e-12)
