@@ -26,6 +26,7 @@ that produced the cosines (at the stated confidence, if the canaries'
 statistics are independent draws); neither replaces the accountant.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -66,14 +67,20 @@ def canary_directions(key: types.PRNGKey, num_canaries: int,
   leaves, treedef = jax.tree_util.tree_flatten(params_like)
   if not leaves:
     raise ValueError("params_like has no leaves")
-  keys = jax.random.split(key, len(leaves))
-  raw = [jax.random.normal(k, (num_canaries,) + tuple(x.shape), jnp.float32)
-         for k, x in zip(keys, leaves)]
+  unit = _unit_directions(key, num_canaries,
+                          tuple(tuple(x.shape) for x in leaves))
+  return jax.tree_util.tree_unflatten(treedef, unit)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _unit_directions(key, num_canaries, shapes):
+  keys = jax.random.split(key, len(shapes))
+  raw = [jax.random.normal(k, (num_canaries,) + s, jnp.float32)
+         for k, s in zip(keys, shapes)]
   sq = sum(jnp.sum(jnp.square(r.reshape(num_canaries, -1)), axis=1)
            for r in raw)
   inv_norm = jax.lax.rsqrt(sq)
-  unit = [r * inv_norm.reshape((-1,) + (1,) * (r.ndim - 1)) for r in raw]
-  return jax.tree_util.tree_unflatten(treedef, unit)
+  return [r * inv_norm.reshape((-1,) + (1,) * (r.ndim - 1)) for r in raw]
 
 
 def canary_update(directions: types.Params, index, norm) -> types.Params:
@@ -97,22 +104,28 @@ def cosines(directions: types.Params, vector: types.Params) -> jax.Array:
   Returns:
     float32 array [num_canaries] in [-1, 1]; all zeros if `vector` is zero.
   """
-  d_leaves = jax.tree_util.tree_leaves(directions)
-  v_leaves = jax.tree_util.tree_leaves(vector)
   if jax.tree_util.tree_structure(directions) != \
       jax.tree_util.tree_structure(vector):
     raise ValueError("directions and vector have different tree structures")
+  d_leaves = jax.tree_util.tree_leaves(directions)
+  v_leaves = jax.tree_util.tree_leaves(vector)
+  for d, v in zip(d_leaves, v_leaves):
+    if d.shape[1:] != v.shape:
+      raise ValueError(f"direction leaf shape {d.shape[1:]} does not match "
+                       f"vector leaf shape {v.shape}")
+  return _cosines(d_leaves, v_leaves)
+
+
+@jax.jit
+def _cosines(d_leaves, v_leaves):
   n = d_leaves[0].shape[0]
   dots = 0.0
   d_sq = 0.0
   v_sq = 0.0
   for d, v in zip(d_leaves, v_leaves):
-    if d.shape[1:] != v.shape:
-      raise ValueError(f"direction leaf shape {d.shape[1:]} does not match "
-                       f"vector leaf shape {v.shape}")
     d = d.reshape(n, -1).astype(jnp.float32)
     v = v.reshape(-1).astype(jnp.float32)
-    dots = dots + d @ v
+    dots = dots + jnp.dot(d, v, precision=jax.lax.Precision.HIGHEST)
     d_sq = d_sq + jnp.sum(jnp.square(d), axis=1)
     v_sq = v_sq + jnp.sum(jnp.square(v))
   denom = jnp.sqrt(d_sq) * jnp.sqrt(v_sq)

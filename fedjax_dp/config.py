@@ -36,6 +36,8 @@ class Config:
   cohort_size: int | None = 50  # expected size for poisson
   sampling_probability: float | None = None  # poisson only; overrides cohort
   capacity: int | None = None  # poisson block size; None: automatic
+  # Probability that a sampled client drops out before reporting (simulated).
+  dropout_rate: float = 0.0
   # Local training.
   client_optimizer: str = "sgd"
   client_lr: float = 0.2
@@ -107,6 +109,9 @@ class Config:
       v = getattr(self, name)
       if not (isinstance(v, (int, float)) and 0 < v < math.inf):
         _fail(name, "a finite number > 0", v)
+    if not (isinstance(self.dropout_rate, (int, float))
+            and 0 <= self.dropout_rate < 1):
+      _fail("dropout_rate", "in [0, 1)", self.dropout_rate)
     for name in ("client_momentum", "server_momentum"):
       v = getattr(self, name)
       if not (isinstance(v, (int, float)) and 0 <= v < 1):

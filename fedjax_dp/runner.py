@@ -8,7 +8,6 @@ directory (resolved config, metrics as JSON lines, final summary).
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import time
@@ -19,9 +18,14 @@ import jax
 from fedjax_dp import config as config_lib
 from fedjax_dp import evaluation
 from fedjax_dp import simulation
+from fedjax_dp import tree_util
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.data import prefetch
 from fedjax_dp.privacy import accounting
+
+
+class ModelDivergedError(ValueError):
+  """The global model's parameters are no longer finite."""
 
 
 @dataclasses.dataclass
@@ -96,7 +100,7 @@ def run(
   eval_metrics = {}
   cohorts = prefetch.Prefetcher(prepare, range(config.rounds), depth=2)
   try:
-    for r, block, num_drawn in cohorts:
+    for r, block, num_drawn, num_dropped in cohorts:
       if config.epsilon_budget is not None and \
           ledger.epsilon_if(event) > config.epsilon_budget:
         stopped_for_budget = True
@@ -112,6 +116,7 @@ def run(
       metrics = _to_python(jax.device_get(metrics))
       metrics["round"] = r
       metrics["num_drawn"] = num_drawn
+      metrics["num_dropped"] = num_dropped
       metrics["truncated"] = num_drawn > sampler.capacity
       metrics["epsilon"] = ledger.epsilon()
       if (r + 1) % config.eval_every == 0 or r + 1 == config.rounds:
@@ -128,9 +133,10 @@ def run(
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['train_loss']:.3f}",
                         eps=f"{metrics['epsilon']:.2f}")
-      if not math.isfinite(metrics["train_loss"]):
-        log(f"round {r}: training loss is not finite; stopping")
-        break
+      if not bool(tree_util.tree_all_finite(state.params)):
+        raise ModelDivergedError(
+            f"round {r}: the global model became non-finite (NaN or Inf); "
+            "the run stops here. Lower client_lr or server_lr, or clip_norm.")
   finally:
     cohorts.close()
     if bar is not None:

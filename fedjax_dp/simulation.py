@@ -25,7 +25,7 @@ from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import sampling
 
 # Independent PRNG streams, folded from a run's root key.
-INIT_STREAM, SAMPLE_STREAM, NOISE_STREAM, DATA_STREAM = range(4)
+INIT_STREAM, SAMPLE_STREAM, NOISE_STREAM, DATA_STREAM, DROPOUT_STREAM = range(5)
 
 
 def default_execution(config: config_lib.Config,
@@ -125,16 +125,31 @@ class Simulation:
     return (jax.random.fold_in(root, SAMPLE_STREAM),
             jax.random.fold_in(root, NOISE_STREAM))
 
-  def prepare(self, r: int, seed: int, sample_fn) -> tuple[blocks.ClientBlock, int]:
+  def prepare(self, r: int, seed: int,
+              sample_fn) -> tuple[blocks.ClientBlock, int, int]:
     """Samples round r's cohort (seed's stream) and lays out its block.
 
+    Simulated dropout removes each sampled client independently with
+    probability `dropout_rate` before it reports. Privacy: dropout is
+    randomness independent of the data applied after sampling, so the
+    recorded event (sampling with q) remains a valid, conservative account;
+    the denominator stays the public expected cohort size.
+
     Returns:
-      (block, number of clients the sampler drew before any truncation).
+      (block, number of clients the sampler drew before any truncation,
+      number of sampled clients that dropped out).
     """
     sample_key, _ = self.stream_keys(seed)
     indices, valid, num_drawn = jax.device_get(
         sample_fn(jax.random.fold_in(sample_key, r)))
-    cohort = self.train.subset(indices[valid])
+    chosen = indices[valid]
+    num_dropped = 0
+    if self.config.dropout_rate > 0:
+      stays = np.random.default_rng([seed, DROPOUT_STREAM, r]).random(
+          chosen.shape[0]) >= self.config.dropout_rate
+      num_dropped = int(np.sum(~stays))
+      chosen = chosen[stays]
+    cohort = self.train.subset(chosen)
     local_valid = np.arange(self.slots) < cohort.num_clients
     local = np.where(local_valid, np.arange(self.slots), 0)
     block = blocks.make_block(
@@ -142,7 +157,7 @@ class Simulation:
         epochs=self.config.local_epochs, num_steps=self.num_steps,
         rng=np.random.default_rng([seed, DATA_STREAM, r]),
         max_examples_per_client=self.config.max_examples_per_client)
-    return block, int(num_drawn)
+    return block, int(num_drawn), num_dropped
 
 
 def build(config: config_lib.Config) -> Simulation:

@@ -89,7 +89,12 @@ def build_round(
   def clipped_client(params, features, example_mask, valid, hparams):
     out = client_update(params, features, example_mask, hparams.client_lr)
     clip = clipping.clip_by_global_norm(out.delta, hparams.clip_norm)
-    return clip, out.loss, out.num_examples
+    # A client whose update is NaN or Inf contributes nothing (it is excluded
+    # by `where`, which also keeps NaN out of the sum). Whether to drop it
+    # depends only on that client's own data, so the sum's sensitivity is
+    # unchanged.
+    finite = jnp.isfinite(clip.norm)
+    return clip, finite, out.loss, out.num_examples
 
   def round_fn(state: server_lib.ServerState, block: CohortBlock,
                hparams: RoundHparams, noise_key: types.PRNGKey):
@@ -109,24 +114,25 @@ def build_round(
       features, example_mask, valid = chunk
 
       def compute(total):
-        clip, loss, n = vmapped(params, features, example_mask, valid, hparams)
-        total = tree_util.tree_add(total,
-                                   tree_util.masked_sum(clip.clipped, valid))
-        return total, (clip.norm, clip.was_clipped, loss, n)
+        clip, finite, loss, n = vmapped(params, features, example_mask, valid,
+                                        hparams)
+        total = tree_util.tree_add(
+            total, tree_util.masked_sum(clip.clipped, valid & finite))
+        return total, (clip.norm, clip.was_clipped, valid & ~finite, loss, n)
 
       def skip(total):
         # Valid clients fill the block first, so trailing chunks are often
         # all padding: skip their training entirely.
         c = valid.shape[0]
         return total, (jnp.zeros((c,), jnp.float32), jnp.zeros((c,), bool),
-                       jnp.zeros((c,), jnp.float32), jnp.zeros((c,), jnp.int32))
+                       jnp.zeros((c,), bool), jnp.zeros((c,), jnp.float32),
+                       jnp.zeros((c,), jnp.int32))
 
       return jax.lax.cond(jnp.any(valid), compute, skip, total)
 
-    clipped_sum, (norms, was_clipped, client_loss, num_examples) = jax.lax.scan(
-        per_chunk, zeros, chunks)
-    norms, was_clipped, client_loss, num_examples = (
-        x.reshape(-1) for x in (norms, was_clipped, client_loss, num_examples))
+    clipped_sum, per_client = jax.lax.scan(per_chunk, zeros, chunks)
+    norms, was_clipped, nonfinite, client_loss, num_examples = (
+        x.reshape(-1) for x in per_client)
 
     stddev = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
     noisy_sum = noise.add_gaussian_noise(clipped_sum, stddev, noise_key)
@@ -134,12 +140,13 @@ def build_round(
     new_state = server_lib.step(state, average, hparams.server_lr,
                                 server_optimizer)
 
-    valid = block.client_mask
+    valid = block.client_mask & ~nonfinite
     num_valid = jnp.sum(valid.astype(jnp.int32))
     denom = jnp.maximum(num_valid, 1).astype(jnp.float32)
     masked_norms = jnp.where(valid, norms, jnp.nan)
     metrics = {
         "num_clients": num_valid,
+        "num_nonfinite": jnp.sum(nonfinite.astype(jnp.int32)),
         "train_loss": jnp.sum(jnp.where(valid, client_loss, 0.0)) / denom,
         "fraction_clipped": jnp.sum(valid & was_clipped) / denom,
         "update_norm_p10": jnp.nanpercentile(masked_norms, 10),

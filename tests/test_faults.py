@@ -1,0 +1,96 @@
+"""Faults: dropout, non-finite client updates, a diverging model."""
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_dp import cli
+from fedjax_dp import client as client_lib
+from fedjax_dp import config as config_lib
+from fedjax_dp import runner
+from fedjax_dp import server as server_lib
+from fedjax_dp import tree_util
+from fedjax_dp.algorithms import dp_fedavg
+from fedjax_dp.models import registry
+
+
+def _small(**changes):
+  return config_lib.Config(
+      name="faults", dataset="synthetic",
+      dataset_kwargs={"num_clients": 60, "max_examples": 30},
+      model="logistic", rounds=3, cohort_size=12, batch_size=10,
+      local_epochs=1, eval_every=3, delta=1e-3, noise_multiplier=1.0
+  ).replace(**changes)
+
+
+def test_dropout_removes_clients_but_not_accounting():
+  base = runner.run(_small(), progress=False, log=lambda s: None)
+  dropped = runner.run(_small(dropout_rate=0.5), progress=False,
+                       log=lambda s: None)
+  for a, b in zip(base.history, dropped.history):
+    assert b["num_dropped"] > 0
+    assert b["num_clients"] == a["num_clients"] - b["num_dropped"]
+  # Dropout is post-sampling randomness: the recorded events are unchanged.
+  assert dropped.ledger.events == base.ledger.events
+  assert dropped.summary["epsilon"] == base.summary["epsilon"]
+
+
+def test_nonfinite_client_updates_are_neutralised_and_counted():
+  model = registry.get_model("logistic", (4,), 3)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 2, 3, 4)).astype(np.float32)
+  y = rng.integers(0, 3, (4, 2, 3)).astype(np.int32)
+  mask = np.ones((4, 2, 3), bool)
+  opt = server_lib.server_optimizer("sgd")
+  fn = jax.jit(dp_fedavg.build_round(model, client_lib.client_optimizer("sgd"),
+                                     opt))
+  params = model.init(jax.random.key(0))
+  hp = dp_fedavg.RoundHparams.create(client_lr=0.1, server_lr=1.0,
+                                     clip_norm=1.0, noise_multiplier=0.0,
+                                     denominator=4.0)
+  poisoned = x.copy()
+  poisoned[1, 0, 0, 0] = np.nan
+  poisoned[3, 1, 2, 1] = np.inf
+  state_bad, metrics_bad = fn(
+      server_lib.init(params, opt),
+      dp_fedavg.CohortBlock({"x": poisoned, "y": y}, mask,
+                            np.ones((4,), bool)), hp, jax.random.key(1))
+  # The same round with the two poisoned clients masked out.
+  state_ref, _ = fn(
+      server_lib.init(params, opt),
+      dp_fedavg.CohortBlock({"x": x, "y": y}, mask,
+                            np.array([True, False, True, False])), hp,
+      jax.random.key(1))
+  assert int(metrics_bad["num_nonfinite"]) == 2
+  assert int(metrics_bad["num_clients"]) == 2
+  assert bool(tree_util.tree_all_finite(state_bad.params))
+  for a, b in zip(jax.tree_util.tree_leaves(state_bad.params),
+                  jax.tree_util.tree_leaves(state_ref.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_diverging_model_stops_with_a_clear_error(tmp_path):
+  # Client updates that overflow are neutralised, so drive the server step
+  # itself past float32: noise of std ~4 times a server learning rate of 1e38.
+  config = _small(server_lr=1e38, clip_norm=10.0, noise_multiplier=5.0,
+                  rounds=5)
+  with pytest.raises(runner.ModelDivergedError, match="non-finite"):
+    runner.run(config, run_dir=tmp_path, progress=False, log=lambda s: None)
+  # Rounds written before the failure are kept.
+  assert (tmp_path / "metrics.jsonl").exists()
+  assert (tmp_path / "config.json").exists()
+
+
+def test_cli_reports_divergence_and_exits_nonzero(tmp_path, capsys):
+  code = cli.main([
+      "train", "--config", "experiments/digits_dp_fedavg.py", "--smoke",
+      "--no-progress", "--run-dir", str(tmp_path),
+      "--set", "server_lr=1e38", "--set", "clip_norm=10",
+      "--set", "noise_multiplier=5"])
+  assert code == 2
+  assert "non-finite" in capsys.readouterr().err
+
+
+def test_dropout_rate_is_validated():
+  with pytest.raises(ValueError, match="'dropout_rate'"):
+    _small(dropout_rate=1.0)

@@ -1,0 +1,173 @@
+"""Tree aggregation for DP-FTRL: noise law, restarts, and accounting."""
+
+import functools
+import math
+
+import dp_accounting
+from dp_accounting import rdp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_dp.privacy import tree_aggregation as ta
+
+SIGMA = 0.7
+_cumulative_noise = jax.jit(ta.cumulative_noise, static_argnames=("levels",))
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "levels"))
+def _run(key, values, restart_every, *, steps, levels):
+  """Applies `update` for `steps` rounds; returns increments and states."""
+
+  def step(state, g):
+    noisy, state, info = ta.update(state, {"w": g}, SIGMA, restart_every,
+                                   levels=levels)
+    return state, (noisy["w"] - g, info.step, info.tree_index, info.restarted)
+
+  _, out = jax.lax.scan(step, ta.init(key), values[:steps])
+  return out
+
+
+def test_prefix_noise_has_std_sigma_sqrt_popcount():
+  d, steps = 20_000, 15
+  values = jnp.zeros((steps, d))
+  inc, t, _, _ = _run(jax.random.key(0), values, jnp.int32(16), steps=steps,
+                      levels=ta.num_levels(16))
+  prefix_noise = np.cumsum(np.asarray(inc, np.float64), axis=0)
+  for i in range(steps):
+    step = i + 1
+    assert int(t[i]) == step
+    want = SIGMA * math.sqrt(bin(step).count("1"))
+    got = prefix_noise[i].std()
+    # 5 standard errors of a sample std (se = std / sqrt(2 d)); popcounts
+    # 1, 2, 3, 4 differ by > 40 of them.
+    assert abs(got / want - 1) < 5 / math.sqrt(2 * d), (step, got, want)
+    assert abs(prefix_noise[i].mean()) < 5 * want / math.sqrt(d)
+
+
+def test_increments_sum_to_the_tree_noise_and_prefix_sums_are_unbiased():
+  d, steps, r = 5000, 12, 16
+  levels = ta.num_levels(r)
+  g = jax.random.uniform(jax.random.key(1), (steps, d))
+  key = jax.random.key(2)
+  inc, _, _, _ = _run(key, g, jnp.int32(r), steps=steps, levels=levels)
+  for t in (1, 2, 3, 7, 8, 12):
+    direct = _cumulative_noise(key, jnp.int32(0), jnp.int32(t),
+                                 {"w": g[0]}, SIGMA, levels=levels)["w"]
+    np.testing.assert_allclose(np.asarray(inc[:t]).sum(0), direct,
+                               atol=1e-5)
+  # The released prefix sums: true prefix sums + noise of mean 0.
+  released = np.cumsum(np.asarray(g) + np.asarray(inc), axis=0)
+  truth = np.cumsum(np.asarray(g), axis=0)
+  for i in range(steps):
+    sd = SIGMA * math.sqrt(bin(i + 1).count("1"))
+    assert abs((released[i] - truth[i]).mean()) < 5 * sd / math.sqrt(d)
+
+
+def test_noise_correlation_follows_shared_nodes():
+  d, levels = 20_000, 4
+  key = jax.random.key(3)
+  noise = {t: np.asarray(_cumulative_noise(
+      key, jnp.int32(0), jnp.int32(t), {"w": jnp.zeros(d)}, SIGMA,
+      levels=levels)["w"]) for t in (4, 5, 6, 7)}
+  # N_5 = n(2,0) + n(0,4) and N_7 = n(2,0) + n(1,2) + n(0,6): one shared node.
+  cov = np.mean(noise[5] * noise[7])
+  assert abs(cov / SIGMA ** 2 - 1.0) < 5 * math.sqrt(6) / math.sqrt(d)
+  # N_4 = n(2,0) is inside N_5, N_6, N_7.
+  np.testing.assert_allclose(np.mean(noise[4] * noise[6]), SIGMA ** 2,
+                             rtol=0.05)
+
+
+def test_restarts_reset_the_tree():
+  d, r, steps = 20_000, 4, 9
+  inc, t, tree, restarted = _run(jax.random.key(4), jnp.zeros((steps, d)),
+                                 jnp.int32(r), steps=steps,
+                                 levels=ta.num_levels(r))
+  np.testing.assert_array_equal(np.asarray(t), [1, 2, 3, 4, 1, 2, 3, 4, 1])
+  np.testing.assert_array_equal(np.asarray(tree), [0, 0, 0, 0, 1, 1, 1, 1, 2])
+  np.testing.assert_array_equal(np.asarray(restarted),
+                                [0, 0, 0, 0, 1, 0, 0, 0, 1])
+  inc = np.asarray(inc, np.float64)
+  # Within the new tree, N_1 has std sigma again (one node), not that of
+  # step 5 of one big tree (popcount(5) = 2)...
+  first_of_second = inc[4]
+  assert abs(first_of_second.std() / SIGMA - 1) < 5 / math.sqrt(2 * d)
+  # ... and is independent of the first tree's noise.
+  first_tree_total = inc[:4].sum(0)
+  assert abs(np.corrcoef(first_of_second, first_tree_total)[0, 1]) < (
+      5 / math.sqrt(d))
+  # The second tree's prefix noise at its step 3 has std sigma sqrt(2).
+  second = inc[4:7].sum(0)
+  assert abs(second.std() / (SIGMA * math.sqrt(2)) - 1) < 5 / math.sqrt(2 * d)
+
+
+def test_same_key_same_noise_and_compiles_once_for_all_restarts():
+  d = 100
+  a = _run(jax.random.key(5), jnp.zeros((6, d)), jnp.int32(4), steps=6,
+           levels=3)[0]
+  b = _run(jax.random.key(5), jnp.zeros((6, d)), jnp.int32(4), steps=6,
+           levels=3)[0]
+  np.testing.assert_array_equal(a, b)
+  c = _run(jax.random.key(5), jnp.zeros((6, d)), jnp.int32(3), steps=6,
+           levels=3)[0]  # same compiled program, other restart_every
+  np.testing.assert_array_equal(a[:3], c[:3])
+  assert not np.allclose(a[3], c[3])
+
+
+def test_disjoint_cohorts_within_a_tree():
+  n, m, r = 100, 8, 12
+  ta.check_participation(n, m, r, 50, "once_per_tree")
+  key = jax.random.key(6)
+  cohorts = [np.asarray(ta.disjoint_cohort(key, 0, t, n, m))
+             for t in range(1, r + 1)]
+  flat = np.concatenate(cohorts)
+  assert len(set(flat.tolist())) == r * m
+  other_tree = np.asarray(ta.disjoint_cohort(key, 1, 1, n, m))
+  assert not np.array_equal(other_tree, cohorts[0])
+  with pytest.raises(ValueError, match="distinct clients"):
+    ta.check_participation(n, m, 13, 50, "once_per_tree")
+  with pytest.raises(ValueError, match="distinct clients"):
+    ta.check_participation(n, m, 12, 13, "once")
+
+
+def _rdp_eps(event, delta=1e-5):
+  acc = rdp.RdpAccountant(neighboring_relation=ta.RELATION)
+  acc.compose(event)
+  return acc.get_epsilon(delta)
+
+
+def test_events_match_dp_accounting_called_directly():
+  z, rounds, r = 2.0, 100, 32
+  event = ta.dp_event(z, rounds, r, "once_per_tree")
+  assert ta.tree_sizes(rounds, r) == [32, 32, 32, 4]
+  direct = dp_accounting.ComposedDpEvent([
+      dp_accounting.SingleEpochTreeAggregationDpEvent(z, 32)] * 3 + [
+          dp_accounting.SingleEpochTreeAggregationDpEvent(z, 4)])
+  assert _rdp_eps(event) == pytest.approx(_rdp_eps(direct), rel=1e-12)
+  # Per-round events compose to the same thing (the ledger's view).
+  per_round = dp_accounting.ComposedDpEvent(
+      [ta.round_event(i, z, rounds, r) for i in range(rounds)])
+  assert _rdp_eps(per_round) == pytest.approx(_rdp_eps(event), rel=1e-12)
+  # The RDP is alpha * depth / (2 z^2) per tree: depth 6 for 32 steps, 3 for 4.
+  acc = rdp.RdpAccountant(orders=[2.0], neighboring_relation=ta.RELATION)
+  acc.compose(event)
+  assert acc._rdp[0] == pytest.approx(2.0 * (3 * 6 + 3) / (2 * z ** 2))
+  assert ta.tree_depth(32) == 6 and ta.tree_depth(4) == 3
+  # "once": a single event over all trees, costing one tree of depth 6.
+  once = ta.dp_event(z, rounds, r, "once")
+  assert _rdp_eps(once) == pytest.approx(_rdp_eps(
+      dp_accounting.SingleEpochTreeAggregationDpEvent(z, [32, 32, 32, 4])))
+  assert _rdp_eps(once) < _rdp_eps(event)
+  once_rounds = dp_accounting.ComposedDpEvent(
+      [ta.round_event(i, z, rounds, r, "once") for i in range(rounds)])
+  assert _rdp_eps(once_rounds) == pytest.approx(_rdp_eps(once), rel=1e-12)
+
+
+def test_event_requires_replace_special():
+  event = ta.dp_event(1.0, 10, 4)
+  for rel in (dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+              dp_accounting.NeighboringRelation.REPLACE_ONE):
+    assert not rdp.RdpAccountant(neighboring_relation=rel).supports(event)
+  with pytest.raises(ValueError):
+    ta.dp_event(1.0, 10, 4, "twice")
