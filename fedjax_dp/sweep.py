@@ -1,0 +1,451 @@
+"""Hyperparameter sweeps as one compiled, vmapped program per shape group.
+
+A sweep is the Cartesian product of a base config and a grid such as
+`{"noise_multiplier": [0.5, 1.0], "clip_norm": [0.1, 1.0], "seed": [0, 1]}`.
+Configurations that differ only in the round's array hyperparameters
+(`noise_multiplier`, `clip_norm`, `client_lr`, `server_lr`), in `seed`, or in
+host-only settings (`name`, `target_epsilon`, `delta`, `epsilon_budget`,
+`accountant`, `eval_every`) share one *shape group*: one `jax.jit` of
+`jax.vmap(round_fn)` over a leading configuration axis of (server state, block,
+hparams, noise key) runs every round of all of them at once. Any other
+difference (model, cohort size, dataset, local epochs, ...) changes the
+program, so such configurations form separate groups, run one after another.
+
+Each configuration keeps what a single run keeps: its own seed's streams
+(init, cohort sampling, example order, noise), its own `PrivacyLedger` with
+its own per-round DP event, its own metrics and evaluation. A configuration
+therefore ends with the same parameters and epsilon (within float tolerance)
+as `runner.run` of that configuration alone (tested).
+
+Privacy: nothing is shared between configurations except compute; each
+configuration's epsilon is that of its own run. Releasing the best of many
+configurations costs more privacy than any one of them: see
+`reports.tuning_epsilon`, which `run_sweep` reports beside the per-config
+epsilons.
+
+Cost notes:
+  * The single-run round skips chunks of padding clients with `lax.cond`.
+    Under `vmap` the predicate is batched, so both branches run. To keep that
+    waste small the sweep samples every cohort of the group in advance
+    (sampling depends only on the seed's keys) and trims the block to the
+    largest cohort any configuration of the group ever draws (rounded up to
+    the chunk size): one shape, one compilation, and no valid client dropped.
+  * Evaluation runs per configuration on the host loop (one jitted pass over
+    the held-out clients each), every `eval_every` rounds, as in the runner.
+"""
+
+import collections
+import dataclasses
+import itertools
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_dp import config as config_lib
+from fedjax_dp import evaluation
+from fedjax_dp import reports
+from fedjax_dp import runner
+from fedjax_dp import simulation
+from fedjax_dp.algorithms import dp_fedavg
+from fedjax_dp.data import prefetch
+from fedjax_dp.privacy import accounting
+
+# Fields that are arrays of the round (or the seed of its streams): they never
+# split a shape group.
+ARRAY_FIELDS = ("noise_multiplier", "clip_norm", "client_lr", "server_lr",
+                "seed")
+# Fields read only by the host loop (accounting, logging, evaluation cadence).
+HOST_FIELDS = ("name", "target_epsilon", "delta", "epsilon_budget",
+               "accountant", "eval_every")
+
+
+@dataclasses.dataclass
+class GroupInfo:
+  """One shape group of a sweep."""
+
+  config_ids: list[str]
+  # Client slots of the vmapped block (trimmed; see the module docstring) and
+  # the slots a single run of these configurations uses.
+  slots: int
+  full_slots: int
+  # How many times the vmapped round was traced (1 per group when nothing
+  # forces a retrace), and the number of configuration chunks it ran.
+  num_traces: int = 0
+  num_chunks: int = 0
+  wall_time_s: float = 0.0
+
+
+@dataclasses.dataclass
+class SweepResult:
+  """Everything a sweep produced.
+
+  Attributes:
+    base: the base config.
+    grid: the grid, field -> list of values.
+    config_ids: one id per configuration ("000", "001", ...), grid order.
+    configs: the configuration of each id.
+    swept: each configuration's values of the grid's fields.
+    runs: per configuration, what `runner.run` of it alone returns
+      (`summary["wall_time_s"]` is the wall time of its configuration chunk).
+    groups: the shape groups, in the order they ran.
+    tuning: the privacy cost of releasing the best configuration
+      (`reports.TuningPrivacy`), or None when not computed.
+    wall_time_s: the whole sweep's wall time.
+    run_dir: where the sweep was written, or None.
+  """
+
+  base: config_lib.Config
+  grid: dict[str, list]
+  config_ids: list[str]
+  configs: list[config_lib.Config]
+  swept: list[dict[str, Any]]
+  runs: list[runner.RunResult]
+  groups: list[GroupInfo]
+  tuning: Any = None
+  wall_time_s: float = 0.0
+  run_dir: pathlib.Path | None = None
+
+
+def expand_grid(base: config_lib.Config,
+                grid: dict[str, Sequence]) -> list[tuple[dict, config_lib.Config]]:
+  """The grid's configurations, last field varying fastest.
+
+  Setting `noise_multiplier` in the grid clears the base's `target_epsilon`
+  (the two are exclusive).
+
+  Returns:
+    [(swept values, config)], in grid order.
+
+  Raises:
+    ValueError: unknown field, empty value list, or an invalid configuration.
+  """
+  fields = {f.name for f in dataclasses.fields(config_lib.Config)}
+  for name, values in grid.items():
+    if name not in fields:
+      raise ValueError(
+          f"grid field {name!r} is not a config field; fields are "
+          f"{sorted(fields)}")
+    if isinstance(values, (str, bytes)) or not len(list(values)):
+      raise ValueError(f"grid field {name!r} needs a non-empty list of values")
+  names = list(grid)
+  out = []
+  for values in itertools.product(*(list(grid[n]) for n in names)):
+    swept = dict(zip(names, values))
+    changes = dict(swept)
+    if changes.get("noise_multiplier") is not None:
+      changes.setdefault("target_epsilon", None)
+    out.append((swept, base.replace(**changes)))
+  return out
+
+
+def _key(config: config_lib.Config, exclude: Sequence[str]) -> str:
+  d = {k: v for k, v in config.to_dict().items() if k not in exclude}
+  return json.dumps(d, sort_keys=True, default=repr)
+
+
+def _structural(config: config_lib.Config) -> config_lib.Config:
+  """The config a Simulation is built from: no noise to calibrate."""
+  return config.replace(noise_multiplier=0.0, target_epsilon=None,
+                        epsilon_budget=None)
+
+
+def _stack(trees):
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _take(tree, i: int):
+  return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def _make_step(round_fn, counter: list[int]):
+  """jit(vmap(round)) with per-configuration masking of frozen configs."""
+
+  def step(states, block, hparams, base_keys, r, active):
+    counter[0] += 1  # Runs once per trace.
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(base_keys, r)
+    new, metrics = jax.vmap(round_fn)(states, block, hparams, keys)
+
+    def keep(n, o):
+      a = active.reshape(active.shape + (1,) * (n.ndim - 1))
+      return jnp.where(a, n, o)
+
+    return jax.tree_util.tree_map(keep, new, states), metrics
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+@dataclasses.dataclass
+class _Member:
+  """Host state of one configuration during its group's run."""
+
+  index: int
+  config: config_lib.Config
+  sim: simulation.Simulation
+  noise_multiplier: float
+  event: Any
+  ledger: accounting.PrivacyLedger
+  history: list = dataclasses.field(default_factory=list)
+  eval_metrics: dict = dataclasses.field(default_factory=dict)
+  stopped: bool = False
+  stopped_for_budget: bool = False
+  rounds_done: int = 0
+  params: Any = None
+
+
+def run_sweep(
+    base: config_lib.Config,
+    grid: dict[str, Sequence],
+    *,
+    run_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    max_configs_per_group: int | None = None,
+    tuning: bool = True,
+    log: Callable[[str], None] = print,
+) -> SweepResult:
+  """Runs every configuration of `base` x `grid`, vmapped per shape group.
+
+  Args:
+    base: the base config; its fields not in `grid` are shared.
+    grid: config field -> list of values (Cartesian product).
+    run_dir: if given, the sweep's run directory (see `reports.write_sweep`).
+    progress: show a progress bar per configuration chunk.
+    max_configs_per_group: at most this many configurations run in one
+      vmapped program (bounds memory); a larger group runs in chunks, the last
+      padded with copies so that every chunk reuses the same compilation.
+      None: no limit.
+    tuning: compute the privacy cost of selecting the best configuration
+      (`reports.tuning_epsilon`).
+    log: where progress lines go.
+
+  Returns:
+    The SweepResult (configurations in grid order).
+
+  Raises:
+    ValueError: a bad grid or configuration.
+  """
+  if max_configs_per_group is not None and max_configs_per_group < 1:
+    raise ValueError(
+        f"max_configs_per_group must be >= 1 or None, got "
+        f"{max_configs_per_group!r}")
+  start = time.perf_counter()
+  expanded = expand_grid(base, grid)
+  swept = [s for s, _ in expanded]
+  configs = [c for _, c in expanded]
+  ids = [f"{i:03d}" for i in range(len(configs))]
+
+  # One Simulation per distinct data/program (seed included: the dataset's
+  # partition depends on it); one group per distinct shape.
+  sims: dict[str, simulation.Simulation] = {}
+  groups: dict[tuple, list[int]] = collections.OrderedDict()
+  for i, config in enumerate(configs):
+    skey = _key(config, ARRAY_FIELDS[:-1] + HOST_FIELDS)
+    if skey not in sims:
+      sims[skey] = simulation.build(_structural(config))
+    sim = sims[skey]
+    gkey = (_key(config, ARRAY_FIELDS + HOST_FIELDS), sim.slots,
+            sim.num_steps, tuple(sim.dataset.input_shape),
+            sim.dataset.num_classes)
+    groups.setdefault(gkey, []).append(i)
+  log(f"sweep: {len(configs)} configurations in {len(groups)} shape "
+      f"group(s)")
+
+  z_cache: dict[tuple, float] = {}
+  runs: list[runner.RunResult | None] = [None] * len(configs)
+  infos = []
+  for g, members in enumerate(groups.values()):
+    sim0 = sims[_key(configs[members[0]], ARRAY_FIELDS[:-1] + HOST_FIELDS)]
+    group = []
+    for i in members:
+      config = configs[i]
+      sim = sims[_key(config, ARRAY_FIELDS[:-1] + HOST_FIELDS)]
+      zkey = (sim.sampler, config.noise_multiplier, config.target_epsilon,
+              config.delta, config.rounds, config.accountant)
+      if zkey not in z_cache:
+        z_cache[zkey] = simulation.resolve_noise_multiplier(config,
+                                                            sim.sampler)
+      z = z_cache[zkey]
+      group.append(_Member(
+          i, config.replace(name=f"{config.name}-{ids[i]}"), sim, z,
+          sim.sampler.dp_event(z),
+          accounting.PrivacyLedger(sim.sampler.relation, config.delta,
+                                   config.accountant)))
+    info = _run_group(g, len(groups), group, sim0, max_configs_per_group,
+                      progress, log)
+    info.config_ids = [ids[i] for i in members]
+    infos.append(info)
+    for m in group:
+      runs[m.index] = _result(m, sim0, info.wall_time_s)
+
+  result = SweepResult(base=base, grid={k: list(v) for k, v in grid.items()},
+                       config_ids=ids, configs=configs, swept=swept,
+                       runs=runs, groups=infos)
+  if tuning and len(configs) > 1:
+    try:
+      result.tuning = reports.tuning_epsilon(
+          [r.ledger.events for r in runs], base.delta,
+          relation=runs[0].ledger.relation)
+    except (accounting.UnsupportedAccountingError, ValueError) as e:
+      log(f"sweep: privacy cost of tuning not computed: {e}")
+  result.wall_time_s = time.perf_counter() - start
+  if run_dir is not None:
+    result.run_dir = pathlib.Path(run_dir)
+    reports.write_sweep(result, run_dir)
+    log(f"sweep: wrote {run_dir}")
+  return result
+
+
+def _cohort_sizes(sim, members, sample_fn, rounds: int) -> int:
+  """Largest cohort any member draws in any round (same draws as prepare)."""
+  largest = 0
+  for m in members:
+    sample_key, _ = sim.stream_keys(m.config.seed)
+    for r in range(rounds):
+      _, valid, _ = sample_fn(jax.random.fold_in(sample_key, r))
+      largest = max(largest, int(jnp.sum(valid)))
+  return largest
+
+
+def _run_group(g: int, num_groups: int, members: list[_Member],
+               sim0: simulation.Simulation, max_configs: int | None,
+               progress: bool, log) -> GroupInfo:
+  """Runs one shape group, chunk by chunk; fills the members' host state."""
+  start = time.perf_counter()
+  rounds = sim0.config.rounds
+  sample_fn = jax.jit(sim0.sampler.sample)
+  chunk = sim0.clients_per_chunk
+  largest = _cohort_sizes(sim0, members, sample_fn, rounds)
+  slots = min(sim0.slots, max(chunk, -(-largest // chunk) * chunk))
+  counter = [0]
+  step = _make_step(sim0.round_fn(), counter)
+  size = len(members) if max_configs is None else min(max_configs,
+                                                       len(members))
+  chunks = [members[i:i + size] for i in range(0, len(members), size)]
+  log(f"group {g + 1}/{num_groups}: {len(members)} configurations "
+      f"({len(chunks)} chunk(s) of {size}), model {sim0.model.name}, block "
+      f"{slots} of {sim0.slots} slots")
+  for c, part in enumerate(chunks):
+    # Pad with copies of the last member so every chunk has one shape; the
+    # copies' results are discarded.
+    lanes = part + [part[-1]] * (size - len(part))
+    desc = f"group {g + 1}/{num_groups}"
+    if len(chunks) > 1:
+      desc += f" chunk {c + 1}/{len(chunks)}"
+    _run_chunk(lanes, len(part), sim0, step, sample_fn, slots, rounds,
+               progress, desc, log)
+  return GroupInfo(config_ids=[], slots=slots, full_slots=sim0.slots,
+                   num_traces=counter[0], num_chunks=len(chunks),
+                   wall_time_s=time.perf_counter() - start)
+
+
+def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, sample_fn,
+               slots: int, rounds: int, progress: bool, desc: str, log) -> None:
+  """The host loop of one vmapped chunk (mirrors `runner.run`)."""
+  real = lanes[:num_real]
+  states = _stack([m.sim.initial_state(m.config.seed) for m in lanes])
+  hparams = _stack([m.sim.hparams(m.config, m.noise_multiplier)
+                    for m in lanes])
+  noise_keys = jnp.stack([m.sim.stream_keys(m.config.seed)[1] for m in lanes])
+  capacity = sim0.sampler.capacity
+
+  def prepare(r: int):
+    blocks, drawn = [], []
+    for m in lanes:
+      block, num_drawn = m.sim.prepare(r, m.config.seed, sample_fn)
+      if block.client_mask[slots:].any():
+        raise AssertionError("a cohort outgrew the sweep's trimmed block")
+      blocks.append(dp_fedavg.CohortBlock(
+          jax.tree_util.tree_map(lambda x: x[:slots], block.features),
+          block.example_mask[:slots], block.client_mask[:slots]))
+      drawn.append(num_drawn)
+    stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *blocks)
+    return r, stacked, drawn
+
+  bar = None
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=rounds, desc=desc, unit="round", leave=False)
+  start = time.perf_counter()
+  cohorts = prefetch.Prefetcher(prepare, range(rounds), depth=2)
+  try:
+    for r, block, drawn in cohorts:
+      for m in real:
+        cfg = m.config
+        if not m.stopped and cfg.epsilon_budget is not None and \
+            m.ledger.epsilon_if(m.event) > cfg.epsilon_budget:
+          m.stopped = m.stopped_for_budget = True
+          log(f"{cfg.name}: stopping before round {r}: it would exceed "
+              f"epsilon_budget={cfg.epsilon_budget:g}")
+      if all(m.stopped for m in real):
+        break
+      active = np.array([not m.stopped for m in lanes])
+      # Each round's event enters its ledger before its result exists.
+      for m in real:
+        if not m.stopped:
+          m.ledger.record(r, m.event)
+      states, metrics = step(states, block, hparams, noise_keys, r,
+                             jnp.asarray(active))
+      # Accounting runs on the host while the round computes.
+      eps = {m.index: m.ledger.epsilon() for m in real if not m.stopped}
+      metrics = jax.device_get(metrics)
+      for lane, m in enumerate(real):
+        if m.stopped:
+          continue
+        row = {k: np.asarray(v[lane]).item() for k, v in metrics.items()}
+        row["round"] = r
+        row["num_drawn"] = drawn[lane]
+        row["truncated"] = drawn[lane] > capacity
+        row["epsilon"] = eps[m.index]
+        if (r + 1) % m.config.eval_every == 0 or r + 1 == rounds:
+          m.eval_metrics = evaluation.evaluate(
+              sim0.model, _take(states.params, lane), m.sim.eval_population)
+          row.update(m.eval_metrics)
+        row["elapsed_s"] = time.perf_counter() - start
+        m.history.append(row)
+        m.rounds_done = r + 1
+        if not math.isfinite(row["train_loss"]):
+          log(f"{m.config.name}: round {r}: training loss is not finite; "
+              "stopping")
+          m.stopped = True
+      if bar is not None:
+        bar.update(1)
+  finally:
+    cohorts.close()
+    if bar is not None:
+      bar.close()
+  for lane, m in enumerate(real):
+    m.params = jax.device_get(_take(states.params, lane))
+    if m.history and "eval_accuracy" not in m.history[-1]:
+      m.eval_metrics = evaluation.evaluate(sim0.model, m.params,
+                                           m.sim.eval_population)
+
+
+def _result(m: _Member, sim0: simulation.Simulation,
+            wall_time_s: float) -> runner.RunResult:
+  """The member's RunResult, with the runner's summary keys."""
+  config = m.config
+  summary = {
+      "name": config.name,
+      "rounds_completed": m.rounds_done,
+      "rounds_planned": config.rounds,
+      "stopped_for_budget": m.stopped_for_budget,
+      "noise_multiplier": m.noise_multiplier,
+      "clip_norm": config.clip_norm,
+      "delta": config.delta,
+      "accountant": config.accountant,
+      "epsilon": m.ledger.epsilon(),
+      "epsilon_rdp": m.ledger.epsilon("rdp"),
+      "wall_time_s": wall_time_s,
+      **m.eval_metrics,
+  }
+  if config.accountant == "pld" or \
+      sim0.sampler.relation.value != "replace_one":
+    summary["epsilon_pld"] = m.ledger.epsilon("pld")
+  return runner.RunResult(config, m.params, m.ledger, m.noise_multiplier,
+                          m.rounds_done, m.history, summary)
