@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_dp import types
+from fedjax_dp.models import flax_model
 
 DEFAULT_SEQ_LEN = 80
 
@@ -95,23 +96,9 @@ class _TransformerLM(nn.Module):
 def _to_model(
     name: str, module: nn.Module, seq_len: int, vocab_size: int
 ) -> types.Model:
-  dummy = jnp.zeros((1, seq_len), jnp.int32)
-
-  def init(key: types.PRNGKey) -> types.Params:
-    return module.init(key, dummy)["params"]
-
-  def apply(params: types.Params, x: jax.Array) -> jax.Array:
-    return module.apply({"params": params}, x)
-
-  # Jitted so host-side calls (init, evaluation) compile once instead of
-  # dispatching op by op; inside a caller's jit, vmap or grad it is inlined.
-  return types.Model(
-      name=name,
-      init=jax.jit(init),
-      apply=jax.jit(apply),
-      input_shape=(seq_len,),
-      num_classes=vocab_size,
-  )
+  return flax_model.from_module(
+      name, module, jnp.zeros((1, seq_len), jnp.int32),
+      (seq_len,), vocab_size)
 
 
 def gru_lm(

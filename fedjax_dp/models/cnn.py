@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_dp import types
+from fedjax_dp.models import flax_model
 
 
 def _as_images(x: jax.Array) -> jax.Array:
@@ -74,23 +75,9 @@ def _to_model(
     input_shape: tuple[int, ...],
     num_classes: int,
 ) -> types.Model:
-  dummy = jnp.zeros((1, *input_shape), jnp.float32)
-
-  def init(key: types.PRNGKey) -> types.Params:
-    return module.init(key, dummy)["params"]
-
-  def apply(params: types.Params, x: jax.Array) -> jax.Array:
-    return module.apply({"params": params}, x)
-
-  # Jitted so host-side calls (init, evaluation) compile once instead of
-  # dispatching op by op; inside a caller's jit, vmap or grad it is inlined.
-  return types.Model(
-      name=name,
-      init=jax.jit(init),
-      apply=jax.jit(apply),
-      input_shape=input_shape,
-      num_classes=num_classes,
-  )
+  return flax_model.from_module(
+      name, module, jnp.zeros((1, *input_shape), jnp.float32),
+      input_shape, num_classes)
 
 
 def _check_image_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:

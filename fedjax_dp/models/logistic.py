@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_dp import types
+from fedjax_dp.models import flax_model
 
 
 class _Logistic(nn.Module):
@@ -36,20 +37,6 @@ def logistic_regression(
   """
   input_shape = tuple(int(d) for d in input_shape)
   module = _Logistic(num_classes=num_classes)
-  dummy = jnp.zeros((1, math.prod(input_shape)), jnp.float32)
-
-  def init(key: types.PRNGKey) -> types.Params:
-    return module.init(key, dummy)["params"]
-
-  def apply(params: types.Params, x: jax.Array) -> jax.Array:
-    return module.apply({"params": params}, x)
-
-  # Jitted so host-side calls (init, evaluation) compile once instead of
-  # dispatching op by op; inside a caller's jit, vmap or grad it is inlined.
-  return types.Model(
-      name="logistic",
-      init=jax.jit(init),
-      apply=jax.jit(apply),
-      input_shape=input_shape,
-      num_classes=num_classes,
-  )
+  return flax_model.from_module(
+      "logistic", module, jnp.zeros((1, math.prod(input_shape)), jnp.float32),
+      input_shape, num_classes)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_dp import types
+from fedjax_dp.models import flax_model
 
 
 class _MLP(nn.Module):
@@ -48,20 +49,6 @@ def mlp_2nn(
   """
   input_shape = tuple(int(d) for d in input_shape)
   module = _MLP(hidden=tuple(int(h) for h in hidden), num_classes=num_classes)
-  dummy = jnp.zeros((1, math.prod(input_shape)), jnp.float32)
-
-  def init(key: types.PRNGKey) -> types.Params:
-    return module.init(key, dummy)["params"]
-
-  def apply(params: types.Params, x: jax.Array) -> jax.Array:
-    return module.apply({"params": params}, x)
-
-  # Jitted so host-side calls (init, evaluation) compile once instead of
-  # dispatching op by op; inside a caller's jit, vmap or grad it is inlined.
-  return types.Model(
-      name="mlp_2nn",
-      init=jax.jit(init),
-      apply=jax.jit(apply),
-      input_shape=input_shape,
-      num_classes=num_classes,
-  )
+  return flax_model.from_module(
+      "mlp_2nn", module, jnp.zeros((1, math.prod(input_shape)), jnp.float32),
+      input_shape, num_classes)

@@ -7,6 +7,7 @@ file was opened, so that a lazy source never hands the runner data of a shape
 it did not promise.
 """
 
+import abc
 import contextlib
 import math
 import os
@@ -215,3 +216,47 @@ def assemble(
 
 def num_elements(shape: Sequence[int]) -> int:
   return math.prod(int(d) for d in shape)
+
+
+class IndexedSource(abc.ABC):
+  """Shared read interface of the lazy sources (see data/source.py).
+
+  Subclasses set `_path`, `_client_ids`, `_num_examples` (int64) and `_specs`
+  when opened, and implement `subset` and `close`.
+  """
+
+  _path: str
+  _client_ids: tuple[str, ...]
+  _num_examples: np.ndarray
+  _specs: dict
+
+  @property
+  def path(self) -> str:
+    return self._path
+
+  @property
+  def client_ids(self) -> tuple[str, ...]:
+    return self._client_ids
+
+  @property
+  def num_clients(self) -> int:
+    return len(self._client_ids)
+
+  @property
+  def num_examples(self) -> np.ndarray:
+    """Examples per client, int64 [num_clients] (from the file's index)."""
+    return self._num_examples.copy()
+
+  @property
+  def feature_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    return dict(self._specs)
+
+  @abc.abstractmethod
+  def close(self) -> None:
+    """Releases the file; the source is unusable afterwards."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()

@@ -129,7 +129,7 @@ def _decode_client_id(raw: Any) -> str:
   return str(raw)
 
 
-class FedjaxSqliteSource:
+class FedjaxSqliteSource(common.IndexedSource):
   """A FedJAX SQLite file as a lazy `ClientSource`.
 
   Opening reads client ids and `num_examples` (in rowid order, as FedJAX
@@ -205,27 +205,6 @@ class FedjaxSqliteSource:
             "with a leading example dimension")
     return examples
 
-  @property
-  def path(self) -> str:
-    return self._path
-
-  @property
-  def client_ids(self) -> tuple[str, ...]:
-    return self._client_ids
-
-  @property
-  def num_clients(self) -> int:
-    return len(self._client_ids)
-
-  @property
-  def num_examples(self) -> np.ndarray:
-    """Examples per client (from the num_examples column), int64."""
-    return self._num_examples.copy()
-
-  @property
-  def feature_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    return dict(self._specs)
-
   def subset(
       self, indices: Sequence[int]) -> population_lib.FederatedPopulation:
     """Reads and deserializes the clients at `indices`, in that order.
@@ -255,12 +234,6 @@ class FedjaxSqliteSource:
   def close(self) -> None:
     with self._lock:
       self._connection.close()
-
-  def __enter__(self) -> "FedjaxSqliteSource":
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.close()
 
   def __repr__(self) -> str:
     return (f"FedjaxSqliteSource({self._path!r}, "

@@ -47,7 +47,7 @@ def _read_dataset(dataset: h5py.Dataset, dtype: np.dtype) -> np.ndarray:
   return array
 
 
-class TffHdf5Source:
+class TffHdf5Source(common.IndexedSource):
   """A TFF HDF5 file as a lazy `ClientSource`.
 
   Opening reads the client ids, the leading dimension of one dataset per
@@ -140,27 +140,6 @@ class TffHdf5Source:
     self._num_examples = sizes
     self._specs = specs
 
-  @property
-  def path(self) -> str:
-    return self._path
-
-  @property
-  def client_ids(self) -> tuple[str, ...]:
-    return self._client_ids
-
-  @property
-  def num_clients(self) -> int:
-    return len(self._client_ids)
-
-  @property
-  def num_examples(self) -> np.ndarray:
-    """Examples per client, int64 [num_clients]."""
-    return self._num_examples.copy()
-
-  @property
-  def feature_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    return dict(self._specs)
-
   def subset(
       self, indices: Sequence[int]) -> population_lib.FederatedPopulation:
     """Reads the clients at `indices`, in that order.
@@ -199,12 +178,6 @@ class TffHdf5Source:
     """Closes the file; the source is unusable afterwards."""
     with self._lock:
       self._file.close()
-
-  def __enter__(self) -> "TffHdf5Source":
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.close()
 
   def __repr__(self) -> str:
     return (f"TffHdf5Source({self._path!r}, num_clients={self.num_clients}, "

@@ -345,7 +345,7 @@ def _infer_specs(
   return specs
 
 
-class TffSqliteSource:
+class TffSqliteSource(common.IndexedSource):
   """One split of a TFF SQLite file as a lazy `ClientSource`.
 
   Opening reads `client_metadata` (ids and sizes, ids in sorted order) and
@@ -468,29 +468,8 @@ class TffSqliteSource:
     return arrays
 
   @property
-  def path(self) -> str:
-    return self._path
-
-  @property
   def split_name(self) -> str:
     return self._split_name
-
-  @property
-  def client_ids(self) -> tuple[str, ...]:
-    return self._client_ids
-
-  @property
-  def num_clients(self) -> int:
-    return len(self._client_ids)
-
-  @property
-  def num_examples(self) -> np.ndarray:
-    """Examples per client (from client_metadata), int64 [num_clients]."""
-    return self._num_examples.copy()
-
-  @property
-  def feature_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    return dict(self._specs)
 
   def subset(
       self, indices: Sequence[int]) -> population_lib.FederatedPopulation:
@@ -521,12 +500,6 @@ class TffSqliteSource:
   def close(self) -> None:
     with self._lock:
       self._connection.close()
-
-  def __enter__(self) -> "TffSqliteSource":
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.close()
 
   def __repr__(self) -> str:
     return (f"TffSqliteSource({self._path!r}, split_name="
