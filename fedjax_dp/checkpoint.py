@@ -104,7 +104,8 @@ def encode_event(event: dp_accounting.DpEvent) -> dict:
     ValueError: an event type this encoder does not know.
   """
   name = type(event).__name__
-  if name not in _EVENT_FIELDS or type(event) is not getattr(  # pylint: disable=unidiomatic-typecheck
+  # Exact types only: a subclass may carry fields this encoder would drop.
+  if name not in _EVENT_FIELDS or type(event) is not getattr(
       dp_accounting, name):
     raise ValueError(
         f"cannot encode DP event of type {type(event).__qualname__}; known "

@@ -29,6 +29,15 @@ def _load_experiment(path: str, smoke: bool):
 def _cmd_train(args) -> int:
   from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
   from fedjax_dp import runner  # pylint: disable=g-import-not-at-top
+  if args.resume:
+    if args.config or args.set or args.smoke:
+      raise ValueError("--resume takes the run directory's own config; do not "
+                       "combine it with --config, --smoke or --set")
+    config = runner.load_run_config(args.resume)
+    result = runner.run(config, run_dir=args.resume, resume=True,
+                        progress=not args.no_progress)
+    _print_summary(result.summary, args.json, args.resume)
+    return 0
   if args.config:
     config = _load_experiment(args.config, args.smoke)
   else:
@@ -48,16 +57,19 @@ def _cmd_train(args) -> int:
       pathlib.Path("runs") /
       f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
   result = runner.run(config, run_dir=run_dir, progress=not args.no_progress)
-  print(f"run directory: {run_dir}")
-  if args.json:
-    print(json.dumps(result.summary))
-  else:
-    s = result.summary
-    print(f"final held-out accuracy: {s.get('eval_accuracy', float('nan')):.4f}")
-    print(f"epsilon: {s['epsilon']:.4g} at delta={s['delta']:g} "
-          f"({s['accountant']}); noise multiplier {s['noise_multiplier']:.4g}, "
-          f"clip norm {s['clip_norm']:g}, {s['rounds_completed']} rounds")
+  _print_summary(result.summary, args.json, run_dir)
   return 0
+
+
+def _print_summary(s: dict, as_json: bool, run_dir) -> None:
+  print(f"run directory: {run_dir}")
+  if as_json:
+    print(json.dumps(s))
+    return
+  print(f"final held-out accuracy: {s.get('eval_accuracy', float('nan')):.4f}")
+  print(f"epsilon: {s['epsilon']:.4g} at delta={s['delta']:g} "
+        f"({s['accountant']}); noise multiplier {s['noise_multiplier']:.4g}, "
+        f"clip norm {s['clip_norm']:g}, {s['rounds_completed']} rounds")
 
 
 def _sampler_from_args(args):
@@ -184,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--set", action="append", metavar="FIELD=VALUE",
                      help="override any config field (repeatable)")
   train.add_argument("--run-dir", help="where to write the run directory")
+  train.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its latest "
+                     "checkpoint")
   train.add_argument("--no-progress", action="store_true")
   train.add_argument("--json", action="store_true",
                      help="print the final summary as JSON")

@@ -54,11 +54,15 @@ class Config:
   noise_multiplier: float | None = 1.2  # None: calibrate to target_epsilon
   target_epsilon: float | None = None
   delta: float = 1e-4
-  epsilon_budget: float | None = None  # stop before exceeding it
+  epsilon_budget: float | None = None
+  # With a budget: False refuses to start a run planned past it; True runs and
+  # stops before the first round that would exceed it.
+  stop_at_budget: bool = False
   accountant: str = "pld"
   # Run.
   seed: int = 0
   eval_every: int = 10
+  checkpoint_every: int = 10  # rounds between checkpoints (with a run dir)
   clients_per_chunk: int | None = None  # None: chosen by backend
   unroll_local_steps: bool | None = None  # None: chosen by backend
 
@@ -83,7 +87,8 @@ class Config:
       _fail("dataset", f"one of {list(builtin.NAMES)}", self.dataset)
     if self.model not in registry.NAMES:
       _fail("model", f"one of {list(registry.NAMES)}", self.model)
-    for name in ("rounds", "local_epochs", "batch_size", "eval_every"):
+    for name in ("rounds", "local_epochs", "batch_size", "eval_every",
+                 "checkpoint_every"):
       positive_int(name)
     if self.sampling not in ("poisson", "fixed"):
       _fail("sampling", "one of ['poisson', 'fixed']", self.sampling)
@@ -140,6 +145,8 @@ class Config:
     if self.sampling == "fixed" and self.accountant == "pld":
       _fail("accountant", "'rdp' for fixed-size sampling (dp_accounting's PLD "
             "has no event for sampling without replacement)", self.accountant)
+    if not isinstance(self.stop_at_budget, bool):
+      _fail("stop_at_budget", "true or false", self.stop_at_budget)
     if not isinstance(self.seed, int) or self.seed < 0:
       _fail("seed", "an integer >= 0", self.seed)
     for name in ("dataset_kwargs", "model_kwargs"):

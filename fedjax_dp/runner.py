@@ -15,6 +15,7 @@ from typing import Callable
 
 import jax
 
+from fedjax_dp import checkpoint
 from fedjax_dp import config as config_lib
 from fedjax_dp import evaluation
 from fedjax_dp import simulation
@@ -22,6 +23,7 @@ from fedjax_dp import tree_util
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.data import prefetch
 from fedjax_dp.privacy import accounting
+from fedjax_dp.privacy import sampling
 
 
 class ModelDivergedError(ValueError):
@@ -43,44 +45,137 @@ def _to_python(metrics: dict) -> dict:
   return {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
 
 
+def _checkpoint_state(state):
+  """The arrays a checkpoint holds (mechanism states will join the server's)."""
+  return {"server": state}
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def load_run_config(run_dir: str | os.PathLike) -> config_lib.Config:
+  """The config a run directory was started with (for --resume)."""
+  path = pathlib.Path(run_dir) / "config.json"
+  if not path.is_file():
+    raise ValueError(f"--resume: {path} does not exist; is {run_dir} a run "
+                     "directory?")
+  try:
+    data = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--resume: {path} is not valid JSON ({e})") from e
+  data.pop("resolved_noise_multiplier", None)
+  return config_lib.Config.from_dict(data)
+
+
 def run(
     config: config_lib.Config,
     *,
     run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> RunResult:
-  """Runs DP-FedAvg as configured; writes `run_dir` if given."""
+  """Runs DP-FedAvg as configured; writes `run_dir` if given.
+
+  Crash safety: each round's DP event is appended to `ledger.jsonl` (and
+  fsync'd) before the round runs, so a result that was computed and logged is
+  always accounted. Every `checkpoint_every` rounds the state and the ledger
+  are checkpointed atomically; `resume=True` continues from the latest
+  complete checkpoint, replaying the rounds after it with the same keys and
+  data (so they reproduce the same results, accounted once).
+
+  Raises:
+    ValueError: invalid configuration (before any compute), a planned run
+      over its epsilon budget (unless `stop_at_budget`), or an unusable run
+      directory.
+    ModelDivergedError: the global model became non-finite; the last good
+      checkpoint is kept.
+  """
   sim = simulation.build(config)
   train, sampler, model = sim.train, sim.sampler, sim.model
   noise_multiplier = sim.noise_multiplier
-  ledger = sim.new_ledger()
   event = sim.event()
   planned_epsilon = accounting.epsilon_of(
       [event] * config.rounds, config.delta, accountant=config.accountant,
       relation=sampler.relation)
+  if (config.epsilon_budget is not None and not config.stop_at_budget
+      and planned_epsilon > config.epsilon_budget):
+    raise ValueError(
+        f"config field 'epsilon_budget' ({config.epsilon_budget:g}) is below "
+        f"the planned epsilon {planned_epsilon:.4g} of {config.rounds} rounds; "
+        "lower rounds, raise noise_multiplier, or set stop_at_budget=true to "
+        "stop before the round that would exceed it")
+  out = pathlib.Path(run_dir) if run_dir is not None else None
+  if resume and out is None:
+    raise ValueError("resume needs a run directory")
+  ckpt_dir = out / "checkpoints" if out is not None else None
+
   round_fn = jax.jit(sim.round_fn(), donate_argnums=(0,))
   sample_fn = jax.jit(sampler.sample)
   hparams = sim.hparams()
   state = sim.initial_state(config.seed)
+  ledger = sim.new_ledger()
+  first_round = 0
+  metrics_offset = 0
   _, noise_key = sim.stream_keys(config.seed)
-  eval_population = sim.eval_population
-  dataset = sim.dataset
-  slots = sim.slots
 
-  out = pathlib.Path(run_dir) if run_dir is not None else None
-  metrics_file = None
+  if resume:
+    restored = None
+    errors = []
+    # Newest first; a damaged checkpoint falls back to the one before it.
+    for step in sorted(checkpoint.all_steps(ckpt_dir), reverse=True):
+      try:
+        restored, meta = checkpoint.restore(
+            ckpt_dir, step, _checkpoint_state(state))
+        break
+      except checkpoint.CheckpointError as e:
+        errors.append(str(e))
+        log(f"checkpoint {step} is unusable ({e}); trying an older one")
+    if restored is not None:
+      state = restored["server"]
+      ledger = checkpoint.decode_ledger(meta["ledger"])
+      if [e.round for e in ledger.entries] != list(range(step)):
+        raise checkpoint.CheckpointError(
+            f"{ckpt_dir}: checkpoint {step}'s ledger does not hold rounds "
+            f"0..{step - 1} exactly once")
+      first_round, metrics_offset = step, int(meta["metrics_offset"])
+      log(f"resuming {out} after round {step - 1}")
+    elif errors:
+      raise checkpoint.CheckpointError(
+          "no usable checkpoint to resume from: " + "; ".join(errors))
+    else:
+      log(f"resuming {out}: no complete checkpoint, starting from round 0")
+
+  metrics_file = ledger_file = None
   if out is not None:
     out.mkdir(parents=True, exist_ok=True)
     resolved = config.to_dict() | {"resolved_noise_multiplier": noise_multiplier}
-    (out / "config.json").write_text(json.dumps(resolved, indent=2,
-                                                sort_keys=True) + "\n")
-    metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    _write_atomic(out / "config.json",
+                  json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+    # Rounds after the checkpoint will be replayed: drop their lines.
+    _write_atomic(out / "ledger.jsonl", "".join(
+        json.dumps({"round": e.round,
+                    "event": checkpoint.encode_event(e.event)}) + "\n"
+        for e in ledger.entries))
+    metrics_path = out / "metrics.jsonl"
+    if resume and metrics_path.exists():
+      with open(metrics_path, "r+", encoding="utf-8") as f:
+        f.truncate(metrics_offset)
+    elif metrics_path.exists():
+      metrics_path.unlink()
+    metrics_file = open(metrics_path, "a", encoding="utf-8")
+    ledger_file = open(out / "ledger.jsonl", "a", encoding="utf-8")
 
   log(f"{config.name}: {train.num_clients} training clients, "
-      f"{dataset.eval.num_clients} held-out clients, model {model.name}, "
+      f"{sim.dataset.eval.num_clients} held-out clients, model {model.name}, "
       f"{config.sampling} sampling (expected cohort "
-      f"{sampler.expected_cohort_size:g}, block {slots} slots), z="
+      f"{sampler.expected_cohort_size:g}, block {sim.slots} slots), z="
       f"{noise_multiplier:.4g}, C={config.clip_norm:g}, planned epsilon="
       f"{planned_epsilon:.4g} at delta={config.delta:g} ({config.accountant})")
 
@@ -88,17 +183,27 @@ def run(
     # Runs ahead on a background thread while the previous round computes.
     return (r,) + sim.prepare(r, config.seed, sample_fn)
 
+  def save_checkpoint(rounds_completed: int) -> None:
+    if ckpt_dir is None:
+      return
+    checkpoint.save(
+        ckpt_dir, rounds_completed, _checkpoint_state(state),
+        {"ledger": checkpoint.encode_ledger(ledger),
+         "metrics_offset": metrics_file.tell(),
+         "config": config.to_dict()})
+
   history = []
   stopped_for_budget = False
   bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm.tqdm(total=config.rounds, desc=config.name, unit="round",
-                    leave=False)
+    bar = tqdm.tqdm(total=config.rounds, initial=first_round,
+                    desc=config.name, unit="round", leave=False)
   start = time.perf_counter()
-  rounds_done = 0
+  rounds_done = first_round
   eval_metrics = {}
-  cohorts = prefetch.Prefetcher(prepare, range(config.rounds), depth=2)
+  cohorts = prefetch.Prefetcher(prepare, range(first_round, config.rounds),
+                                depth=2)
   try:
     for r, block, num_drawn, num_dropped in cohorts:
       if config.epsilon_budget is not None and \
@@ -107,12 +212,22 @@ def run(
         log(f"stopping before round {r}: it would exceed epsilon_budget="
             f"{config.epsilon_budget:g}")
         break
-      # The round's event enters the ledger before its result exists.
+      # The round's event is recorded, durably, before its result exists.
       ledger.record(r, event)
+      if ledger_file is not None:
+        ledger_file.write(json.dumps(
+            {"round": r, "event": checkpoint.encode_event(event)}) + "\n")
+        ledger_file.flush()
+        os.fsync(ledger_file.fileno())
       state, metrics = round_fn(
           state, dp_fedavg.CohortBlock(block.features, block.example_mask,
                                        block.client_mask),
           hparams, jax.random.fold_in(noise_key, r))
+      if not bool(tree_util.tree_all_finite(state.params)):
+        raise ModelDivergedError(
+            f"round {r}: the global model became non-finite (NaN or Inf); the "
+            "run stops here and keeps its last good checkpoint. Lower "
+            "client_lr or server_lr, or clip_norm.")
       metrics = _to_python(jax.device_get(metrics))
       metrics["round"] = r
       metrics["num_drawn"] = num_drawn
@@ -121,7 +236,7 @@ def run(
       metrics["epsilon"] = ledger.epsilon()
       if (r + 1) % config.eval_every == 0 or r + 1 == config.rounds:
         eval_metrics = evaluation.evaluate(model, state.params,
-                                           eval_population)
+                                           sim.eval_population)
         metrics.update(eval_metrics)
       metrics["elapsed_s"] = time.perf_counter() - start
       history.append(metrics)
@@ -129,23 +244,26 @@ def run(
         metrics_file.write(json.dumps(metrics) + "\n")
         metrics_file.flush()
       rounds_done = r + 1
+      if rounds_done % config.checkpoint_every == 0 or \
+          rounds_done == config.rounds:
+        save_checkpoint(rounds_done)
       if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['train_loss']:.3f}",
                         eps=f"{metrics['epsilon']:.2f}")
-      if not bool(tree_util.tree_all_finite(state.params)):
-        raise ModelDivergedError(
-            f"round {r}: the global model became non-finite (NaN or Inf); "
-            "the run stops here. Lower client_lr or server_lr, or clip_norm.")
+    if stopped_for_budget:
+      save_checkpoint(rounds_done)
   finally:
     cohorts.close()
     if bar is not None:
       bar.close()
-    if metrics_file is not None:
-      metrics_file.close()
+    for f in (metrics_file, ledger_file):
+      if f is not None:
+        f.close()
 
-  if history and "eval_accuracy" not in history[-1]:
-    eval_metrics = evaluation.evaluate(model, state.params, eval_population)
+  if "eval_accuracy" not in (history[-1] if history else {}):
+    eval_metrics = evaluation.evaluate(model, state.params,
+                                       sim.eval_population)
   final_epsilon = ledger.epsilon()
   summary = {
       "name": config.name,
@@ -161,14 +279,10 @@ def run(
       "wall_time_s": time.perf_counter() - start,
       **eval_metrics,
   }
-  if config.accountant == "pld" or sampler.relation.value != "replace_one":
+  if sampler.relation is not sampling.FixedSizeSampler.relation:
     summary["epsilon_pld"] = ledger.epsilon("pld")
   if out is not None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "ledger.json").write_text(json.dumps(
-        {"relation": sampler.relation.value, "delta": config.delta,
-         "rounds": [{"round": e.round, "event": repr(e.event)}
-                    for e in ledger.entries]}, indent=1) + "\n")
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
   log(f"done: {rounds_done} rounds, eval accuracy "
       f"{summary.get('eval_accuracy', float('nan')):.4f}, epsilon "
       f"{final_epsilon:.4g} at delta={config.delta:g}")

@@ -4,8 +4,8 @@ A sweep is the Cartesian product of a base config and a grid such as
 `{"noise_multiplier": [0.5, 1.0], "clip_norm": [0.1, 1.0], "seed": [0, 1]}`.
 Configurations that differ only in the round's array hyperparameters
 (`noise_multiplier`, `clip_norm`, `client_lr`, `server_lr`), in `seed`, or in
-host-only settings (`name`, `target_epsilon`, `delta`, `epsilon_budget`,
-`accountant`, `eval_every`) share one *shape group*: one `jax.jit` of
+host-only settings (`HOST_FIELDS`: name, target epsilon, delta, budget,
+accountant, evaluation cadence) share one *shape group*: one `jax.jit` of
 `jax.vmap(round_fn)` over a leading configuration axis of (server state, block,
 hparams, noise key) runs every round of all of them at once. Any other
 difference (model, cohort size, dataset, local epochs, ...) changes the
@@ -38,7 +38,6 @@ import collections
 import dataclasses
 import itertools
 import json
-import math
 import os
 import pathlib
 import time
@@ -53,9 +52,11 @@ from fedjax_dp import evaluation
 from fedjax_dp import reports
 from fedjax_dp import runner
 from fedjax_dp import simulation
+from fedjax_dp import tree_util
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.data import prefetch
 from fedjax_dp.privacy import accounting
+from fedjax_dp.privacy import sampling
 
 # Fields that are arrays of the round (or the seed of its streams): they never
 # split a shape group.
@@ -63,7 +64,8 @@ ARRAY_FIELDS = ("noise_multiplier", "clip_norm", "client_lr", "server_lr",
                 "seed")
 # Fields read only by the host loop (accounting, logging, evaluation cadence).
 HOST_FIELDS = ("name", "target_epsilon", "delta", "epsilon_budget",
-               "accountant", "eval_every")
+               "stop_at_budget", "accountant", "eval_every",
+               "checkpoint_every")
 
 
 @dataclasses.dataclass
@@ -165,20 +167,49 @@ def _take(tree, i: int):
 
 
 def _make_step(round_fn, counter: list[int]):
-  """jit(vmap(round)) with per-configuration masking of frozen configs."""
+  """jit(vmap(round)) with per-configuration masking.
+
+  A configuration whose `active` flag is off (stopped for its budget), or
+  whose new global model is not finite (diverged), keeps its state.
+  """
 
   def step(states, block, hparams, base_keys, r, active):
     counter[0] += 1  # Runs once per trace.
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(base_keys, r)
     new, metrics = jax.vmap(round_fn)(states, block, hparams, keys)
+    finite = jax.vmap(tree_util.tree_all_finite)(new.params)
+    update = active & finite
 
     def keep(n, o):
-      a = active.reshape(active.shape + (1,) * (n.ndim - 1))
-      return jnp.where(a, n, o)
+      return jnp.where(update.reshape(update.shape + (1,) * (n.ndim - 1)),
+                       n, o)
 
-    return jax.tree_util.tree_map(keep, new, states), metrics
+    return jax.tree_util.tree_map(keep, new, states), metrics, finite
 
   return jax.jit(step, donate_argnums=(0,))
+
+
+class _Epsilons:
+  """Epsilons of ledgers, memoised by their events.
+
+  A ledger's epsilon is a function of its events (and relation, delta,
+  accountant); configurations of a sweep often share them (e.g. all seeds of
+  one noise multiplier), so each distinct history is accounted once.
+  """
+
+  def __init__(self):
+    self._cache = {}
+
+  def __call__(self, ledger: accounting.PrivacyLedger,
+               accountant: str | None = None, extra=None) -> float:
+    accountant = accountant or ledger.accountant
+    events = tuple(ledger.events) + (() if extra is None else (extra,))
+    key = (ledger.relation, ledger.delta, accountant, events)
+    if key not in self._cache:
+      self._cache[key] = accounting.epsilon_of(
+          list(events), ledger.delta, accountant=accountant,
+          relation=ledger.relation)
+    return self._cache[key]
 
 
 @dataclasses.dataclass
@@ -195,6 +226,7 @@ class _Member:
   eval_metrics: dict = dataclasses.field(default_factory=dict)
   stopped: bool = False
   stopped_for_budget: bool = False
+  diverged: bool = False
   rounds_done: int = 0
   params: Any = None
 
@@ -210,6 +242,15 @@ def run_sweep(
     log: Callable[[str], None] = print,
 ) -> SweepResult:
   """Runs every configuration of `base` x `grid`, vmapped per shape group.
+
+  Budgets: with `epsilon_budget` set, each configuration is checked before
+  every round as `runner.run` checks a single run; one that would exceed its
+  budget stops (its state stops changing and no further event enters its
+  ledger) while the others go on. As in `runner.run`, a configuration planned
+  past its budget is refused before anything runs unless `stop_at_budget`.
+  A configuration whose global model becomes non-finite keeps its last finite
+  state and stops (its summary says `"diverged": true`); `runner.run` raises
+  `ModelDivergedError` there instead.
 
   Args:
     base: the base config; its fields not in `grid` are shared.
@@ -228,7 +269,8 @@ def run_sweep(
     The SweepResult (configurations in grid order).
 
   Raises:
-    ValueError: a bad grid or configuration.
+    ValueError: a bad grid or configuration, or a configuration planned
+      past its epsilon budget without `stop_at_budget`.
   """
   if max_configs_per_group is not None and max_configs_per_group < 1:
     raise ValueError(
@@ -257,6 +299,7 @@ def run_sweep(
       f"group(s)")
 
   z_cache: dict[tuple, float] = {}
+  epsilons = _Epsilons()
   runs: list[runner.RunResult | None] = [None] * len(configs)
   infos = []
   for g, members in enumerate(groups.values()):
@@ -271,17 +314,18 @@ def run_sweep(
         z_cache[zkey] = simulation.resolve_noise_multiplier(config,
                                                             sim.sampler)
       z = z_cache[zkey]
+      _check_budget(config, sim, z)
       group.append(_Member(
           i, config.replace(name=f"{config.name}-{ids[i]}"), sim, z,
           sim.sampler.dp_event(z),
           accounting.PrivacyLedger(sim.sampler.relation, config.delta,
                                    config.accountant)))
     info = _run_group(g, len(groups), group, sim0, max_configs_per_group,
-                      progress, log)
+                      progress, epsilons, log)
     info.config_ids = [ids[i] for i in members]
     infos.append(info)
     for m in group:
-      runs[m.index] = _result(m, sim0, info.wall_time_s)
+      runs[m.index] = _result(m, sim0, info.wall_time_s, epsilons)
 
   result = SweepResult(base=base, grid={k: list(v) for k, v in grid.items()},
                        config_ids=ids, configs=configs, swept=swept,
@@ -301,6 +345,23 @@ def run_sweep(
   return result
 
 
+def _check_budget(config: config_lib.Config, sim: simulation.Simulation,
+                  z: float) -> None:
+  """Refuses a configuration planned past its budget (as runner.run does)."""
+  if config.epsilon_budget is None or config.stop_at_budget:
+    return
+  planned = accounting.epsilon_of(
+      [sim.sampler.dp_event(z)] * config.rounds, config.delta,
+      accountant=config.accountant, relation=sim.sampler.relation)
+  if planned > config.epsilon_budget:
+    raise ValueError(
+        f"config field 'epsilon_budget' ({config.epsilon_budget:g}) is below "
+        f"the planned epsilon {planned:.4g} of {config.rounds} rounds of the "
+        f"configuration with noise_multiplier={z:g}, seed={config.seed}; set "
+        "stop_at_budget=true to stop each configuration before the round "
+        "that would exceed it")
+
+
 def _cohort_sizes(sim, members, sample_fn, rounds: int) -> int:
   """Largest cohort any member draws in any round (same draws as prepare)."""
   largest = 0
@@ -314,7 +375,7 @@ def _cohort_sizes(sim, members, sample_fn, rounds: int) -> int:
 
 def _run_group(g: int, num_groups: int, members: list[_Member],
                sim0: simulation.Simulation, max_configs: int | None,
-               progress: bool, log) -> GroupInfo:
+               progress: bool, epsilons: _Epsilons, log) -> GroupInfo:
   """Runs one shape group, chunk by chunk; fills the members' host state."""
   start = time.perf_counter()
   rounds = sim0.config.rounds
@@ -324,6 +385,8 @@ def _run_group(g: int, num_groups: int, members: list[_Member],
   slots = min(sim0.slots, max(chunk, -(-largest // chunk) * chunk))
   counter = [0]
   step = _make_step(sim0.round_fn(), counter)
+  # Every member's model is sim0's architecture, so one init serves all.
+  init = jax.jit(jax.vmap(sim0.initial_state))
   size = len(members) if max_configs is None else min(max_configs,
                                                        len(members))
   chunks = [members[i:i + size] for i in range(0, len(members), size)]
@@ -337,35 +400,38 @@ def _run_group(g: int, num_groups: int, members: list[_Member],
     desc = f"group {g + 1}/{num_groups}"
     if len(chunks) > 1:
       desc += f" chunk {c + 1}/{len(chunks)}"
-    _run_chunk(lanes, len(part), sim0, step, sample_fn, slots, rounds,
-               progress, desc, log)
+    _run_chunk(lanes, len(part), sim0, step, init, sample_fn, slots, rounds,
+               progress, desc, epsilons, log)
   return GroupInfo(config_ids=[], slots=slots, full_slots=sim0.slots,
                    num_traces=counter[0], num_chunks=len(chunks),
                    wall_time_s=time.perf_counter() - start)
 
 
-def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, sample_fn,
-               slots: int, rounds: int, progress: bool, desc: str, log) -> None:
+def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, init,
+               sample_fn, slots: int, rounds: int, progress: bool, desc: str,
+               epsilons: _Epsilons, log) -> None:
   """The host loop of one vmapped chunk (mirrors `runner.run`)."""
   real = lanes[:num_real]
-  states = _stack([m.sim.initial_state(m.config.seed) for m in lanes])
+  states = init(jnp.asarray([m.config.seed for m in lanes], jnp.int32))
   hparams = _stack([m.sim.hparams(m.config, m.noise_multiplier)
                     for m in lanes])
   noise_keys = jnp.stack([m.sim.stream_keys(m.config.seed)[1] for m in lanes])
   capacity = sim0.sampler.capacity
 
   def prepare(r: int):
-    blocks, drawn = [], []
+    blocks, drawn, dropped = [], [], []
     for m in lanes:
-      block, num_drawn = m.sim.prepare(r, m.config.seed, sample_fn)
+      block, num_drawn, num_dropped = m.sim.prepare(r, m.config.seed,
+                                                    sample_fn)
       if block.client_mask[slots:].any():
         raise AssertionError("a cohort outgrew the sweep's trimmed block")
       blocks.append(dp_fedavg.CohortBlock(
           jax.tree_util.tree_map(lambda x: x[:slots], block.features),
           block.example_mask[:slots], block.client_mask[:slots]))
       drawn.append(num_drawn)
+      dropped.append(num_dropped)
     stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *blocks)
-    return r, stacked, drawn
+    return r, stacked, drawn, dropped
 
   bar = None
   if progress:
@@ -374,11 +440,11 @@ def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, sample_fn,
   start = time.perf_counter()
   cohorts = prefetch.Prefetcher(prepare, range(rounds), depth=2)
   try:
-    for r, block, drawn in cohorts:
+    for r, block, drawn, dropped in cohorts:
       for m in real:
         cfg = m.config
         if not m.stopped and cfg.epsilon_budget is not None and \
-            m.ledger.epsilon_if(m.event) > cfg.epsilon_budget:
+            epsilons(m.ledger, extra=m.event) > cfg.epsilon_budget:
           m.stopped = m.stopped_for_budget = True
           log(f"{cfg.name}: stopping before round {r}: it would exceed "
               f"epsilon_budget={cfg.epsilon_budget:g}")
@@ -389,17 +455,25 @@ def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, sample_fn,
       for m in real:
         if not m.stopped:
           m.ledger.record(r, m.event)
-      states, metrics = step(states, block, hparams, noise_keys, r,
+      states, metrics, finite = step(states, block, hparams, noise_keys, r,
                              jnp.asarray(active))
       # Accounting runs on the host while the round computes.
-      eps = {m.index: m.ledger.epsilon() for m in real if not m.stopped}
-      metrics = jax.device_get(metrics)
+      eps = {m.index: epsilons(m.ledger) for m in real if not m.stopped}
+      metrics, finite = jax.device_get((metrics, finite))
       for lane, m in enumerate(real):
         if m.stopped:
+          continue
+        if not finite[lane]:
+          # runner.run raises ModelDivergedError here; a sweep keeps this
+          # configuration's last finite state and goes on with the others.
+          log(f"{m.config.name}: round {r}: the global model became "
+              "non-finite (NaN or Inf); this configuration stops here")
+          m.stopped = m.diverged = True
           continue
         row = {k: np.asarray(v[lane]).item() for k, v in metrics.items()}
         row["round"] = r
         row["num_drawn"] = drawn[lane]
+        row["num_dropped"] = dropped[lane]
         row["truncated"] = drawn[lane] > capacity
         row["epsilon"] = eps[m.index]
         if (r + 1) % m.config.eval_every == 0 or r + 1 == rounds:
@@ -409,10 +483,6 @@ def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, sample_fn,
         row["elapsed_s"] = time.perf_counter() - start
         m.history.append(row)
         m.rounds_done = r + 1
-        if not math.isfinite(row["train_loss"]):
-          log(f"{m.config.name}: round {r}: training loss is not finite; "
-              "stopping")
-          m.stopped = True
       if bar is not None:
         bar.update(1)
   finally:
@@ -421,13 +491,13 @@ def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, sample_fn,
       bar.close()
   for lane, m in enumerate(real):
     m.params = jax.device_get(_take(states.params, lane))
-    if m.history and "eval_accuracy" not in m.history[-1]:
+    if "eval_accuracy" not in (m.history[-1] if m.history else {}):
       m.eval_metrics = evaluation.evaluate(sim0.model, m.params,
                                            m.sim.eval_population)
 
 
-def _result(m: _Member, sim0: simulation.Simulation,
-            wall_time_s: float) -> runner.RunResult:
+def _result(m: _Member, sim0: simulation.Simulation, wall_time_s: float,
+            epsilons: _Epsilons) -> runner.RunResult:
   """The member's RunResult, with the runner's summary keys."""
   config = m.config
   summary = {
@@ -439,13 +509,14 @@ def _result(m: _Member, sim0: simulation.Simulation,
       "clip_norm": config.clip_norm,
       "delta": config.delta,
       "accountant": config.accountant,
-      "epsilon": m.ledger.epsilon(),
-      "epsilon_rdp": m.ledger.epsilon("rdp"),
+      "epsilon": epsilons(m.ledger),
+      "epsilon_rdp": epsilons(m.ledger, "rdp"),
       "wall_time_s": wall_time_s,
       **m.eval_metrics,
   }
-  if config.accountant == "pld" or \
-      sim0.sampler.relation.value != "replace_one":
-    summary["epsilon_pld"] = m.ledger.epsilon("pld")
+  if sim0.sampler.relation is not sampling.FixedSizeSampler.relation:
+    summary["epsilon_pld"] = epsilons(m.ledger, "pld")
+  if m.diverged:
+    summary["diverged"] = True
   return runner.RunResult(config, m.params, m.ledger, m.noise_multiplier,
                           m.rounds_done, m.history, summary)

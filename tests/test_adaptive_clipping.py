@@ -46,13 +46,12 @@ def test_noise_split_formula_and_refusal():
 
 def test_shifted_count_has_sensitivity_one_half():
   unclipped = jnp.array([True, False, True, True, False])
-  for b in (True, False):
-    for relation_mask in ([True] * 4 + [False],):
-      valid = jnp.array(relation_mask)
-      base = adaptive_clipping.shifted_count(unclipped, valid)
-      u2 = unclipped.at[4].set(b)
-      added = adaptive_clipping.shifted_count(u2, valid.at[4].set(True))
-      assert abs(float(added - base)) == 0.5
+  valid = jnp.array([True, True, True, True, False])
+  base = adaptive_clipping.shifted_count(unclipped, valid)
+  for b in (True, False):  # add client 4, unclipped or clipped
+    added = adaptive_clipping.shifted_count(unclipped.at[4].set(b),
+                                            valid.at[4].set(True))
+    assert abs(float(added - base)) == 0.5
   # Padding contributes nothing, whatever it holds.
   assert float(adaptive_clipping.shifted_count(
       unclipped, jnp.zeros(5, bool))) == 0.0
@@ -160,9 +159,8 @@ def _rdp_eps(event, relation, delta=1e-5):
   return acc.get_epsilon(delta)
 
 
-@pytest.mark.parametrize("z", [0.7, 1.3])
-def test_event_costs_exactly_one_gaussian_of_configured_z(z):
-  sigma_b = 5.0
+def test_event_costs_exactly_one_gaussian_of_configured_z():
+  z, sigma_b = 1.1, 5.0
   poisson = sampling.PoissonSampler(1000, 0.1, capacity=1000)
   event = adaptive_clipping.dp_event(poisson, z, sigma_b)
   zd = adaptive_clipping.update_noise_multiplier(z, sigma_b)

@@ -209,20 +209,23 @@ def test_bad_arguments():
 
 _PARAMS = {"dense": {"w": jnp.zeros((100, 150)), "b": jnp.zeros((150,))},
            "out": jnp.zeros((4850,), jnp.bfloat16)}  # d = 20,000
+_NUM_CANARIES = 400  # one shape for every test: compiled once
 
 
 def test_canary_directions_are_unit_and_cosines_bounded():
-  dirs = audit.canary_directions(jax.random.key(0), 64, _PARAMS)
+  n = _NUM_CANARIES
+  dirs = audit.canary_directions(jax.random.key(0), n, _PARAMS)
   assert jax.tree_util.tree_structure(dirs) == jax.tree_util.tree_structure(
       _PARAMS)
-  assert dirs["dense"]["w"].shape == (64, 100, 150)
-  norms = jax.vmap(tree_util.global_l2_norm)(dirs)
-  np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+  assert dirs["dense"]["w"].shape == (n, 100, 150)
+  squares = sum(np.sum(np.square(np.asarray(x, np.float64)).reshape(n, -1),
+                       axis=1) for x in jax.tree_util.tree_leaves(dirs))
+  np.testing.assert_allclose(np.sqrt(squares), 1.0, rtol=1e-5)
 
-  vector = jax.tree_util.tree_map(
-      lambda x: jax.random.normal(jax.random.key(1), x.shape), _PARAMS)
+  rng = np.random.default_rng(1)
+  vector = jax.tree_util.tree_map(lambda x: rng.normal(size=x.shape), _PARAMS)
   cos = audit.cosines(dirs, vector)
-  assert cos.shape == (64,)
+  assert cos.shape == (n,)
   assert bool(jnp.all((cos >= -1) & (cos <= 1)))
   # Random directions are nearly orthogonal in d = 20,000: cos ~ N(0, 1/d).
   assert float(jnp.std(cos)) == pytest.approx(1 / math.sqrt(20_000), rel=0.3)
@@ -236,7 +239,7 @@ def test_canary_directions_are_unit_and_cosines_bounded():
 
 
 def test_canary_update_is_clipped_to_exactly_c():
-  dirs = audit.canary_directions(jax.random.key(2), 3, _PARAMS)
+  dirs = audit.canary_directions(jax.random.key(2), _NUM_CANARIES, _PARAMS)
   update = audit.canary_update(dirs, 1, 1e3 * 0.7)
   clipped = clipping.clip_by_global_norm(update, 0.7).clipped
   assert float(tree_util.global_l2_norm(clipped)) == pytest.approx(0.7,
@@ -254,20 +257,17 @@ def test_pipeline_on_a_gaussian_mechanism_in_parameter_space(noise_multiplier):
   audit must detect the leak; with z = 1 (epsilon 4.4 at 1e-5) epsilon_lo
   must stay below the accountant's epsilon and epsilon_est be near it.
   """
-  c, k, d = 0.5, 200, 20_000
+  c, k = 0.5, _NUM_CANARIES // 2
   dirs = audit.canary_directions(jax.random.key(3), 2 * k, _PARAMS)
-  inserted = jax.tree_util.tree_map(lambda x: x[:k], dirs)
-  total = jax.tree_util.tree_map(lambda x: c * jnp.sum(x, 0), inserted)
-  noise = jax.tree_util.tree_map(
-      lambda x, key: noise_multiplier * c * jax.random.normal(key, x.shape),
-      total, jax.tree_util.tree_unflatten(
-          jax.tree_util.tree_structure(total),
-          list(jax.random.split(jax.random.key(4), 3))))
-  release = tree_util.tree_add(total, noise)
+  rng = np.random.default_rng(4)
+  release = jax.tree_util.tree_map(
+      lambda x: c * np.sum(np.asarray(x[:k]), 0)
+      + noise_multiplier * c * rng.normal(size=x.shape[1:]), dirs)
   cos = np.asarray(audit.cosines(dirs, release))
   inserted_cos, held_out_cos = cos[:k], cos[k:]
   lo = audit.epsilon_lower_bound(inserted_cos, held_out_cos, DELTA)
-  est = audit.estimate_epsilon(inserted_cos, held_out_cos, DELTA)
+  est = audit.estimate_epsilon(inserted_cos, held_out_cos, DELTA,
+                               equal_variance=True)
   if noise_multiplier == 0:
     # Separation sqrt(d / k) = 10 sd: perfect with 100 a group in the
     # evaluation half, where epsilon_lo can reach log(1 / 0.036) = 3.3.
@@ -275,7 +275,7 @@ def test_pipeline_on_a_gaussian_mechanism_in_parameter_space(noise_multiplier):
     assert est > 30
   else:
     truth = _true_epsilon(1 / noise_multiplier, DELTA)
-    assert lo <= truth
-    assert lo > 0
-    # 200 canaries a group: the fit's mu has sd ~0.1, so epsilon_est ~ +-1.
-    assert abs(est - truth) < 2.0
+    assert 0 < lo <= truth
+    # With 200 canaries a group only the pooled fit is precise enough to
+    # check (see estimate_epsilon on separate variances).
+    assert abs(est - truth) < _estimation_tolerance(1.0, k, True)

@@ -52,22 +52,25 @@ def _params():
           "emb": jnp.ones((5, 2), jnp.bfloat16)}
 
 
+_ADAM = server.server_optimizer("adam")
+_server_step = jax.jit(server.step, static_argnums=3)
+
+
 def _state(seed: int = 0):
   """A realistic run state: Adam server state after two steps, typed keys."""
-  opt = server.server_optimizer("adam")
-  state = server.init(_params(), opt)
+  state = server.init(_params(), _ADAM)
   for r in range(2):
     delta = jax.tree_util.tree_map(
         lambda x, r=r: jnp.full(x.shape, 0.01 * (r + 1 + seed), x.dtype),
         state.params)
-    state = server.step(state, delta, 0.5 + r, opt)
+    state = _server_step(state, delta, 0.5 + r, _ADAM)
   return {"server": state,
           "noise_key": jax.random.fold_in(jax.random.key(seed), 2),
           "sample_key": jax.random.key(seed + 100)}
 
 
 def _fresh_like():
-  return {"server": server.init(_params(), server.server_optimizer("adam")),
+  return {"server": server.init(_params(), _ADAM),
           "noise_key": jax.random.key(0), "sample_key": jax.random.key(0)}
 
 
@@ -162,11 +165,10 @@ def test_round_trip_server_state_keys_and_ledger(tmp_path):
   assert checkpoint.decode_ledger(meta_back["ledger"]).epsilon() == \
       ledger.epsilon()
   # The restored state keeps training exactly like the original.
-  opt = server.server_optimizer("adam")
   delta = jax.tree_util.tree_map(lambda x: jnp.full(x.shape, 0.2, x.dtype),
                                  state["server"].params)
-  _assert_trees_equal(server.step(state["server"], delta, 0.3, opt),
-                      server.step(restored["server"], delta, 0.3, opt))
+  _assert_trees_equal(_server_step(state["server"], delta, 0.3, _ADAM),
+                      _server_step(restored["server"], delta, 0.3, _ADAM))
   np.testing.assert_array_equal(
       jax.random.normal(state["noise_key"], (4,)),
       jax.random.normal(restored["noise_key"], (4,)))
@@ -346,8 +348,8 @@ _ZYGOTE = textwrap.dedent("""
         ledger.record(step - 1, event)  # the round's event, before its save
         tree = {"w": np.full(SHAPE, step, np.float32), "round": np.int32(step),
                 "key": jax.random.key(step)}
-        checkpoint.save(directory, step, tree,
-                        {"step": step, "ledger": checkpoint.encode_ledger(ledger)})
+        meta = {"step": step, "ledger": checkpoint.encode_ledger(ledger)}
+        checkpoint.save(directory, step, tree, meta)
         if first:  # a checkpoint of this life exists before the first kill
           print(f"ready {os.getpid()}", flush=True)
           first = False

@@ -17,7 +17,7 @@ from fedjax_dp.models import registry
 INPUT_SHAPE = (6, 6, 1)
 NUM_CLASSES = 5
 CLIENTS, STEPS, BATCH = 11, 3, 4
-METRIC_KEYS = ("num_clients", "train_loss", "fraction_clipped",
+METRIC_KEYS = ("num_clients", "num_nonfinite", "train_loss", "fraction_clipped",
                "update_norm_p10", "update_norm_p50", "update_norm_p90",
                "update_norm_max", "clipped_sum_norm", "noise_stddev",
                "num_examples")
@@ -126,6 +126,22 @@ def test_padded_clients_change_nothing():
   chex.assert_trees_all_close(a[0].params, b[0].params, atol=0, rtol=0)
   for k in METRIC_KEYS:
     np.testing.assert_array_equal(np.asarray(a[1][k]), np.asarray(b[1][k]))
+
+
+def test_non_finite_clients_are_dropped_as_in_the_reference():
+  """NaN data in a valid client and in a padded slot: both add nothing."""
+  ref, fac = _rounds("mlp_2nn", 4)
+  state, block = _state("mlp_2nn"), _block()
+  x = block.features["x"].copy()
+  x[4, 0, 0, 0, 0, 0] = np.nan  # a valid client
+  x[-1, 1, 2, 3, 3, 0] = np.inf  # a padded slot
+  block = block._replace(features={"x": x, "y": block.features["y"]})
+  hp = _hparams(0.3, 0.0)
+  out_ref = ref(state, block, hp, jax.random.key(0))
+  out_fac = fac(state, block, hp, jax.random.key(0))
+  assert int(out_fac[1]["num_nonfinite"]) == 1
+  assert np.all(np.isfinite(np.asarray(out_fac[0].params["Dense_0"]["kernel"])))
+  _assert_rounds_close(out_ref, out_fac)
 
 
 def test_several_rounds_stay_equal():

@@ -26,7 +26,7 @@ ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 _floats = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(a=st.lists(_floats, min_size=1, max_size=7),
        b=st.lists(_floats, min_size=1, max_size=5),
        c=st.floats(1e-3, 1e3))
@@ -40,7 +40,9 @@ def test_every_clipped_contribution_has_l1_norm_at_most_c(a, b, c):
   assert float(out.norm) == pytest.approx(exact, rel=1e-5, abs=1e-6)
   if exact <= c * (1 - 1e-6):  # untouched when within the bound
     assert not bool(out.was_clipped)
-    np.testing.assert_allclose(out.clipped["a"], tree["a"], rtol=1e-6)
+    # atol: XLA on CPU flushes float32 subnormals to zero.
+    np.testing.assert_allclose(out.clipped["a"], tree["a"], rtol=1e-6,
+                               atol=1e-37)
   # Adding this client to any sum moves it by at most C in L1.
   other = {"a": jnp.ones_like(tree["a"]), "b": {"w": jnp.ones_like(
       tree["b"]["w"])}}
@@ -90,6 +92,11 @@ def test_local_noise_is_per_client_and_independent():
   fewer = laplace.add_local_laplace_noise(
       {"w": jnp.zeros((3, dim))}, b, jax.random.key(4))["w"]
   np.testing.assert_array_equal(fewer, noisy[:3])
+  # A chunk of slots 5..7 gets those slots' noise, not slots 0..2's.
+  chunk = laplace.add_local_laplace_noise(
+      {"w": jnp.zeros((3, dim))}, b, jax.random.key(4),
+      slot_ids=jnp.arange(5, 8))["w"]
+  np.testing.assert_array_equal(chunk, noisy[5:8])
 
 
 def _pld_eps(event, count, delta=1e-5, relation=ADD_REMOVE):

@@ -20,7 +20,7 @@ _floats = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 _clip = st.floats(1e-3, 1e3)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(w1=st.lists(_floats, min_size=1, max_size=6),
        b1=st.lists(_floats, min_size=1, max_size=3),
        w2=st.lists(_floats, min_size=1, max_size=6),
@@ -41,8 +41,9 @@ def test_each_group_within_its_clip_and_whole_within_s(w1, b1, w2, c1, c2):
   # Groups are clipped independently: a group within its bound is untouched.
   n1 = np.linalg.norm(np.float32(w1 + b1).astype(np.float64))
   if n1 <= c1 * (1 - 1e-6):
+    # atol: XLA on CPU flushes float32 subnormals to zero.
     np.testing.assert_allclose(out.clipped["dense1"]["w"],
-                               tree["dense1"]["w"], rtol=1e-6)
+                               tree["dense1"]["w"], rtol=1e-6, atol=1e-37)
     assert not bool(out.was_clipped["dense1"])
   assert float(out.norms["dense1"]) == pytest.approx(n1, rel=1e-5, abs=1e-6)
 

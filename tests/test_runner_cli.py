@@ -61,13 +61,20 @@ def test_same_seed_same_result_different_seed_different():
 
 def test_budget_stops_before_the_round_that_would_exceed_it():
   budget = 1.5
-  result = runner.run(_small(rounds=50, epsilon_budget=budget, eval_every=50),
+  result = runner.run(_small(rounds=50, epsilon_budget=budget, eval_every=50,
+                             stop_at_budget=True),
                       progress=False, log=lambda s: None)
   done = result.rounds_completed
   assert 0 < done < 50
   assert result.summary["stopped_for_budget"]
   assert result.ledger.epsilon() <= budget
   assert result.ledger.epsilon_if(result.ledger.events[0]) > budget
+
+
+def test_run_planned_past_its_budget_is_refused_before_compute():
+  with pytest.raises(ValueError, match="epsilon_budget"):
+    runner.run(_small(rounds=50, epsilon_budget=1.5), progress=False,
+               log=lambda s: None)
 
 
 def test_target_epsilon_calibrates_noise():

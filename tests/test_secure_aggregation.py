@@ -2,6 +2,7 @@
 
 import math
 
+import chex
 import dp_accounting
 from dp_accounting import rdp
 import jax
@@ -207,7 +208,9 @@ def test_too_few_bits_is_detected_and_reported():
 
 def test_check_params_refuses_int32_overflow():
   with pytest.raises(ValueError, match="overflow"):
-    sa.check_params(1000, 1.0, 2.0 ** 22, 10.0, 32)
+    sa.check_params(2000, 1.0, 2.0 ** 21, 10.0, 32)
+  with pytest.raises(ValueError, match="float32"):
+    sa.check_params(1, 1.0, 2.0 ** 23, 10.0, 32)
   with pytest.raises(ValueError, match="bits"):
     sa.check_params(10, 1.0, 2.0, 1.0, 33)
 
@@ -260,3 +263,14 @@ def test_event_small_shares_pay_tau_and_replacement_doubles_d():
   fewer = sa.dp_event(sampling.PoissonSampler(1000, 0.1, capacity=1000),
                       **(kw | {"num_shares": 50}))
   assert fewer.rho == pytest.approx(2 * poisson.rho, rel=1e-12)
+
+
+def test_aggregate_compiles_once_for_all_encoding_params():
+  fn = jax.jit(chex.assert_max_traces(sa.aggregate, n=1),
+               static_argnames=("max_trials",))
+  u = {"w": jnp.full((4, 8), 0.25)}
+  for scale, sigma_c, bits in ((2.0 ** 8, 1.0, 16), (2.0 ** 10, 3.0, 24)):
+    params = sa.SecAggParams.create(scale=scale, share_stddev=sigma_c,
+                                    bits=bits)
+    res, _ = fn(u, jnp.ones(4, bool), params, jax.random.key(0))
+    assert int(res.num_wrapped) == 0

@@ -37,8 +37,9 @@ is the same code path as `dp_fedavg.build_round`, and `round_fn` has the same
 signature, inputs and outputs; tests/test_factored.py checks the two agree.
 
 Privacy: identical to `dp_fedavg.build_round` (same clip bound, same noise,
-same sum of the valid clients' clipped updates, padded clients selected away
-with `jnp.where`). Only the arithmetic that produces the per-client delta and
+same sum of the valid clients' clipped updates; padded clients and clients
+whose update is NaN or Inf are selected away with `jnp.where`, and whether a
+client is dropped depends only on its own data). Only the arithmetic that produces the per-client delta and
 its norm is reorganised; the norm used for clipping is the exact Frobenius
 norm of the delta up to float32 rounding, the same as the reference's.
 """
@@ -287,23 +288,41 @@ def build_factored_round(
       def compute(sums):
         factors_a, factors_g, norm, loss = _factored_chunk(
             kernels, biases, cx, cy, cm, lr)
+        # As in dp_fedavg: a client whose update is NaN or Inf contributes
+        # nothing. A finite Gram-based norm implies finite factors (their
+        # Gram diagonals are finite), so only a chunk holding a non-finite
+        # norm needs the factors themselves masked.
+        finite = jnp.isfinite(norm)
+        keep = cvalid & finite
         scale = jnp.minimum(1.0, hparams.clip_norm / jnp.maximum(norm, 1e-30))
-        # Padded clients are selected away, never multiplied by zero.
-        scale = jnp.where(cvalid, scale, 0.0)[:, None, None]
-        new_sums = []
-        for (ks, bs), a, g in zip(sums, factors_a, factors_g):
-          sg = jnp.where(cvalid[:, None, None], g * scale, 0.0)
-          ks = ks - lr * jnp.einsum("krd,kre->de", a, sg,
-                                    preferred_element_type=jnp.float32)
-          bs = bs - lr * jnp.sum(sg, axis=(0, 1))
-          new_sums.append((ks, bs))
+        # Excluded clients are selected away, never multiplied by zero.
+        scale = jnp.where(keep, scale, 0.0)[:, None, None]
+        keep3 = keep[:, None, None]
+        scaled_g = [jnp.where(keep3, g * scale, 0.0) for g in factors_g]
+
+        def accumulate(sums, mask_inputs):
+          new_sums = []
+          for (ks, bs), a, sg in zip(sums, factors_a, scaled_g):
+            if mask_inputs:
+              a = jnp.where(keep3, a, 0.0)
+            ks = ks - lr * jnp.einsum("krd,kre->de", a, sg,
+                                      preferred_element_type=jnp.float32)
+            bs = bs - lr * jnp.sum(sg, axis=(0, 1))
+            new_sums.append((ks, bs))
+          return new_sums
+
+        sums = jax.lax.cond(jnp.all(finite),
+                            lambda s: accumulate(s, False),
+                            lambda s: accumulate(s, True), sums)
         n = jnp.sum(cm.astype(jnp.int32), axis=(1, 2))
-        return new_sums, (norm, norm > hparams.clip_norm, loss, n)
+        return sums, (norm, norm > hparams.clip_norm, cvalid & ~finite, loss,
+                      n)
 
       def skip(sums):
         c = cvalid.shape[0]
         return sums, (jnp.zeros((c,), jnp.float32), jnp.zeros((c,), bool),
-                      jnp.zeros((c,), jnp.float32), jnp.zeros((c,), jnp.int32))
+                      jnp.zeros((c,), bool), jnp.zeros((c,), jnp.float32),
+                      jnp.zeros((c,), jnp.int32))
 
       return jax.lax.cond(jnp.any(cvalid), compute, skip, sums)
 
@@ -323,7 +342,7 @@ def build_factored_round(
       tail = jax.tree_util.tree_map(lambda a: a[num_full * k:], data)
       sums, tail_outs = chunk_fn(sums, tail)
       outs = [jnp.concatenate([o, t]) for o, t in zip(outs, tail_outs)]
-    norms, was_clipped, client_loss, num_examples = outs
+    norms, was_clipped, nonfinite, client_loss, num_examples = outs
 
     clipped_sum = {n: {"kernel": ks.astype(params[n]["kernel"].dtype),
                        "bias": bs.astype(params[n]["bias"].dtype)}
@@ -332,25 +351,28 @@ def build_factored_round(
         jax.tree_util.tree_structure(params),
         jax.tree_util.tree_leaves(clipped_sum))
     return _finish_round(state, clipped_sum, hparams, noise_key, valid, norms,
-                         was_clipped, client_loss, num_examples,
+                         was_clipped, nonfinite, client_loss, num_examples,
                          server_optimizer)
 
   return round_fn
 
 
-def _finish_round(state, clipped_sum, hparams, noise_key, valid, norms,
-                  was_clipped, client_loss, num_examples, server_optimizer):
+def _finish_round(state, clipped_sum, hparams, noise_key, client_mask, norms,
+                  was_clipped, nonfinite, client_loss, num_examples,
+                  server_optimizer):
   """Noise, public denominator, server step and metrics (as dp_fedavg)."""
   stddev = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
   noisy_sum = noise.add_gaussian_noise(clipped_sum, stddev, noise_key)
   average = tree_util.tree_scale(noisy_sum, 1.0 / hparams.denominator)
   new_state = server_lib.step(state, average, hparams.server_lr,
                               server_optimizer)
+  valid = client_mask & ~nonfinite
   num_valid = jnp.sum(valid.astype(jnp.int32))
   denom = jnp.maximum(num_valid, 1).astype(jnp.float32)
   masked_norms = jnp.where(valid, norms, jnp.nan)
   metrics = {
       "num_clients": num_valid,
+      "num_nonfinite": jnp.sum(nonfinite.astype(jnp.int32)),
       "train_loss": jnp.sum(jnp.where(valid, client_loss, 0.0)) / denom,
       "fraction_clipped": jnp.sum(valid & was_clipped) / denom,
       "update_norm_p10": jnp.nanpercentile(masked_norms, 10),

@@ -96,15 +96,21 @@ def add_laplace_noise(tree: types.PyTree, scale: jax.Array,
 
 
 def add_local_laplace_noise(stacked: types.PyTree, scale: jax.Array,
-                            key: types.PRNGKey) -> types.PyTree:
+                            key: types.PRNGKey,
+                            slot_ids: jax.Array | None = None
+                            ) -> types.PyTree:
   """Each client (leading axis) noises its own update with its own key.
 
-  Client i's noise uses `fold_in(key, i)`, so it does not depend on the
-  other slots of the block. Padding slots get noise too; mask them out of
+  Client i's noise uses `fold_in(key, slot_ids[i])` (default slot_ids =
+  0..n-1), so it does not depend on the other slots; when the round
+  processes the block in chunks, pass the slots' block-wide indices so that
+  chunks do not reuse noise. Padding slots get noise too; mask them out of
   the sum (tree_util.masked_sum selects them away).
   """
   num = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))
+  if slot_ids is None:
+    slot_ids = jnp.arange(num)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(slot_ids)
   return jax.vmap(add_laplace_noise, in_axes=(0, None, 0))(stacked, scale,
                                                            keys)
 

@@ -30,8 +30,10 @@ Overflow is never silent. `decode` returns
   * `num_wrapped`: coordinates where the decoded value differs from the
     exact integer sum (the simulator's oracle; a real server cannot see it).
 Quantisation error: |decoded / s - (sum_i u_i + sum_i Z_i / s)| < n / s per
-coordinate, deterministically (each rounding moves a value by < 1); its
-typical size is sqrt(n) / (2 s).
+coordinate, deterministically (each rounding moves a value by < 1; exact
+for a power-of-two s, otherwise up to float32 rounding of s u, see
+`check_params`); its typical size is sqrt(n) / (2 s). The final float32
+division by s rounds the result to 24 significant bits.
 
 Trust model: clients trust the secure-aggregation protocol to reveal only
 the modular sum; the server is honest-but-curious and sees nothing else. No
@@ -338,12 +340,18 @@ def required_bits(num_shares: int, clip_norm: float, scale: float,
 
 def check_params(num_shares: int, clip_norm: float, scale: float,
                  share_stddev_: float, bits: int) -> None:
-  """Raises ValueError unless the simulation's int32 arithmetic is exact.
+  """Raises ValueError unless the simulation's arithmetic is exact enough.
 
-  Each message is below s C + 1 + 20 (sigma_c + 1) in magnitude per
-  coordinate, so the 32-bit accumulator (the oracle) is exact if n times
-  that is below 2^31.
+  s C <= 2^22 keeps the float32 product s * u within 2^-24 s C <= 1/4 of
+  the real one (exact when s is a power of two), so the quantisation bound
+  holds up to that. Each message is below s C + 1 + 20 (sigma_c + 1) in
+  magnitude per coordinate, so the 32-bit accumulator (the oracle) is exact
+  if n times that is below 2^31.
   """
+  if not float(scale) * float(clip_norm) <= 2.0 ** 22:
+    raise ValueError(
+        f"scale * clip_norm = {float(scale) * float(clip_norm):g} > 2^22: "
+        "float32 products s * u would no longer be accurate to 1/4")
   if not 2 <= int(bits) <= 32:
     raise ValueError(f"bits must be in [2, 32], got {bits!r}")
   if not 0 <= share_stddev_ <= _MAX_SHARE_STDDEV:

@@ -1,0 +1,442 @@
+"""A sweep's run directory: per-config files, summary tables, plots, tuning cost.
+
+`write_sweep(result, run_dir)` writes
+
+    run_dir/
+      sweep.json            base config, grid, groups, tuning cost
+      summary.csv           one row per configuration
+      summary.md            the same table, plus the privacy cost of tuning
+      frontier.png          final eval accuracy vs epsilon, a point per config
+      learning_curves.png   eval accuracy vs round, a line per config
+      configs/<id>/         what `runner.run` writes for one run:
+        config.json, metrics.jsonl, summary.json, ledger.jsonl
+
+`tuning_epsilon` bounds the privacy cost of releasing only the best of the
+configurations (Papernot & Steinke 2022), with dp_accounting's
+`RepeatAndSelectDpEvent`.
+"""
+
+import collections
+import csv
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from typing import Any, Sequence
+
+import dp_accounting
+from dp_accounting import dp_event
+from dp_accounting import rdp
+from dp_accounting.rdp import rdp_privacy_accountant
+import numpy as np
+
+from fedjax_dp import checkpoint
+from fedjax_dp.privacy import accounting
+from fedjax_dp.privacy import clipping
+
+# ---------------------------------------------------------------------------
+# Privacy cost of tuning.
+
+
+@dataclasses.dataclass
+class TuningPrivacy:
+  """Epsilon of releasing the best configuration of a random-size search.
+
+  Attributes:
+    epsilon: epsilon at `delta` of the repeat-and-select mechanism (RDP).
+    delta: the delta.
+    mean_num_runs: mean of the (Poisson) number of candidate runs.
+    shape: dp_accounting's shape of that distribution (inf: Poisson).
+    single_run_epsilon: epsilon of one run of the event used (RDP), for
+      comparison with the per-configuration epsilons.
+    all_released_epsilon: epsilon of releasing every configuration (the
+      composition of all runs; RDP).
+    event: the DpEvent accounted.
+    note: which run's event was used and why.
+  """
+
+  epsilon: float
+  delta: float
+  mean_num_runs: float
+  shape: float
+  single_run_epsilon: float
+  all_released_epsilon: float
+  event: Any
+  note: str
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["event"] = repr(self.event)
+    return d
+
+
+def _run_event(events: Sequence[dp_accounting.DpEvent]):
+  """(one run's composed event without truncation, its truncation prob.)."""
+  # pylint: disable-next=protected-access
+  views = [accounting._untruncated_view(e) for e in events]
+  counts = collections.Counter(v for v, _ in views)
+  parts = [e if c == 1 else dp_accounting.SelfComposedDpEvent(e, c)
+           for e, c in counts.items()]
+  return dp_accounting.ComposedDpEvent(parts), sum(b for _, b in views)
+
+
+def _rdp_accountant(relation, orders=None) -> rdp.RdpAccountant:
+  return rdp.RdpAccountant(
+      orders=None if orders is None else list(orders),
+      neighboring_relation=accounting._RELATIONS[relation])  # pylint: disable=protected-access
+
+
+def _rdp_curve(event, relation, orders) -> np.ndarray:
+  acc = _rdp_accountant(relation, orders)
+  if not acc.supports(event):
+    raise accounting.UnsupportedAccountingError(
+        f"the rdp accountant cannot account {event!r}")
+  acc.compose(event)
+  return np.asarray(acc._rdp, np.float64)  # pylint: disable=protected-access
+
+
+def _epsilon_with_slack(event, delta, beta, relation, orders) -> float:
+  """RDP epsilon of `event`, widened for truncation (see privacy/accounting)."""
+  acc = _rdp_accountant(relation, orders)
+  if not acc.supports(event):
+    raise accounting.UnsupportedAccountingError(
+        f"the rdp accountant cannot account {event!r}")
+  acc.compose(event)
+  eps = float(acc.get_epsilon(delta))
+  if beta == 0.0:
+    return eps
+  for _ in range(200):
+    slack = (1.0 + math.exp(min(eps, 700.0))) * beta
+    if slack >= delta:
+      return math.inf
+    eps = max(eps, float(acc.get_epsilon(delta - slack)))
+    if acc.get_delta(eps) + (1.0 + math.exp(min(eps, 700.0))) * beta <= delta:
+      return eps
+    eps += 1e-4 * max(eps, 1.0)
+  return math.inf
+
+
+def tuning_epsilon(
+    per_config_events: Sequence[Sequence[dp_accounting.DpEvent]],
+    delta: float,
+    *,
+    relation: clipping.NeighbouringRelation,
+    mean_num_runs: float | None = None,
+    shape: float = math.inf,
+) -> TuningPrivacy:
+  """Privacy cost of releasing only the best configuration of a search.
+
+  Assumed procedure (Papernot & Steinke 2022, "Hyperparameter Tuning with
+  Renyi Differential Privacy", ICLR; dp_accounting's
+  `RepeatAndSelectDpEvent`): draw the number of candidate runs K at random,
+  by default K ~ Poisson(mean = number of configurations) (`shape=inf`;
+  `shape=1` is geometric, `0` logarithmic, other values truncated negative
+  binomial); each candidate is a full training run with hyperparameters drawn
+  independently and uniformly from the grid; release only the best candidate
+  (its model and its hyperparameters), chosen by a score that is a function
+  of the released model and data outside the protected population (e.g.
+  held-out clients). Running the fixed grid once per point and publishing
+  every result is a different mechanism: `all_released_epsilon` is its
+  epsilon (the composition of every run).
+
+  Privacy: the theorem needs every candidate to be the same mechanism. A
+  candidate with random hyperparameters is a mixture of the configurations'
+  runs, whose Renyi divergence at every order is at most the largest of
+  theirs. So the event used is the run whose RDP curve dominates every other
+  at every order (with different noise multipliers and equal rounds: the
+  smallest z); if no single run dominates, the composition of the maximal
+  runs is used instead, which is a valid, looser bound. Truncated Poisson
+  rounds are accounted as in `privacy/accounting.py`, with the truncation
+  probability multiplied by the mean number of runs. Guarantee for the
+  neighbouring relation `relation` of the runs' samplers.
+
+  Args:
+    per_config_events: for each configuration, its ledger's events.
+    delta: the delta at which epsilon is reported.
+    relation: the runs' neighbouring relation.
+    mean_num_runs: mean number of candidate runs; default the number of
+      configurations. Must be >= 1.
+    shape: shape of the distribution of the number of runs (see above).
+
+  Returns:
+    A TuningPrivacy.
+
+  Raises:
+    ValueError: no configurations, or mean_num_runs < 1.
+    accounting.UnsupportedAccountingError: RDP cannot account the events.
+  """
+  accounting.check_delta(delta)
+  runs = [_run_event(events) for events in per_config_events if events]
+  if not runs:
+    raise ValueError("tuning_epsilon needs at least one run with events")
+  mean = float(len(per_config_events) if mean_num_runs is None
+               else mean_num_runs)
+  if not mean >= 1:
+    raise ValueError(f"mean_num_runs must be >= 1, got {mean_num_runs!r}")
+  # Runs with equal events are one candidate (and one RDP computation).
+  distinct = {}
+  for event, beta in runs:
+    key = repr(event)
+    count = distinct[key][2] + 1 if key in distinct else 1
+    distinct[key] = (event, max(beta, distinct.get(key, (0, 0.0))[1]), count)
+  candidates = list(distinct.values())
+  # dp_accounting drops an order where its series fails to converge (the
+  # value is then inf); an inf there would hide a run's true RDP, so only
+  # orders where every run is finite are used (each order is computed
+  # independently, so the others are unchanged).
+  orders = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, np.float64)
+  curves = np.stack([_rdp_curve(e, relation, orders) for e, _, _ in candidates])
+  finite = np.all(np.isfinite(curves), axis=0)
+  orders, curves = orders[finite], curves[:, finite]
+  upper = curves.max(axis=0)
+  beta = max(b for _, b, _ in candidates)
+  # `upper` is the elementwise max of these very arrays, so a dominating
+  # curve equals it exactly.
+  dominant = [i for i, c in enumerate(curves) if np.all(c >= upper)]
+  if dominant:
+    event = candidates[dominant[0]][0]
+    note = (f"event of the run whose RDP curve dominates all "
+            f"{len(candidates)} distinct runs at every order")
+  else:
+    maximal = [i for i, c in enumerate(curves)
+               if not any(np.all(d >= c) and np.any(d > c)
+                          for j, d in enumerate(curves) if j != i)]
+    event = dp_accounting.ComposedDpEvent(
+        [candidates[i][0] for i in maximal])
+    note = (f"no single run dominates; composition of the {len(maximal)} "
+            f"maximal runs used (a looser, valid bound)")
+  single = _epsilon_with_slack(event, delta, beta, relation, orders)
+  selected = dp_event.RepeatAndSelectDpEvent(event, mean, shape)
+  epsilon = _epsilon_with_slack(selected, delta, mean * beta, relation,
+                                orders)
+  everything = dp_accounting.ComposedDpEvent(
+      [e if c == 1 else dp_accounting.SelfComposedDpEvent(e, c)
+       for e, _, c in candidates])
+  all_released = _epsilon_with_slack(everything, delta,
+                                     sum(b for _, b in runs), relation, orders)
+  return TuningPrivacy(epsilon=epsilon, delta=delta, mean_num_runs=mean,
+                       shape=shape, single_run_epsilon=single,
+                       all_released_epsilon=all_released, event=event,
+                       note=note)
+
+
+# ---------------------------------------------------------------------------
+# Tables.
+
+SUMMARY_COLUMNS = ("eval_accuracy", "epsilon", "rounds_completed",
+                   "stopped_for_budget", "resolved_noise_multiplier", "group")
+
+
+def summary_rows(result) -> list[dict]:
+  """One row per configuration: id, swept fields, outcome columns."""
+  group_of = {}
+  for g, info in enumerate(result.groups):
+    for cid in info.config_ids:
+      group_of[cid] = g
+  rows = []
+  for cid, swept, run in zip(result.config_ids, result.swept, result.runs):
+    s = run.summary
+    row = {"id": cid, **swept}
+    row.update({
+        "eval_accuracy": s.get("eval_accuracy", float("nan")),
+        "epsilon": s["epsilon"],
+        "rounds_completed": s["rounds_completed"],
+        "stopped_for_budget": s["stopped_for_budget"],
+        "resolved_noise_multiplier": s["noise_multiplier"],
+        "group": group_of.get(cid, 0),
+    })
+    rows.append(row)
+  return rows
+
+
+def _columns(result) -> list[str]:
+  swept = [k for k in result.grid if k not in SUMMARY_COLUMNS]
+  return ["id"] + swept + list(SUMMARY_COLUMNS)
+
+
+def _cell(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  if isinstance(v, dict):
+    return json.dumps(v, sort_keys=True)
+  return str(v)
+
+
+def write_csv(result, path: str | os.PathLike) -> None:
+  columns = _columns(result)
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in summary_rows(result):
+      writer.writerow({k: (json.dumps(v, sort_keys=True)
+                           if isinstance(v, dict) else v)
+                       for k, v in row.items()})
+
+
+def markdown_table(result) -> str:
+  columns = _columns(result)
+  lines = ["| " + " | ".join(columns) + " |",
+           "|" + "|".join("---" for _ in columns) + "|"]
+  for row in summary_rows(result):
+    lines.append("| " + " | ".join(_cell(row.get(k, "")) for k in columns)
+                 + " |")
+  return "\n".join(lines)
+
+
+def write_markdown(result, path: str | os.PathLike) -> None:
+  base = result.base
+  parts = [
+      f"# Sweep of {base.name}",
+      "",
+      f"{len(result.configs)} configurations in {len(result.groups)} shape "
+      f"group(s), {result.wall_time_s:.1f} s. Epsilon at delta="
+      f"{base.delta:g} ({base.accountant}), per configuration.",
+      "",
+      markdown_table(result),
+      "",
+  ]
+  t = result.tuning
+  if t is not None:
+    parts += [
+        "## Privacy cost of tuning",
+        "",
+        f"Releasing only the best configuration of a search with a "
+        f"Poisson-distributed number of runs (mean {t.mean_num_runs:g}, "
+        f"hyperparameters drawn from this grid; Papernot & Steinke 2022, "
+        f"dp_accounting RepeatAndSelectDpEvent, RDP): epsilon = "
+        f"{t.epsilon:.4g} at delta={t.delta:g}. One run of the event used: "
+        f"{t.single_run_epsilon:.4g} (RDP). Releasing every configuration: "
+        f"{t.all_released_epsilon:.4g} (RDP). Event used: {t.note}.",
+        "",
+    ]
+  pathlib.Path(path).write_text("\n".join(parts), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------
+# Plots.
+
+
+def _label(swept: dict) -> str:
+  short = {"noise_multiplier": "z", "clip_norm": "C", "client_lr": "lr_c",
+           "server_lr": "lr_s"}
+  return ", ".join(f"{short.get(k, k)}={_cell(v)}" for k, v in swept.items())
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def plot_frontier(result, path: str | os.PathLike) -> None:
+  """Final eval accuracy vs epsilon, one point per configuration.
+
+  Points are coloured by the first swept field (legend) and, for up to 32
+  configurations, annotated with all swept values.
+  """
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+  rows = summary_rows(result)
+  field = next(iter(result.grid), None)
+  values = []
+  for row in rows:
+    v = row.get(field)
+    if v not in values:
+      values.append(v)
+  cmap = plt.get_cmap("viridis" if len(values) > 10 else "tab10")
+  for k, v in enumerate(values):
+    pts = [(r["epsilon"], r["eval_accuracy"]) for r in rows
+           if r.get(field) == v]
+    color = cmap(k / max(len(values) - 1, 1)) if len(values) > 10 else cmap(k)
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color,
+               label=f"{field}={_cell(v)}" if field else None, s=36,
+               edgecolors="black", linewidths=0.5)
+  if len(rows) <= 32:
+    for row, swept in zip(rows, result.swept):
+      if math.isfinite(row["epsilon"]) and math.isfinite(row["eval_accuracy"]):
+        ax.annotate(_label(swept), (row["epsilon"], row["eval_accuracy"]),
+                    fontsize=6, xytext=(3, 3), textcoords="offset points")
+  ax.set_xlabel(f"epsilon (delta={result.base.delta:g}, "
+                f"{result.base.accountant})")
+  ax.set_ylabel("final held-out accuracy")
+  ax.set_title(f"Privacy-utility frontier: {result.base.name} "
+               f"({len(rows)} configurations)")
+  ax.grid(True, alpha=0.3)
+  if field:
+    ax.legend(fontsize=8, loc="best")
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def plot_learning_curves(result, path: str | os.PathLike) -> None:
+  """Held-out accuracy vs round, one line per configuration."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+  for swept, run in zip(result.swept, result.runs):
+    pts = [(m["round"] + 1, m["eval_accuracy"]) for m in run.history
+           if "eval_accuracy" in m]
+    if pts:
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".",
+              linewidth=1, label=_label(swept))
+  ax.set_xlabel("rounds completed")
+  ax.set_ylabel("held-out accuracy")
+  ax.set_title(f"Learning curves: {result.base.name}")
+  ax.grid(True, alpha=0.3)
+  if len(result.runs) <= 16 and ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=6, loc="best")
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# The run directory.
+
+
+def write_run(run, path: str | os.PathLike) -> None:
+  """What `runner.run` writes for one run, checkpoints aside.
+
+  config.json (with the resolved noise multiplier), metrics.jsonl,
+  summary.json and ledger.jsonl (one line per accounted round).
+  """
+  out = pathlib.Path(path)
+  out.mkdir(parents=True, exist_ok=True)
+  resolved = run.config.to_dict() | {
+      "resolved_noise_multiplier": run.noise_multiplier}
+  (out / "config.json").write_text(
+      json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+  with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
+    for m in run.history:
+      f.write(json.dumps(m) + "\n")
+  (out / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n")
+  (out / "ledger.jsonl").write_text("".join(
+      json.dumps({"round": e.round,
+                  "event": checkpoint.encode_event(e.event)}) + "\n"
+      for e in run.ledger.entries))
+
+
+def write_sweep(result, run_dir: str | os.PathLike) -> pathlib.Path:
+  """Writes the sweep's run directory (see the module docstring)."""
+  out = pathlib.Path(run_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  for cid, run in zip(result.config_ids, result.runs):
+    write_run(run, out / "configs" / cid)
+  meta = {
+      "base": result.base.to_dict(),
+      "grid": result.grid,
+      "configs": [{"id": cid, **swept}
+                  for cid, swept in zip(result.config_ids, result.swept)],
+      "groups": [dataclasses.asdict(g) for g in result.groups],
+      "wall_time_s": result.wall_time_s,
+      "tuning": result.tuning.to_json() if result.tuning else None,
+  }
+  (out / "sweep.json").write_text(
+      json.dumps(meta, indent=2, default=repr) + "\n")
+  write_csv(result, out / "summary.csv")
+  write_markdown(result, out / "summary.md")
+  plot_frontier(result, out / "frontier.png")
+  plot_learning_curves(result, out / "learning_curves.png")
+  return out
