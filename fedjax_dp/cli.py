@@ -72,6 +72,32 @@ def _print_summary(s: dict, as_json: bool, run_dir) -> None:
         f"clip norm {s['clip_norm']:g}, {s['rounds_completed']} rounds")
 
 
+def _cmd_audit(args) -> int:
+  from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_dp import runner  # pylint: disable=g-import-not-at-top
+  config = (_load_experiment(args.config, args.smoke) if args.config
+            else config_lib.Config())
+  for assignment in args.set or ():
+    config = config_lib.parse_override(config, assignment)
+  config = config.replace(audit_canaries=args.canaries)
+  run_dir = args.run_dir or (
+      pathlib.Path("runs") /
+      f"{config.name}-audit-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+  result = runner.run(config, run_dir=run_dir, progress=not args.no_progress)
+  s = result.summary
+  if args.json:
+    print(json.dumps(s))
+    return 0
+  a = s["audit"]
+  print(f"run directory: {run_dir}")
+  print(f"accountant: epsilon = {s['epsilon']:.4g} at delta = {s['delta']:g}")
+  for name in ("final_model", "all_iterates"):
+    print(f"audit ({name}, {a['canaries']} canaries inserted, as many held "
+          f"out): epsilon_est = {a[name]['epsilon_est']:.4g}, epsilon_lo = "
+          f"{a[name]['epsilon_lo']:.4g} ({a['confidence']:.0%} confidence)")
+  return 0
+
+
 def _sampler_from_args(args):
   from fedjax_dp.privacy import sampling  # pylint: disable=g-import-not-at-top
   if args.population is None:
@@ -203,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--json", action="store_true",
                      help="print the final summary as JSON")
   train.set_defaults(fn=_cmd_train)
+
+  audit = sub.add_parser(
+      "audit", help="train with canary clients and estimate epsilon "
+      "empirically (Andrew et al. 2024)")
+  audit.add_argument("--config", help="experiments/<name>.py")
+  audit.add_argument("--smoke", action="store_true")
+  audit.add_argument("--canaries", type=int, default=500,
+                     help="canaries inserted (as many more are held out)")
+  audit.add_argument("--set", action="append", metavar="FIELD=VALUE")
+  audit.add_argument("--run-dir")
+  audit.add_argument("--no-progress", action="store_true")
+  audit.add_argument("--json", action="store_true")
+  audit.set_defaults(fn=_cmd_audit)
 
   account = sub.add_parser("account", help="epsilon of a DP-FedAvg schedule")
   _add_sampling_args(account)

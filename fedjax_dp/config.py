@@ -59,6 +59,9 @@ class Config:
   # stops before the first round that would exceed it.
   stop_at_budget: bool = False
   accountant: str = "pld"
+  # Empirical privacy audit (Andrew et al. 2024): number of canary clients
+  # inserted into the population (as many more are held out); 0 disables.
+  audit_canaries: int = 0
   # Run.
   seed: int = 0
   eval_every: int = 10
@@ -145,6 +148,8 @@ class Config:
     if self.sampling == "fixed" and self.accountant == "pld":
       _fail("accountant", "'rdp' for fixed-size sampling (dp_accounting's PLD "
             "has no event for sampling without replacement)", self.accountant)
+    if not isinstance(self.audit_canaries, int) or self.audit_canaries < 0:
+      _fail("audit_canaries", "an integer >= 0", self.audit_canaries)
     if not isinstance(self.stop_at_budget, bool):
       _fail("stop_at_budget", "true or false", self.stop_at_budget)
     if not isinstance(self.seed, int) or self.seed < 0:

@@ -14,7 +14,10 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from fedjax_dp import audit
 from fedjax_dp import checkpoint
 from fedjax_dp import config as config_lib
 from fedjax_dp import evaluation
@@ -45,9 +48,12 @@ def _to_python(metrics: dict) -> dict:
   return {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
 
 
-def _checkpoint_state(state):
+def _checkpoint_state(state, canary_max=None):
   """The arrays a checkpoint holds (mechanism states will join the server's)."""
-  return {"server": state}
+  tree = {"server": state}
+  if canary_max is not None:
+    tree["canary_max"] = canary_max
+  return tree
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
@@ -57,6 +63,29 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def _audit_summary(config, directions, initial_params, final_params,
+                   canary_max) -> dict:
+  """One-shot empirical privacy estimate from the run's canaries."""
+  m = config.audit_canaries
+  delta = tree_util.tree_sub(final_params, initial_params)
+  final = np.asarray(audit.cosines(directions, delta))
+  best = np.asarray(canary_max)
+  out = {"canaries": m, "confidence": 0.95}
+  for name, cos in (("final_model", final), ("all_iterates", best)):
+    inserted, held_out = cos[:m], cos[m:]
+    out[name] = {
+        # An estimate, not a bound. Pooled variance: under the Gaussian
+        # mechanism both groups carry the same noise, and fitting two
+        # variances inflates the estimate on small samples.
+        "epsilon_est": audit.estimate_epsilon(
+            inserted, held_out, config.delta, equal_variance=True),
+        # A lower bound that holds with the stated confidence.
+        "epsilon_lo": audit.epsilon_lower_bound(
+            inserted, held_out, config.delta, confidence=0.95),
+    }
+  return out
 
 
 def load_run_config(run_dir: str | os.PathLike) -> config_lib.Config:
@@ -121,6 +150,13 @@ def run(
   hparams = sim.hparams()
   state = sim.initial_state(config.seed)
   ledger = sim.new_ledger()
+  canaries = canary_max = None
+  if config.audit_canaries:
+    initial_params = sim.initial_state(config.seed).params  # not donated
+    directions = sim.canary_directions(config.seed, initial_params)
+    canary_norm = 1e3 * config.clip_norm if config.clip_norm < float("inf") \
+        else 1.0
+    canary_max = jnp.full((2 * config.audit_canaries,), -1.0, jnp.float32)
   first_round = 0
   metrics_offset = 0
   _, noise_key = sim.stream_keys(config.seed)
@@ -132,13 +168,14 @@ def run(
     for step in sorted(checkpoint.all_steps(ckpt_dir), reverse=True):
       try:
         restored, meta = checkpoint.restore(
-            ckpt_dir, step, _checkpoint_state(state))
+            ckpt_dir, step, _checkpoint_state(state, canary_max))
         break
       except checkpoint.CheckpointError as e:
         errors.append(str(e))
         log(f"checkpoint {step} is unusable ({e}); trying an older one")
     if restored is not None:
       state = restored["server"]
+      canary_max = restored.get("canary_max")
       ledger = checkpoint.decode_ledger(meta["ledger"])
       if [e.round for e in ledger.entries] != list(range(step)):
         raise checkpoint.CheckpointError(
@@ -187,7 +224,7 @@ def run(
     if ckpt_dir is None:
       return
     checkpoint.save(
-        ckpt_dir, rounds_completed, _checkpoint_state(state),
+        ckpt_dir, rounds_completed, _checkpoint_state(state, canary_max),
         {"ledger": checkpoint.encode_ledger(ledger),
          "metrics_offset": metrics_file.tell(),
          "config": config.to_dict()})
@@ -205,7 +242,7 @@ def run(
   cohorts = prefetch.Prefetcher(prepare, range(first_round, config.rounds),
                                 depth=2)
   try:
-    for r, block, num_drawn, num_dropped in cohorts:
+    for r, block, num_drawn, num_dropped, canary_ids in cohorts:
       if config.epsilon_budget is not None and \
           ledger.epsilon_if(event) > config.epsilon_budget:
         stopped_for_budget = True
@@ -219,10 +256,16 @@ def run(
             {"round": r, "event": checkpoint.encode_event(event)}) + "\n")
         ledger_file.flush()
         os.fsync(ledger_file.fileno())
+      if config.audit_canaries:
+        canaries = dp_fedavg.Canaries(directions, canary_ids,
+                                      jnp.float32(canary_norm))
       state, metrics = round_fn(
           state, dp_fedavg.CohortBlock(block.features, block.example_mask,
                                        block.client_mask),
-          hparams, jax.random.fold_in(noise_key, r))
+          hparams, jax.random.fold_in(noise_key, r), canaries)
+      if canaries is not None:
+        canary_max = audit.max_over_rounds(canary_max,
+                                           metrics.pop("canary_cosines"))
       if not bool(tree_util.tree_all_finite(state.params)):
         raise ModelDivergedError(
             f"round {r}: the global model became non-finite (NaN or Inf); the "
@@ -281,6 +324,9 @@ def run(
   }
   if sampler.relation is not sampling.FixedSizeSampler.relation:
     summary["epsilon_pld"] = ledger.epsilon("pld")
+  if config.audit_canaries:
+    summary["audit"] = _audit_summary(
+        config, directions, initial_params, state.params, canary_max)
   if out is not None:
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
   log(f"done: {rounds_done} rounds, eval accuracy "

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import optax
 
+from fedjax_dp import audit
 from fedjax_dp import client as client_lib
 from fedjax_dp import config as config_lib
 from fedjax_dp import server as server_lib
@@ -25,7 +26,8 @@ from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import sampling
 
 # Independent PRNG streams, folded from a run's root key.
-INIT_STREAM, SAMPLE_STREAM, NOISE_STREAM, DATA_STREAM, DROPOUT_STREAM = range(5)
+(INIT_STREAM, SAMPLE_STREAM, NOISE_STREAM, DATA_STREAM, DROPOUT_STREAM,
+ CANARY_STREAM) = range(6)
 
 
 def default_execution(config: config_lib.Config,
@@ -125,8 +127,14 @@ class Simulation:
     return (jax.random.fold_in(root, SAMPLE_STREAM),
             jax.random.fold_in(root, NOISE_STREAM))
 
+  def canary_directions(self, seed: int, params_like) -> types.Params:
+    """2 * audit_canaries unit directions: the first half are inserted."""
+    return audit.canary_directions(
+        jax.random.fold_in(jax.random.key(seed), CANARY_STREAM),
+        2 * self.config.audit_canaries, params_like)
+
   def prepare(self, r: int, seed: int,
-              sample_fn) -> tuple[blocks.ClientBlock, int, int]:
+              sample_fn) -> tuple[blocks.ClientBlock, int, int, np.ndarray]:
     """Samples round r's cohort (seed's stream) and lays out its block.
 
     Simulated dropout removes each sampled client independently with
@@ -135,9 +143,13 @@ class Simulation:
     recorded event (sampling with q) remains a valid, conservative account;
     the denominator stays the public expected cohort size.
 
+    Sampled indices >= the number of real clients are audit canaries; they
+    take slots after the real clients, with no examples.
+
     Returns:
       (block, number of clients the sampler drew before any truncation,
-      number of sampled clients that dropped out).
+      number of sampled clients that dropped out, canary id per slot (-1 for
+      real clients and padding)).
     """
     sample_key, _ = self.stream_keys(seed)
     indices, valid, num_drawn = jax.device_get(
@@ -149,7 +161,9 @@ class Simulation:
           chosen.shape[0]) >= self.config.dropout_rate
       num_dropped = int(np.sum(~stays))
       chosen = chosen[stays]
-    cohort = self.train.subset(chosen)
+    n = self.train.num_clients
+    canaries = chosen[chosen >= n] - n
+    cohort = self.train.subset(chosen[chosen < n])
     local_valid = np.arange(self.slots) < cohort.num_clients
     local = np.where(local_valid, np.arange(self.slots), 0)
     block = blocks.make_block(
@@ -157,7 +171,11 @@ class Simulation:
         epochs=self.config.local_epochs, num_steps=self.num_steps,
         rng=np.random.default_rng([seed, DATA_STREAM, r]),
         max_examples_per_client=self.config.max_examples_per_client)
-    return block, int(num_drawn), num_dropped
+    canary_ids = np.full((self.slots,), -1, np.int32)
+    first = cohort.num_clients
+    canary_ids[first:first + canaries.size] = canaries
+    block.client_mask[first:first + canaries.size] = True
+    return block, int(num_drawn), num_dropped, canary_ids
 
 
 def build(config: config_lib.Config) -> Simulation:
@@ -166,7 +184,9 @@ def build(config: config_lib.Config) -> Simulation:
   dataset = builtin.load(config.dataset, seed=config.seed,
                          **config.dataset_kwargs)
   train = dataset.train
-  sampler = build_sampler(config, train.num_clients)
+  # Audit canaries are clients too: the sampler (and so the accounting) runs
+  # over the real clients plus the inserted canaries.
+  sampler = build_sampler(config, train.num_clients + config.audit_canaries)
   model = registry.get_model(config.model, dataset.input_shape,
                              dataset.num_classes, **config.model_kwargs)
   noise_multiplier = resolve_noise_multiplier(config, sampler)

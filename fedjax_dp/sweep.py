@@ -147,6 +147,37 @@ def expand_grid(base: config_lib.Config,
   return out
 
 
+def parse_grid(base: config_lib.Config,
+               assignments: Sequence[str]) -> dict[str, list]:
+  """Parses CLI grid flags 'field=v1,v2,...' into a grid.
+
+  Each value is parsed as `config.parse_override` parses one (JSON, bare
+  words as strings, 'inf', 'none'), so '--grid noise_multiplier=0.5,1'
+  gives floats. A field given twice has its values appended. Values that
+  contain commas (dicts) are not supported here.
+
+  Raises:
+    ValueError: a malformed flag, unknown field or value of the wrong type.
+  """
+  grid: dict[str, list] = {}
+  for assignment in assignments:
+    if "=" not in assignment:
+      raise ValueError(
+          f"--grid {assignment!r} must look like field=value1,value2")
+    name, raw = assignment.split("=", 1)
+    name = name.strip().replace("-", "_")
+    values = [v for v in raw.split(",") if v.strip()]
+    if not values:
+      raise ValueError(f"--grid {assignment!r} gives no values")
+    # A swept noise multiplier replaces a calibrated one (see expand_grid).
+    like = base if name != "noise_multiplier" else base.replace(
+        noise_multiplier=1.0, target_epsilon=None)
+    for v in values:
+      config = config_lib.parse_override(like, f"{name}={v}")
+      grid.setdefault(name, []).append(getattr(config, name))
+  return grid
+
+
 def _key(config: config_lib.Config, exclude: Sequence[str]) -> str:
   d = {k: v for k, v in config.to_dict().items() if k not in exclude}
   return json.dumps(d, sort_keys=True, default=repr)
@@ -287,6 +318,11 @@ def run_sweep(
   sims: dict[str, simulation.Simulation] = {}
   groups: dict[tuple, list[int]] = collections.OrderedDict()
   for i, config in enumerate(configs):
+    if getattr(config, "audit_canaries", 0):
+      raise ValueError(
+          "config field 'audit_canaries' must be 0 in a sweep (audits run "
+          f"with runner.run); configuration {ids[i]} has "
+          f"{config.audit_canaries}")
     skey = _key(config, ARRAY_FIELDS[:-1] + HOST_FIELDS)
     if skey not in sims:
       sims[skey] = simulation.build(_structural(config))
@@ -421,8 +457,10 @@ def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, init,
   def prepare(r: int):
     blocks, drawn, dropped = [], [], []
     for m in lanes:
+      # (block, drawn, dropped, ...): later fields serve features a sweep
+      # refuses (audit canaries).
       block, num_drawn, num_dropped = m.sim.prepare(r, m.config.seed,
-                                                    sample_fn)
+                                                    sample_fn)[:3]
       if block.client_mask[slots:].any():
         raise AssertionError("a cohort outgrew the sweep's trimmed block")
       blocks.append(dp_fedavg.CohortBlock(

@@ -158,3 +158,15 @@ def test_tuning_epsilon_is_dp_accounting_repeat_and_select():
       dp_accounting.SelfComposedDpEvent(round_event, rounds), 3.0, math.inf))
   assert t.epsilon == pytest.approx(acc.get_epsilon(1e-5), rel=1e-3)
   assert t.epsilon > t.single_run_epsilon
+
+
+def test_parse_grid_types_values_like_overrides():
+  grid = sweep.parse_grid(
+      _tiny(noise_multiplier=None, target_epsilon=3.0),
+      ["noise_multiplier=0.5,1", "seed=0,1", "clip_norm=inf",
+       "model=logistic,mlp_2nn"])
+  assert grid == {"noise_multiplier": [0.5, 1.0], "seed": [0, 1],
+                  "clip_norm": [math.inf], "model": ["logistic", "mlp_2nn"]}
+  assert all(isinstance(v, float) for v in grid["noise_multiplier"])
+  with pytest.raises(ValueError, match="unknown config field"):
+    sweep.parse_grid(_tiny(), ["noise=1"])

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_dp import audit
 from fedjax_dp import client as client_lib
 from fedjax_dp import server as server_lib
 from fedjax_dp import tree_util
@@ -54,6 +55,18 @@ class CohortBlock(NamedTuple):
   client_mask: jax.Array  # [clients]
 
 
+class Canaries(NamedTuple):
+  """Audit canaries (Andrew et al. 2024) sampled into the round like clients.
+
+  A slot whose id is >= 0 holds canary `id`: instead of training, it submits
+  `norm * directions[id]`, which clipping cuts to norm C like any client.
+  """
+
+  directions: types.Params  # leading axis: canary
+  ids: jax.Array  # int32 [clients]; -1 for real clients and padding
+  norm: jax.Array  # float32 scalar, well above the clip norm
+
+
 def _chunked(tree, num_chunks: int):
   return jax.tree_util.tree_map(
       lambda x: x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:]),
@@ -86,9 +99,17 @@ def build_round(
   client_update = client_lib.make_client_update(
       model, client_optimizer_fn, unroll=unroll_local_steps)
 
-  def clipped_client(params, features, example_mask, valid, hparams):
+  def clipped_client(params, features, example_mask, valid, canary_id,
+                     hparams, canaries):
     out = client_update(params, features, example_mask, hparams.client_lr)
-    clip = clipping.clip_by_global_norm(out.delta, hparams.clip_norm)
+    delta = out.delta
+    if canaries is not None:
+      canary_delta = jax.tree_util.tree_map(
+          lambda d: canaries.norm * d[jnp.maximum(canary_id, 0)],
+          canaries.directions)
+      delta = jax.tree_util.tree_map(
+          lambda c, d: jnp.where(canary_id >= 0, c, d), canary_delta, delta)
+    clip = clipping.clip_by_global_norm(delta, hparams.clip_norm)
     # A client whose update is NaN or Inf contributes nothing (it is excluded
     # by `where`, which also keeps NaN out of the sum). Whether to drop it
     # depends only on that client's own data, so the sum's sensitivity is
@@ -97,7 +118,8 @@ def build_round(
     return clip, finite, out.loss, out.num_examples
 
   def round_fn(state: server_lib.ServerState, block: CohortBlock,
-               hparams: RoundHparams, noise_key: types.PRNGKey):
+               hparams: RoundHparams, noise_key: types.PRNGKey,
+               canaries: Canaries | None = None):
     params = state.params
     num_clients = block.client_mask.shape[0]
     if num_clients % clients_per_chunk:
@@ -105,17 +127,19 @@ def build_round(
           f"block holds {num_clients} clients, not a multiple of "
           f"clients_per_chunk={clients_per_chunk}")
     num_chunks = num_clients // clients_per_chunk
-    chunks = _chunked((block.features, block.example_mask, block.client_mask),
-                      num_chunks)
-    vmapped = jax.vmap(clipped_client, in_axes=(None, 0, 0, 0, None))
+    canary_ids = (canaries.ids if canaries is not None else
+                  jnp.full((num_clients,), -1, jnp.int32))
+    chunks = _chunked((block.features, block.example_mask, block.client_mask,
+                       canary_ids), num_chunks)
+    vmapped = jax.vmap(clipped_client, in_axes=(None, 0, 0, 0, 0, None, None))
     zeros = tree_util.tree_zeros_like(params)
 
     def per_chunk(total, chunk):
-      features, example_mask, valid = chunk
+      features, example_mask, valid, ids = chunk
 
       def compute(total):
         clip, finite, loss, n = vmapped(params, features, example_mask, valid,
-                                        hparams)
+                                        ids, hparams, canaries)
         total = tree_util.tree_add(
             total, tree_util.masked_sum(clip.clipped, valid & finite))
         return total, (clip.norm, clip.was_clipped, valid & ~finite, loss, n)
@@ -156,7 +180,14 @@ def build_round(
         "clipped_sum_norm": tree_util.global_l2_norm(clipped_sum),
         "noise_stddev": stddev,
         "num_examples": jnp.sum(jnp.where(valid, num_examples, 0)),
+        # Norm of the clipped sum over the expected norm of the noise.
+        "signal_to_noise": tree_util.global_l2_norm(clipped_sum) / (
+            stddev * jnp.sqrt(float(tree_util.tree_size(clipped_sum)))),
     }
+    if canaries is not None:
+      # For the all-iterates audit: how well each canary shows in this round's
+      # released update.
+      metrics["canary_cosines"] = audit.cosines(canaries.directions, average)
     return new_state, metrics
 
   return round_fn

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_dp import audit
 from fedjax_dp import client as client_lib
 from fedjax_dp import server as server_lib
 from fedjax_dp import tree_util
@@ -152,7 +153,11 @@ def _factored_chunk(kernels, biases, x, y, m, lr):
   # steps, and one Gram matrix that serves both corrections and the norm.
   x_rows = x.reshape(k_, t_ * b_, -1)
   first_pre = _shared(x_rows, kernels[0]) + biases[0]  # [K, T*B, d1]
-  first_gram = _bdot(x_rows, x_rows) + 1.0  # [K, T*B, T*B]
+  # [K, T*B, T*B]. XLA:CPU runs this batched Gram faster with the long axis
+  # in the middle, the transposition included (measured).
+  xt = jnp.swapaxes(x_rows, 1, 2)
+  first_gram = jnp.einsum("kdm,kdn->kmn", xt, xt,
+                          preferred_element_type=jnp.float32) + 1.0
 
   inputs = [[None] * t_ for _ in range(num_layers)]  # A[l][t]: [K, B, in]
   grads = [[None] * t_ for _ in range(num_layers)]  # G[l][t]: [K, B, out]
@@ -251,8 +256,8 @@ def build_factored_round(
       are always unrolled (their count is static and small).
 
   Returns:
-    `round_fn(state, block, hparams, noise_key) -> (new_state, metrics)`,
-    the same contract as `dp_fedavg.build_round`.
+    `round_fn(state, block, hparams, noise_key, canaries=None) -> (new_state,
+    metrics)`, the same contract as `dp_fedavg.build_round`.
 
   Raises:
     ValueError: for a model or client optimizer this round does not cover.
@@ -264,7 +269,8 @@ def build_factored_round(
   _check_plain_sgd(client_optimizer_fn)
 
   def round_fn(state: server_lib.ServerState, block: dp_fedavg.CohortBlock,
-               hparams: dp_fedavg.RoundHparams, noise_key: types.PRNGKey):
+               hparams: dp_fedavg.RoundHparams, noise_key: types.PRNGKey,
+               canaries: "dp_fedavg.Canaries | None" = None):
     params = state.params
     names = dense_layer_names(params)
     kernels = [params[n]["kernel"].astype(jnp.float32) for n in names]
@@ -276,91 +282,132 @@ def build_factored_round(
     y = block.features["y"].astype(jnp.int32)
     m = block.example_mask
     valid = block.client_mask
+    if canaries is not None:
+      # A canary slot submits norm * directions[id] instead of its training
+      # result (as in dp_fedavg); its clipped contribution is added as a
+      # weight on its direction, not through the factors.
+      canary_ids = canaries.ids.astype(jnp.int32)
+      num_canaries = jax.tree_util.tree_leaves(canaries.directions)[0].shape[0]
+      canary_norms = canaries.norm * jnp.sqrt(sum(
+          jnp.sum(jnp.square(d.astype(jnp.float32)).reshape(num_canaries, -1),
+                  axis=1)
+          for d in jax.tree_util.tree_leaves(canaries.directions)))
+    else:
+      canary_ids = jnp.full((num_clients,), -1, jnp.int32)
+      num_canaries = 0
+      canary_norms = None
 
     k = clients_per_chunk or _default_chunk(num_clients, num_steps * batch)
     k = min(k, num_clients)
     num_full = num_clients // k
     rest = num_clients - num_full * k
 
-    def chunk_fn(sums, chunk):
-      cx, cy, cm, cvalid = chunk
+    def chunk_fn(carry, chunk):
+      cx, cy, cm, cvalid, cids = chunk
 
-      def compute(sums):
-        factors_a, factors_g, norm, loss = _factored_chunk(
+      def compute(carry):
+        sums, canary_weights = carry
+        factors_a, factors_g, trained_norm, loss = _factored_chunk(
             kernels, biases, cx, cy, cm, lr)
+        is_canary = cids >= 0
+        norm = trained_norm
+        if canary_norms is not None:
+          norm = jnp.where(is_canary, canary_norms[jnp.maximum(cids, 0)],
+                           trained_norm)
         # As in dp_fedavg: a client whose update is NaN or Inf contributes
-        # nothing. A finite Gram-based norm implies finite factors (their
-        # Gram diagonals are finite), so only a chunk holding a non-finite
-        # norm needs the factors themselves masked.
+        # nothing; whether it is dropped depends only on its own data.
         finite = jnp.isfinite(norm)
-        keep = cvalid & finite
         scale = jnp.minimum(1.0, hparams.clip_norm / jnp.maximum(norm, 1e-30))
-        # Excluded clients are selected away, never multiplied by zero.
-        scale = jnp.where(keep, scale, 0.0)[:, None, None]
+        keep = cvalid & finite & ~is_canary
         keep3 = keep[:, None, None]
-        scaled_g = [jnp.where(keep3, g * scale, 0.0) for g in factors_g]
+        # Excluded clients are selected away, never multiplied by zero.
+        scale3 = jnp.where(keep, scale, 0.0)[:, None, None]
+        scaled_g = [jnp.where(keep3, g * scale3, 0.0) for g in factors_g]
 
         def accumulate(sums, mask_inputs):
           new_sums = []
           for (ks, bs), a, sg in zip(sums, factors_a, scaled_g):
             if mask_inputs:
               a = jnp.where(keep3, a, 0.0)
-            ks = ks - lr * jnp.einsum("krd,kre->de", a, sg,
+            ks = ks - lr * jnp.einsum("kre,krd->ed", sg, a,
                                       preferred_element_type=jnp.float32)
             bs = bs - lr * jnp.sum(sg, axis=(0, 1))
             new_sums.append((ks, bs))
           return new_sums
 
-        sums = jax.lax.cond(jnp.all(finite),
+        # A finite Gram-based norm implies finite factors (their Gram
+        # diagonals are finite), so only a chunk holding a non-finite
+        # trained norm needs the factors themselves masked.
+        sums = jax.lax.cond(jnp.all(jnp.isfinite(trained_norm)),
                             lambda s: accumulate(s, False),
                             lambda s: accumulate(s, True), sums)
+        if num_canaries:
+          weight = jnp.where(cvalid & finite & is_canary, scale, 0.0)
+          canary_weights = canary_weights + jax.ops.segment_sum(
+              weight, jnp.maximum(cids, 0), num_segments=num_canaries)
         n = jnp.sum(cm.astype(jnp.int32), axis=(1, 2))
-        return sums, (norm, norm > hparams.clip_norm, cvalid & ~finite, loss,
-                      n)
+        return (sums, canary_weights), (norm, norm > hparams.clip_norm,
+                                        cvalid & ~finite, loss, n)
 
-      def skip(sums):
+      def skip(carry):
         c = cvalid.shape[0]
-        return sums, (jnp.zeros((c,), jnp.float32), jnp.zeros((c,), bool),
-                      jnp.zeros((c,), bool), jnp.zeros((c,), jnp.float32),
-                      jnp.zeros((c,), jnp.int32))
+        return carry, (jnp.zeros((c,), jnp.float32), jnp.zeros((c,), bool),
+                       jnp.zeros((c,), bool), jnp.zeros((c,), jnp.float32),
+                       jnp.zeros((c,), jnp.int32))
 
-      return jax.lax.cond(jnp.any(cvalid), compute, skip, sums)
+      return jax.lax.cond(jnp.any(cvalid), compute, skip, carry)
 
-    sums = [(jnp.zeros(kk.shape, jnp.float32), jnp.zeros(bb.shape, jnp.float32))
+    # Kernel sums are kept transposed, [out, in]: the product (s G)^T A
+    # then reads the large factor A (the inputs) in its natural layout
+    # instead of transposing it.
+    sums = [(jnp.zeros(kk.shape[::-1], jnp.float32),
+             jnp.zeros(bb.shape, jnp.float32))
             for kk, bb in zip(kernels, biases)]
-    data = (x, y, m, valid)
+    carry = (sums, jnp.zeros((num_canaries,), jnp.float32))
+    data = (x, y, m, valid, canary_ids)
 
-    def scanned(sums, i):
+    def scanned(carry, i):
       # Slices of the block itself: no chunked copy of the whole block.
       chunk = jax.tree_util.tree_map(
           lambda a: jax.lax.dynamic_slice_in_dim(a, i * k, k), data)
-      return chunk_fn(sums, chunk)
+      return chunk_fn(carry, chunk)
 
-    sums, outs = jax.lax.scan(scanned, sums, jnp.arange(num_full))
+    carry, outs = jax.lax.scan(scanned, carry, jnp.arange(num_full))
     outs = [o.reshape(-1) for o in outs]
     if rest:
       tail = jax.tree_util.tree_map(lambda a: a[num_full * k:], data)
-      sums, tail_outs = chunk_fn(sums, tail)
+      carry, tail_outs = chunk_fn(carry, tail)
       outs = [jnp.concatenate([o, t]) for o, t in zip(outs, tail_outs)]
     norms, was_clipped, nonfinite, client_loss, num_examples = outs
+    sums, canary_weights = carry
 
-    clipped_sum = {n: {"kernel": ks.astype(params[n]["kernel"].dtype),
+    clipped_sum = {n: {"kernel": ks.T.astype(params[n]["kernel"].dtype),
                        "bias": bs.astype(params[n]["bias"].dtype)}
                    for n, (ks, bs) in zip(names, sums)}
     clipped_sum = jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(params),
         jax.tree_util.tree_leaves(clipped_sum))
+    if num_canaries:
+      clipped_sum = jax.tree_util.tree_map(
+          lambda total, d: total + jnp.tensordot(
+              canary_weights * canaries.norm, d.astype(jnp.float32),
+              axes=1).astype(total.dtype),
+          clipped_sum, canaries.directions)
     return _finish_round(state, clipped_sum, hparams, noise_key, valid, norms,
                          was_clipped, nonfinite, client_loss, num_examples,
-                         server_optimizer)
+                         server_optimizer, canaries)
 
   return round_fn
 
 
 def _finish_round(state, clipped_sum, hparams, noise_key, client_mask, norms,
                   was_clipped, nonfinite, client_loss, num_examples,
-                  server_optimizer):
-  """Noise, public denominator, server step and metrics (as dp_fedavg)."""
+                  server_optimizer, canaries):
+  """Noise, public denominator, server step and metrics: dp_fedavg's code.
+
+  Kept line for line equal to the end of `dp_fedavg.build_round`'s round_fn
+  (tests/test_factored.py compares every metric).
+  """
   stddev = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
   noisy_sum = noise.add_gaussian_noise(clipped_sum, stddev, noise_key)
   average = tree_util.tree_scale(noisy_sum, 1.0 / hparams.denominator)
@@ -382,5 +429,10 @@ def _finish_round(state, clipped_sum, hparams, noise_key, client_mask, norms,
       "clipped_sum_norm": tree_util.global_l2_norm(clipped_sum),
       "noise_stddev": stddev,
       "num_examples": jnp.sum(jnp.where(valid, num_examples, 0)),
+      # Norm of the clipped sum over the expected norm of the noise.
+      "signal_to_noise": tree_util.global_l2_norm(clipped_sum) / (
+          stddev * jnp.sqrt(float(tree_util.tree_size(clipped_sum)))),
   }
+  if canaries is not None:
+    metrics["canary_cosines"] = audit.cosines(canaries.directions, average)
   return new_state, metrics
