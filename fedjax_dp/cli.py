@@ -98,6 +98,28 @@ def _cmd_audit(args) -> int:
   return 0
 
 
+def _cmd_sweep(args) -> int:
+  from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_dp import sweep  # pylint: disable=g-import-not-at-top
+  config = (_load_experiment(args.config, args.smoke) if args.config
+            else config_lib.Config())
+  for assignment in args.set or ():
+    config = config_lib.parse_override(config, assignment)
+  if not args.grid:
+    raise ValueError("--grid: give at least one FIELD=V1,V2,...")
+  grid = sweep.parse_grid(config, args.grid)
+  run_dir = args.run_dir or (
+      pathlib.Path("runs") /
+      f"{config.name}-sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+  sweep.run_sweep(config, grid, run_dir=run_dir,
+                  progress=not args.no_progress,
+                  max_configs_per_group=args.max_configs_per_group,
+                  tuning=not args.no_tuning)
+  print(f"run directory: {run_dir}")
+  print((pathlib.Path(run_dir) / "summary.md").read_text())
+  return 0
+
+
 def _sampler_from_args(args):
   from fedjax_dp.privacy import sampling  # pylint: disable=g-import-not-at-top
   if args.population is None:
@@ -242,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
   audit.add_argument("--no-progress", action="store_true")
   audit.add_argument("--json", action="store_true")
   audit.set_defaults(fn=_cmd_audit)
+
+  sweep = sub.add_parser(
+      "sweep", help="run a grid of configurations as one vmapped program per "
+      "shape group")
+  sweep.add_argument("--config", help="experiments/<name>.py")
+  sweep.add_argument("--smoke", action="store_true")
+  sweep.add_argument("--grid", action="append", metavar="FIELD=V1,V2,...",
+                     help="values of one field (repeatable)")
+  sweep.add_argument("--set", action="append", metavar="FIELD=VALUE")
+  sweep.add_argument("--run-dir")
+  sweep.add_argument("--max-configs-per-group", type=int)
+  sweep.add_argument("--no-tuning", action="store_true",
+                     help="skip the privacy cost of tuning")
+  sweep.add_argument("--no-progress", action="store_true")
+  sweep.set_defaults(fn=_cmd_sweep)
 
   account = sub.add_parser("account", help="epsilon of a DP-FedAvg schedule")
   _add_sampling_args(account)

@@ -20,7 +20,7 @@ as `runner.run` of that configuration alone (tested).
 Privacy: nothing is shared between configurations except compute; each
 configuration's epsilon is that of its own run. Releasing the best of many
 configurations costs more privacy than any one of them: see
-`reports.tuning_epsilon`, which `run_sweep` reports beside the per-config
+`privacy.tuning.tuning_epsilon`, which `run_sweep` reports beside the per-config
 epsilons.
 
 Cost notes:
@@ -57,6 +57,7 @@ from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.data import prefetch
 from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import sampling
+from fedjax_dp.privacy import tuning as tuning_lib
 
 # Fields that are arrays of the round (or the seed of its streams): they never
 # split a shape group.
@@ -98,7 +99,7 @@ class SweepResult:
       (`summary["wall_time_s"]` is the wall time of its configuration chunk).
     groups: the shape groups, in the order they ran.
     tuning: the privacy cost of releasing the best configuration
-      (`reports.TuningPrivacy`), or None when not computed.
+      (`tuning.TuningPrivacy`), or None when not computed.
     wall_time_s: the whole sweep's wall time.
     run_dir: where the sweep was written, or None.
   """
@@ -293,7 +294,7 @@ def run_sweep(
       padded with copies so that every chunk reuses the same compilation.
       None: no limit.
     tuning: compute the privacy cost of selecting the best configuration
-      (`reports.tuning_epsilon`).
+      (`privacy.tuning.tuning_epsilon`).
     log: where progress lines go.
 
   Returns:
@@ -368,7 +369,7 @@ def run_sweep(
                        runs=runs, groups=infos)
   if tuning and len(configs) > 1:
     try:
-      result.tuning = reports.tuning_epsilon(
+      result.tuning = tuning_lib.tuning_epsilon(
           [r.ledger.events for r in runs], base.delta,
           relation=runs[0].ledger.relation)
     except (accounting.UnsupportedAccountingError, ValueError) as e:

@@ -10,7 +10,6 @@ import pytest
 from fedjax_dp import cli
 from fedjax_dp import config as config_lib
 from fedjax_dp import runner
-from fedjax_dp.privacy import accounting
 
 
 def _small(**changes):

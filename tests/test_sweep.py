@@ -12,10 +12,10 @@ import pytest
 from matplotlib import image as mpl_image
 
 from fedjax_dp import config as config_lib
-from fedjax_dp import reports
 from fedjax_dp import runner
 from fedjax_dp import sweep
 from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import tuning
 
 _QUIET = {"progress": False, "log": lambda s: None}
 
@@ -148,7 +148,7 @@ def test_tuning_epsilon_is_dp_accounting_repeat_and_select():
       q, dp_accounting.GaussianDpEvent(z))
   weaker = dp_accounting.PoissonSampledDpEvent(
       q, dp_accounting.GaussianDpEvent(4.0))
-  t = reports.tuning_epsilon(
+  t = tuning.tuning_epsilon(
       [[round_event] * rounds, [weaker] * rounds, [round_event] * rounds],
       1e-5, relation=clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE)
   assert t.mean_num_runs == 3 and math.isinf(t.shape)

@@ -40,7 +40,6 @@ import numpy as np
 from sklearn import datasets as sklearn_datasets
 
 from fedjax_dp.data import partition
-from fedjax_dp.data import population
 from fedjax_dp.data import source as source_lib
 from fedjax_dp.data import synthetic as synthetic_lib
 

@@ -128,7 +128,7 @@ class _ComposedPld:
     return 1.0 if self._non_dp else self._pld.get_delta_for_epsilon(epsilon)
 
 
-def _untruncated_view(
+def untruncated_view(
     event: dp_accounting.DpEvent,
 ) -> tuple[dp_accounting.DpEvent, float]:
   """(the event without truncation, probability that truncation happened)."""
@@ -140,6 +140,28 @@ def _untruncated_view(
         q, dp_accounting.GaussianDpEvent(event.noise_multiplier))
     return untruncated, beta
   return event, 0.0
+
+
+def epsilon_with_truncation_slack(acc, delta: float, beta: float) -> float:
+  """Smallest eps with acc.delta(eps) + (1 + e^eps) * beta <= delta.
+
+  `acc` has composed the untruncated events and `beta` bounds the probability
+  that any truncation happened (see the module docstring).
+  """
+  eps = float(acc.get_epsilon(delta))
+  if beta == 0.0:
+    return eps
+  # The slack grows with eps, so start from the untruncated answer and move up
+  # until the condition, checked with the accountant's own delta(eps), holds.
+  for _ in range(200):
+    slack = (1.0 + math.exp(min(eps, 700.0))) * beta
+    if slack >= delta:
+      return math.inf
+    eps = max(eps, float(acc.get_epsilon(delta - slack)))
+    if acc.get_delta(eps) + (1.0 + math.exp(min(eps, 700.0))) * beta <= delta:
+      return eps
+    eps += 1e-4 * max(eps, 1.0)  # past the accountant's discretisation
+  return math.inf
 
 
 def epsilon_of(
@@ -158,7 +180,7 @@ def epsilon_of(
   check_delta(delta)
   if not events:
     return 0.0
-  views = [_untruncated_view(e) for e in events]
+  views = [untruncated_view(e) for e in events]
   counts = collections.Counter(v for v, _ in views)
   if accountant == "pld":
     acc = _ComposedPld(
@@ -172,21 +194,7 @@ def epsilon_of(
           f"{relation.value} neighbours")
     acc.compose(composed)
   beta = sum(b for _, b in views)
-  if beta == 0.0:
-    return float(acc.get_epsilon(delta))
-  # Find eps with delta0(eps) + (1 + e^eps) * beta <= delta. The slack grows
-  # with eps, so start from the untruncated answer and move up until the
-  # condition, checked with the accountant's own delta(eps), holds.
-  eps = float(acc.get_epsilon(delta))
-  for _ in range(200):
-    slack = (1.0 + math.exp(min(eps, 700.0))) * beta
-    if slack >= delta:
-      return math.inf
-    eps = max(eps, float(acc.get_epsilon(delta - slack)))
-    if acc.get_delta(eps) + (1.0 + math.exp(min(eps, 700.0))) * beta <= delta:
-      return eps
-    eps += 1e-4 * max(eps, 1.0)  # past the accountant's discretisation
-  return math.inf
+  return epsilon_with_truncation_slack(acc, delta, beta)
 
 
 @dataclasses.dataclass
@@ -326,7 +334,7 @@ def rdp_epsilon_classic(
   check_delta(delta)
   acc = rdp.RdpAccountant(orders=list(orders),
                           neighboring_relation=_RELATIONS[relation])
-  views = [_untruncated_view(e) for e in events]
+  views = [untruncated_view(e) for e in events]
   if any(beta > 0 for _, beta in views):
     raise UnsupportedAccountingError(
         "rdp_epsilon_classic does not take truncated Poisson rounds")
