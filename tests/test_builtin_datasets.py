@@ -33,7 +33,8 @@ def _same_dataset(a, b):
 
 def test_names():
   assert set(builtin.NAMES) == {
-      "digits", "synthetic", "synthetic_iid", "breast_cancer", "shakespeare"}
+      "digits", "synthetic", "synthetic_iid", "breast_cancer", "shakespeare",
+      "file"}
 
 
 def test_digits_shapes_dtypes_ranges():

@@ -55,12 +55,27 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
   rng = np.random.default_rng(1234)
   kills = 0
   command = _cmd(*_train_args(killed))
+  metrics = killed / "metrics.jsonl"
+
+  def rounds_logged():
+    try:
+      return len(metrics.read_text().splitlines())
+    except FileNotFoundError:
+      return 0
+
   for attempt in range(12):
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     if attempt < 5:
-      # Random points: during start-up, rounds, metric and checkpoint writes.
-      time.sleep(float(rng.uniform(2.0, 9.0)))
+      # Kill at a random point after a random number of logged rounds: during
+      # a round, a metrics write, a checkpoint write or start-up, whatever the
+      # machine's speed.
+      target = int(rng.integers(0, 8))
+      deadline = time.monotonic() + 120
+      while (proc.poll() is None and rounds_logged() < target
+             and time.monotonic() < deadline):
+        time.sleep(0.01)
+      time.sleep(float(rng.uniform(0.0, 0.5)))
       if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
         kills += 1
