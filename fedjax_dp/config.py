@@ -59,6 +59,14 @@ class Config:
   # stops before the first round that would exceed it.
   stop_at_budget: bool = False
   accountant: str = "pld"
+  # Adaptive clipping (Andrew et al. 2021): clip_norm is the initial clip
+  # (the paper starts at 0.1), moved geometrically each round toward the
+  # target quantile of unclipped clients; the count's noise sigma_b defaults
+  # to expected cohort size / 20, and z is split so the total stays z.
+  adaptive_clipping: bool = False
+  target_unclipped_quantile: float = 0.5
+  clip_learning_rate: float = 0.2
+  clip_count_stddev: float | None = None
   # Empirical privacy audit (Andrew et al. 2024): number of canary clients
   # inserted into the population (as many more are held out); 0 disables.
   audit_canaries: int = 0
@@ -148,6 +156,23 @@ class Config:
     if self.sampling == "fixed" and self.accountant == "pld":
       _fail("accountant", "'rdp' for fixed-size sampling (dp_accounting's PLD "
             "has no event for sampling without replacement)", self.accountant)
+    if not isinstance(self.adaptive_clipping, bool):
+      _fail("adaptive_clipping", "true or false", self.adaptive_clipping)
+    if not 0 < self.target_unclipped_quantile < 1:
+      _fail("target_unclipped_quantile", "in (0, 1)",
+            self.target_unclipped_quantile)
+    if not (isinstance(self.clip_learning_rate, (int, float))
+            and 0 < self.clip_learning_rate < math.inf):
+      _fail("clip_learning_rate", "a finite number > 0",
+            self.clip_learning_rate)
+    if self.clip_count_stddev is not None and not (
+        isinstance(self.clip_count_stddev, (int, float))
+        and 0 < self.clip_count_stddev < math.inf):
+      _fail("clip_count_stddev", "a finite number > 0 (or None)",
+            self.clip_count_stddev)
+    if self.adaptive_clipping and math.isinf(self.clip_norm):
+      _fail("clip_norm", "finite with adaptive_clipping (it is the initial "
+            "clip)", self.clip_norm)
     if not isinstance(self.audit_canaries, int) or self.audit_canaries < 0:
       _fail("audit_canaries", "an integer >= 0", self.audit_canaries)
     if not isinstance(self.stop_at_budget, bool):

@@ -48,11 +48,13 @@ def _to_python(metrics: dict) -> dict:
   return {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
 
 
-def _checkpoint_state(state, canary_max=None):
-  """The arrays a checkpoint holds (mechanism states will join the server's)."""
+def _checkpoint_state(state, canary_max=None, clip_norm=None):
+  """The arrays a checkpoint holds: the server's and the mechanisms' state."""
   tree = {"server": state}
   if canary_max is not None:
     tree["canary_max"] = canary_max
+  if clip_norm is not None:
+    tree["clip_norm"] = clip_norm
   return tree
 
 
@@ -151,6 +153,8 @@ def run(
   state = sim.initial_state(config.seed)
   ledger = sim.new_ledger()
   canaries = canary_max = None
+  adaptive = sim.adaptive_hparams()
+  clip_norm = jnp.float32(config.clip_norm) if adaptive is not None else None
   if config.audit_canaries:
     initial_params = sim.initial_state(config.seed).params  # not donated
     directions = sim.canary_directions(config.seed, initial_params)
@@ -168,7 +172,7 @@ def run(
     for step in sorted(checkpoint.all_steps(ckpt_dir), reverse=True):
       try:
         restored, meta = checkpoint.restore(
-            ckpt_dir, step, _checkpoint_state(state, canary_max))
+            ckpt_dir, step, _checkpoint_state(state, canary_max, clip_norm))
         break
       except checkpoint.CheckpointError as e:
         errors.append(str(e))
@@ -176,6 +180,7 @@ def run(
     if restored is not None:
       state = restored["server"]
       canary_max = restored.get("canary_max")
+      clip_norm = restored.get("clip_norm")
       ledger = checkpoint.decode_ledger(meta["ledger"])
       if [e.round for e in ledger.entries] != list(range(step)):
         raise checkpoint.CheckpointError(
@@ -224,7 +229,8 @@ def run(
     if ckpt_dir is None:
       return
     checkpoint.save(
-        ckpt_dir, rounds_completed, _checkpoint_state(state, canary_max),
+        ckpt_dir, rounds_completed,
+        _checkpoint_state(state, canary_max, clip_norm),
         {"ledger": checkpoint.encode_ledger(ledger),
          "metrics_offset": metrics_file.tell(),
          "config": config.to_dict()})
@@ -259,10 +265,16 @@ def run(
       if config.audit_canaries:
         canaries = dp_fedavg.Canaries(directions, canary_ids,
                                       jnp.float32(canary_norm))
+      round_hparams = hparams
+      if adaptive is not None:
+        round_hparams = hparams._replace(clip_norm=clip_norm)
       state, metrics = round_fn(
           state, dp_fedavg.CohortBlock(block.features, block.example_mask,
                                        block.client_mask),
-          hparams, jax.random.fold_in(noise_key, r), canaries)
+          round_hparams, jax.random.fold_in(noise_key, r), canaries, adaptive)
+      if adaptive is not None:
+        metrics["clip_norm"] = clip_norm
+        clip_norm = metrics.pop("next_clip_norm")
       if canaries is not None:
         canary_max = audit.max_over_rounds(canary_max,
                                            metrics.pop("canary_cosines"))

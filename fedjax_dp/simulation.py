@@ -23,6 +23,7 @@ from fedjax_dp.data import builtin
 from fedjax_dp.data import population as population_lib
 from fedjax_dp.models import registry
 from fedjax_dp.privacy import accounting
+from fedjax_dp.privacy import adaptive_clipping
 from fedjax_dp.privacy import sampling
 
 # Independent PRNG streams, folded from a run's root key.
@@ -89,9 +90,30 @@ class Simulation:
   def train(self):
     return self.dataset.train
 
+  @property
+  def count_stddev(self) -> float:
+    """Adaptive clipping's sigma_b (default: expected cohort size / 20)."""
+    if self.config.clip_count_stddev is not None:
+      return float(self.config.clip_count_stddev)
+    return adaptive_clipping.default_count_stddev(
+        self.sampler.expected_cohort_size)
+
   def event(self):
-    """The DP event of one round of this run."""
+    """The DP event of one round of this run (from the sampler's module)."""
+    if self.config.adaptive_clipping:
+      return adaptive_clipping.dp_event(self.sampler, self.noise_multiplier,
+                                        self.count_stddev)
     return self.sampler.dp_event(self.noise_multiplier)
+
+  def adaptive_hparams(self):
+    """Adaptive clipping's round arguments, or None with a fixed clip."""
+    if not self.config.adaptive_clipping:
+      return None
+    return adaptive_clipping.AdaptiveClipHparams.create(
+        expected_cohort_size=self.sampler.expected_cohort_size,
+        target_quantile=self.config.target_unclipped_quantile,
+        learning_rate=self.config.clip_learning_rate,
+        count_stddev=self.count_stddev)
 
   def new_ledger(self) -> accounting.PrivacyLedger:
     return accounting.PrivacyLedger(self.sampler.relation, self.config.delta,
@@ -110,6 +132,9 @@ class Simulation:
               noise_multiplier: float | None = None) -> dp_fedavg.RoundHparams:
     config = config or self.config
     z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+    if config.adaptive_clipping:
+      # The update gets z_delta; the count's noise takes the rest of z.
+      z = adaptive_clipping.update_noise_multiplier(z, self.count_stddev)
     return dp_fedavg.RoundHparams.create(
         client_lr=config.client_lr, server_lr=config.server_lr,
         clip_norm=config.clip_norm, noise_multiplier=z,

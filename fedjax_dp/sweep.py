@@ -319,6 +319,11 @@ def run_sweep(
   sims: dict[str, simulation.Simulation] = {}
   groups: dict[tuple, list[int]] = collections.OrderedDict()
   for i, config in enumerate(configs):
+    if getattr(config, "adaptive_clipping", False):
+      raise ValueError(
+          "config field 'adaptive_clipping' must be false in a sweep (its "
+          "clip norm is per-run state; run adaptive configurations with "
+          "`fedjax-dp train`)")
     if getattr(config, "audit_canaries", 0):
       raise ValueError(
           "config field 'audit_canaries' must be 0 in a sweep (audits run "

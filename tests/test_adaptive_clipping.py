@@ -35,7 +35,7 @@ def test_noise_split_formula_and_refusal():
   zd = adaptive_clipping.update_noise_multiplier(z, sb)
   assert zd == pytest.approx((1.0 - 1.0 / 100.0) ** -0.5)
   # The two Gaussians recombine to exactly z.
-  assert adaptive_clipping.effective_noise_multiplier(zd, 2 * sb) == (
+  assert accounting.effective_noise_multiplier(zd, 2 * sb) == (
       pytest.approx(z, rel=1e-12))
   assert adaptive_clipping.update_noise_multiplier(0.0, 5.0) == 0.0
   with pytest.raises(ValueError, match="too small"):
@@ -172,7 +172,7 @@ def test_event_costs_exactly_one_gaussian_of_configured_z():
   assert _rdp_eps(event, ADD_REMOVE) == pytest.approx(
       _rdp_eps(single, ADD_REMOVE), rel=1e-9)
   # The PLD accountant takes the rewritten event, and agrees with the single.
-  collapsed = adaptive_clipping.as_single_gaussian(event)
+  collapsed = accounting.as_single_gaussian(event)
   assert collapsed.event.noise_multiplier == pytest.approx(z, rel=1e-12)
   a, b = pld.PLDAccountant(ADD_REMOVE), pld.PLDAccountant(ADD_REMOVE)
   a.compose(dp_accounting.SelfComposedDpEvent(collapsed, 50))

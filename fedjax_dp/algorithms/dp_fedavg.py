@@ -25,6 +25,7 @@ from fedjax_dp import client as client_lib
 from fedjax_dp import server as server_lib
 from fedjax_dp import tree_util
 from fedjax_dp import types
+from fedjax_dp.privacy import adaptive_clipping
 from fedjax_dp.privacy import clipping
 from fedjax_dp.privacy import noise
 
@@ -119,7 +120,8 @@ def build_round(
 
   def round_fn(state: server_lib.ServerState, block: CohortBlock,
                hparams: RoundHparams, noise_key: types.PRNGKey,
-               canaries: Canaries | None = None):
+               canaries: Canaries | None = None,
+               adaptive: adaptive_clipping.AdaptiveClipHparams | None = None):
     params = state.params
     num_clients = block.client_mask.shape[0]
     if num_clients % clients_per_chunk:
@@ -184,6 +186,16 @@ def build_round(
         "signal_to_noise": tree_util.global_l2_norm(clipped_sum) / (
             stddev * jnp.sqrt(float(tree_util.tree_size(clipped_sum)))),
     }
+    if adaptive is not None:
+      # Andrew et al. 2021: release the noisy count of unclipped clients and
+      # move the clip norm for the next round (hparams.noise_multiplier is
+      # already the update's share z_delta of the budget).
+      next_clip, clip_out = adaptive_clipping.update(
+          adaptive_clipping.AdaptiveClipState(
+              hparams.clip_norm, jax.random.fold_in(noise_key, 1)),
+          ~was_clipped, valid, adaptive)
+      metrics["unclipped_fraction_noisy"] = clip_out.unclipped_fraction
+      metrics["next_clip_norm"] = next_clip.clip_norm
     if canaries is not None:
       # For the all-iterates audit: how well each canary shows in this round's
       # released update.

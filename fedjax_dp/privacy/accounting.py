@@ -128,10 +128,62 @@ class _ComposedPld:
     return 1.0 if self._non_dp else self._pld.get_delta_for_epsilon(epsilon)
 
 
+def effective_noise_multiplier(*noise_multipliers: float) -> float:
+  """(sum_k z_k^-2)^(-1/2): Gaussians on the same data as one Gaussian."""
+  if any(z == 0 for z in noise_multipliers):
+    return 0.0
+  return sum(z ** -2 for z in noise_multipliers) ** -0.5
+
+
+def _gaussian_multiplier(event: dp_accounting.DpEvent) -> float | None:
+  """Effective z of a Gaussian or a composition of Gaussians, else None."""
+  if isinstance(event, dp_accounting.GaussianDpEvent):
+    return float(event.noise_multiplier)
+  if isinstance(event, dp_accounting.SelfComposedDpEvent):
+    z = _gaussian_multiplier(event.event)
+    return None if z is None else (
+        0.0 if z == 0 else z / math.sqrt(event.count))
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    zs = [_gaussian_multiplier(e) for e in event.events]
+    return None if any(z is None for z in zs) else (
+        effective_noise_multiplier(*zs))
+  return None
+
+
+def as_single_gaussian(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
+  """A sampled composition of Gaussians as the equal single Gaussian.
+
+  PoissonSampledDpEvent(q, Composed([Gaussian(z_1), ...])) becomes
+  PoissonSampledDpEvent(q, Gaussian((sum z_k^-2)^(-1/2))), and likewise
+  inside SampledWithoutReplacementDpEvent. This is an identity of mechanisms
+  (both are the same Gaussian mechanism up to invertible post-processing), not
+  a bound; it is what dp_accounting's RDP accountant computes internally, and
+  it lets the PLD accountant (which refuses compositions inside sampling
+  events) account adaptive-clipping rounds. Other events are returned as is.
+  """
+  if isinstance(event, dp_accounting.PoissonSampledDpEvent):
+    z = _gaussian_multiplier(event.event)
+    if z is not None:
+      return dp_accounting.PoissonSampledDpEvent(
+          event.sampling_probability, dp_accounting.GaussianDpEvent(z))
+  if isinstance(event, dp_accounting.SampledWithoutReplacementDpEvent):
+    z = _gaussian_multiplier(event.event)
+    if z is not None:
+      return dp_accounting.SampledWithoutReplacementDpEvent(
+          event.source_dataset_size, event.sample_size,
+          dp_accounting.GaussianDpEvent(z))
+  return event
+
+
 def untruncated_view(
     event: dp_accounting.DpEvent,
 ) -> tuple[dp_accounting.DpEvent, float]:
-  """(the event without truncation, probability that truncation happened)."""
+  """(the event without truncation, probability that truncation happened).
+
+  Sampled compositions of Gaussians (adaptive clipping's two releases) are
+  rewritten as the equal single Gaussian, which both accountants take.
+  """
+  event = as_single_gaussian(event)
   if isinstance(event, dp_accounting.TruncatedSubsampledGaussianDpEvent):
     q = event.sampling_probability
     beta = float(stats.binom.sf(

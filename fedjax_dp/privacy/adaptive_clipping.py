@@ -38,7 +38,7 @@ Privacy:
   Gaussians). `update_noise_multiplier` picks z_delta so that this equals the
   configured z: the round is then exactly as private as a fixed-clip round
   with noise multiplier z, and the count costs nothing extra in epsilon.
-  `dp_event` records both Gaussians; `as_single_gaussian` rewrites such an
+  `dp_event` records both Gaussians; `accounting.as_single_gaussian` rewrites such an
   event into the single equivalent Gaussian for accountants (PLD) that do not
   take a composition inside a sampling event.
 """
@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_dp import types
+from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import clipping
 from fedjax_dp.privacy import sampling
 
@@ -191,11 +192,6 @@ def update_noise_multiplier(noise_multiplier: float,
   return (z ** -2 - (2.0 * sb) ** -2) ** -0.5
 
 
-def effective_noise_multiplier(*noise_multipliers: float) -> float:
-  """(sum_k z_k^-2)^(-1/2): Gaussians on the same data as one Gaussian."""
-  if any(z == 0 for z in noise_multipliers):
-    return 0.0
-  return sum(z ** -2 for z in noise_multipliers) ** -0.5
 
 
 def dp_event(sampler: sampling.Sampler, noise_multiplier: float,
@@ -227,7 +223,7 @@ def dp_event(sampler: sampling.Sampler, noise_multiplier: float,
   if z_update == 0:
     return sampler.dp_event(0.0)
   if sampler.truncates:
-    return sampler.dp_event(effective_noise_multiplier(
+    return sampler.dp_event(accounting.effective_noise_multiplier(
         z_update, 2.0 * float(count_stddev)))
   update_sens = clipping.sensitivity(1.0, sampler.relation)
   # A tuple, not a list: the event must be hashable (the ledger counts
@@ -245,43 +241,3 @@ def dp_event(sampler: sampling.Sampler, noise_multiplier: float,
         source_dataset_size=sampler.population_size,
         sample_size=sampler.cohort_size, event=parts)
   raise TypeError(f"unknown sampler {sampler!r}")
-
-
-def _gaussian_multiplier(event: dp_accounting.DpEvent) -> float | None:
-  """Effective z of a Gaussian or a composition of Gaussians, else None."""
-  if isinstance(event, dp_accounting.GaussianDpEvent):
-    return float(event.noise_multiplier)
-  if isinstance(event, dp_accounting.SelfComposedDpEvent):
-    z = _gaussian_multiplier(event.event)
-    return None if z is None else (
-        0.0 if z == 0 else z / math.sqrt(event.count))
-  if isinstance(event, dp_accounting.ComposedDpEvent):
-    zs = [_gaussian_multiplier(e) for e in event.events]
-    return None if any(z is None for z in zs) else (
-        effective_noise_multiplier(*zs))
-  return None
-
-
-def as_single_gaussian(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
-  """A sampled composition of Gaussians as the equal single Gaussian.
-
-  PoissonSampledDpEvent(q, Composed([Gaussian(z_1), ...])) becomes
-  PoissonSampledDpEvent(q, Gaussian((sum z_k^-2)^(-1/2))), and likewise
-  inside SampledWithoutReplacementDpEvent. This is an identity of mechanisms
-  (both are the same Gaussian mechanism up to invertible post-processing), not
-  a bound; it is what dp_accounting's RDP accountant computes internally, and
-  it lets the PLD accountant (which refuses compositions inside sampling
-  events) account adaptive-clipping rounds. Other events are returned as is.
-  """
-  if isinstance(event, dp_accounting.PoissonSampledDpEvent):
-    z = _gaussian_multiplier(event.event)
-    if z is not None:
-      return dp_accounting.PoissonSampledDpEvent(
-          event.sampling_probability, dp_accounting.GaussianDpEvent(z))
-  if isinstance(event, dp_accounting.SampledWithoutReplacementDpEvent):
-    z = _gaussian_multiplier(event.event)
-    if z is not None:
-      return dp_accounting.SampledWithoutReplacementDpEvent(
-          event.source_dataset_size, event.sample_size,
-          dp_accounting.GaussianDpEvent(z))
-  return event
