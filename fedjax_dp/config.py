@@ -75,6 +75,9 @@ class Config:
   eval_every: int = 10
   checkpoint_every: int = 10  # rounds between checkpoints (with a run dir)
   clients_per_chunk: int | None = None  # None: chosen by backend
+  # Shard the cohort over all devices (jax.devices(), every host after
+  # jax.distributed.initialize()); None: whenever there is more than one.
+  shard_clients: bool | None = None
   unroll_local_steps: bool | None = None  # None: chosen by backend
 
   def __post_init__(self):
@@ -175,6 +178,8 @@ class Config:
             "clip)", self.clip_norm)
     if not isinstance(self.audit_canaries, int) or self.audit_canaries < 0:
       _fail("audit_canaries", "an integer >= 0", self.audit_canaries)
+    if self.shard_clients not in (None, True, False):
+      _fail("shard_clients", "true, false or null", self.shard_clients)
     if not isinstance(self.stop_at_budget, bool):
       _fail("stop_at_budget", "true or false", self.stop_at_budget)
     if not isinstance(self.seed, int) or self.seed < 0:

@@ -85,6 +85,7 @@ class Simulation:
   slots: int
   num_steps: int
   server_optimizer: optax.GradientTransformation
+  mesh: jax.sharding.Mesh | None = None
 
   @property
   def train(self):
@@ -126,7 +127,7 @@ class Simulation:
         client_lib.client_optimizer(self.config.client_optimizer,
                                     self.config.client_momentum),
         self.server_optimizer, clients_per_chunk=self.clients_per_chunk,
-        unroll_local_steps=self.unroll_local_steps)
+        unroll_local_steps=self.unroll_local_steps, mesh=self.mesh)
 
   def hparams(self, config: config_lib.Config | None = None,
               noise_multiplier: float | None = None) -> dp_fedavg.RoundHparams:
@@ -216,7 +217,13 @@ def build(config: config_lib.Config) -> Simulation:
                              dataset.num_classes, **config.model_kwargs)
   noise_multiplier = resolve_noise_multiplier(config, sampler)
   chunk, unroll = default_execution(config, sampler.capacity)
-  slots = -(-sampler.capacity // chunk) * chunk
+  shard = config.shard_clients
+  if shard is None:
+    shard = jax.device_count() > 1
+  mesh = dp_fedavg.client_mesh() if shard else None
+  # Every device gets a whole number of chunks.
+  per_block = chunk * (mesh.size if mesh is not None else 1)
+  slots = -(-sampler.capacity // per_block) * per_block
   max_examples = int(np.max(train.num_examples))
   if config.max_examples_per_client is not None:
     max_examples = min(max_examples, config.max_examples_per_client)
@@ -232,4 +239,5 @@ def build(config: config_lib.Config) -> Simulation:
       clients_per_chunk=chunk, unroll_local_steps=unroll, slots=slots,
       num_steps=num_steps,
       server_optimizer=server_lib.server_optimizer(
-          config.server_optimizer, momentum=config.server_momentum))
+          config.server_optimizer, momentum=config.server_momentum),
+      mesh=mesh)

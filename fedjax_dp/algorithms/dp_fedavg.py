@@ -18,6 +18,8 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
 import optax
 
 from fedjax_dp import audit
@@ -56,6 +58,15 @@ class CohortBlock(NamedTuple):
   client_mask: jax.Array  # [clients]
 
 
+CLIENTS_AXIS = "clients"
+
+
+def client_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D mesh over `devices` (default: all, across hosts) for the cohort."""
+  devices = jax.devices() if devices is None else devices
+  return jax.sharding.Mesh(np.asarray(devices), (CLIENTS_AXIS,))
+
+
 class Canaries(NamedTuple):
   """Audit canaries (Andrew et al. 2024) sampled into the round like clients.
 
@@ -81,6 +92,7 @@ def build_round(
     *,
     clients_per_chunk: int = 1,
     unroll_local_steps: int | bool = 1,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[..., tuple[server_lib.ServerState, dict]]:
   """Builds the (unjitted) round function.
 
@@ -93,6 +105,10 @@ def build_round(
       their clipped deltas accumulated, so memory grows with the chunk, not
       the cohort. The block's client count must be a multiple of it.
     unroll_local_steps: unroll factor of the local-step scan.
+    mesh: optional device mesh with a "clients" axis: the cohort's client
+      axis is sharded over it (each device's share must be a multiple of
+      `clients_per_chunk`); multi-host meshes work the same way after
+      `jax.distributed.initialize()`.
 
   Returns:
     `round_fn(state, block, hparams, noise_key) -> (new_state, metrics)`.
@@ -118,21 +134,17 @@ def build_round(
     finite = jnp.isfinite(clip.norm)
     return clip, finite, out.loss, out.num_examples
 
-  def round_fn(state: server_lib.ServerState, block: CohortBlock,
-               hparams: RoundHparams, noise_key: types.PRNGKey,
-               canaries: Canaries | None = None,
-               adaptive: adaptive_clipping.AdaptiveClipHparams | None = None):
-    params = state.params
-    num_clients = block.client_mask.shape[0]
+  def clipped_sum_of(params, features, example_mask, client_mask, canary_ids,
+                     hparams, canaries):
+    """Sum of the block's clipped deltas, and per-client diagnostics."""
+    num_clients = client_mask.shape[0]
     if num_clients % clients_per_chunk:
       raise ValueError(
-          f"block holds {num_clients} clients, not a multiple of "
-          f"clients_per_chunk={clients_per_chunk}")
+          f"block holds {num_clients} clients (per device), not a multiple "
+          f"of clients_per_chunk={clients_per_chunk}")
     num_chunks = num_clients // clients_per_chunk
-    canary_ids = (canaries.ids if canaries is not None else
-                  jnp.full((num_clients,), -1, jnp.int32))
-    chunks = _chunked((block.features, block.example_mask, block.client_mask,
-                       canary_ids), num_chunks)
+    chunks = _chunked((features, example_mask, client_mask, canary_ids),
+                      num_chunks)
     vmapped = jax.vmap(clipped_client, in_axes=(None, 0, 0, 0, 0, None, None))
     zeros = tree_util.tree_zeros_like(params)
 
@@ -157,8 +169,41 @@ def build_round(
       return jax.lax.cond(jnp.any(valid), compute, skip, total)
 
     clipped_sum, per_client = jax.lax.scan(per_chunk, zeros, chunks)
-    norms, was_clipped, nonfinite, client_loss, num_examples = (
-        x.reshape(-1) for x in per_client)
+    return clipped_sum, tuple(x.reshape(-1) for x in per_client)
+
+  def round_fn(state: server_lib.ServerState, block: CohortBlock,
+               hparams: RoundHparams, noise_key: types.PRNGKey,
+               canaries: Canaries | None = None,
+               adaptive: adaptive_clipping.AdaptiveClipHparams | None = None):
+    params = state.params
+    num_clients = block.client_mask.shape[0]
+    canary_ids = (canaries.ids if canaries is not None else
+                  jnp.full((num_clients,), -1, jnp.int32))
+    if canaries is not None:
+      canaries = canaries._replace(ids=None)  # travels as canary_ids
+    if mesh is None:
+      clipped_sum, per_client = clipped_sum_of(
+          params, block.features, block.example_mask, block.client_mask,
+          canary_ids, hparams, canaries)
+    else:
+      # Each device sums the clipped deltas of its share of the cohort; one
+      # reduction across devices gives the same sum, and the noise below is
+      # added once, after it.
+      def sharded(*args):
+        local_sum, local_clients = clipped_sum_of(*args)
+        return jax.lax.psum(local_sum, CLIENTS_AXIS), local_clients
+
+      by_client, replicated = P(CLIENTS_AXIS), P()
+      # check_vma=False: the scan's zero carry starts replicated and becomes
+      # per-device; the psum makes the result replicated again.
+      clipped_sum, per_client = jax.shard_map(
+          sharded, mesh=mesh,
+          in_specs=(replicated, by_client, by_client, by_client, by_client,
+                    replicated, replicated),
+          out_specs=(replicated, by_client), check_vma=False)(
+              params, block.features, block.example_mask, block.client_mask,
+              canary_ids, hparams, canaries)
+    norms, was_clipped, nonfinite, client_loss, num_examples = per_client
 
     stddev = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
     noisy_sum = noise.add_gaussian_noise(clipped_sum, stddev, noise_key)

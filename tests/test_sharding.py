@@ -1,0 +1,72 @@
+"""The cohort sharded over 8 (CPU) devices equals the single-device round."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_dp import config as config_lib
+from fedjax_dp import runner
+
+
+def test_sharded_round_equals_single_device():
+  env = dict(os.environ,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  script = pathlib.Path(__file__).parent / "helpers" / "sharded_round.py"
+  out = subprocess.run([sys.executable, str(script)], env=env, check=True,
+                       capture_output=True, text=True, timeout=600)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["max_param_diff"] < 1e-5
+  a, b = result["fraction_clipped"]
+  assert a == pytest.approx(b)
+  a, b = result["update_norm_p50"]
+  assert a == pytest.approx(b, rel=1e-5)
+  assert result["num_clients"] == [27, 27]
+  assert result["runner_max_param_diff"] < 1e-5
+  a, b = result["runner_epsilons"]
+  assert a == b
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_with_gloo_equal_one_process():
+  script = pathlib.Path(__file__).parent / "helpers" / "two_process_round.py"
+  env = dict(os.environ,
+             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  port = str(_free_port())
+  other = subprocess.Popen([sys.executable, str(script), "1", port], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    out = subprocess.run([sys.executable, str(script), "0", port], env=env,
+                         check=True, capture_output=True, text=True,
+                         timeout=600)
+    assert other.wait(timeout=120) == 0
+  finally:
+    if other.poll() is None:
+      other.kill()
+  multi = json.loads(out.stdout.strip().splitlines()[-1])
+  # The same run in this process, on one device.
+  config = config_lib.Config(
+      name="two_process", dataset="synthetic",
+      dataset_kwargs={"num_clients": 60, "max_examples": 30},
+      model="logistic", rounds=3, cohort_size=12, batch_size=10,
+      local_epochs=1, eval_every=3, delta=1e-3, noise_multiplier=1.0,
+      shard_clients=False)
+  single = runner.run(config, progress=False, log=lambda s: None)
+  leaves = [np.asarray(x).ravel()
+            for x in jax.tree_util.tree_leaves(single.params)]
+  for a, b in zip(leaves, multi["params"]):
+    np.testing.assert_allclose(a, np.asarray(b), atol=1e-5)
+  assert multi["epsilon"] == single.summary["epsilon"]
