@@ -203,48 +203,85 @@ def build_round(
           out_specs=(replicated, by_client), check_vma=False)(
               params, block.features, block.example_mask, block.client_mask,
               canary_ids, hparams, canaries)
-    norms, was_clipped, nonfinite, client_loss, num_examples = per_client
-
-    stddev = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
-    noisy_sum = noise.add_gaussian_noise(clipped_sum, stddev, noise_key)
-    average = tree_util.tree_scale(noisy_sum, 1.0 / hparams.denominator)
-    new_state = server_lib.step(state, average, hparams.server_lr,
-                                server_optimizer)
-
-    valid = block.client_mask & ~nonfinite
-    num_valid = jnp.sum(valid.astype(jnp.int32))
-    denom = jnp.maximum(num_valid, 1).astype(jnp.float32)
-    masked_norms = jnp.where(valid, norms, jnp.nan)
-    metrics = {
-        "num_clients": num_valid,
-        "num_nonfinite": jnp.sum(nonfinite.astype(jnp.int32)),
-        "train_loss": jnp.sum(jnp.where(valid, client_loss, 0.0)) / denom,
-        "fraction_clipped": jnp.sum(valid & was_clipped) / denom,
-        "update_norm_p10": jnp.nanpercentile(masked_norms, 10),
-        "update_norm_p50": jnp.nanpercentile(masked_norms, 50),
-        "update_norm_p90": jnp.nanpercentile(masked_norms, 90),
-        "update_norm_max": jnp.nanmax(masked_norms),
-        "clipped_sum_norm": tree_util.global_l2_norm(clipped_sum),
-        "noise_stddev": stddev,
-        "num_examples": jnp.sum(jnp.where(valid, num_examples, 0)),
-        # Norm of the clipped sum over the expected norm of the noise.
-        "signal_to_noise": tree_util.global_l2_norm(clipped_sum) / (
-            stddev * jnp.sqrt(float(tree_util.tree_size(clipped_sum)))),
-    }
-    if adaptive is not None:
-      # Andrew et al. 2021: release the noisy count of unclipped clients and
-      # move the clip norm for the next round (hparams.noise_multiplier is
-      # already the update's share z_delta of the budget).
-      next_clip, clip_out = adaptive_clipping.update(
-          adaptive_clipping.AdaptiveClipState(
-              hparams.clip_norm, jax.random.fold_in(noise_key, 1)),
-          ~was_clipped, valid, adaptive)
-      metrics["unclipped_fraction_noisy"] = clip_out.unclipped_fraction
-      metrics["next_clip_norm"] = next_clip.clip_norm
-    if canaries is not None:
-      # For the all-iterates audit: how well each canary shows in this round's
-      # released update.
-      metrics["canary_cosines"] = audit.cosines(canaries.directions, average)
-    return new_state, metrics
+    return noise_and_step(state, clipped_sum, per_client, block.client_mask,
+                          hparams, noise_key, server_optimizer, canaries,
+                          adaptive)
 
   return round_fn
+
+
+def noise_and_step(
+    state: server_lib.ServerState,
+    clipped_sum: types.Params,
+    per_client: tuple,
+    client_mask: jax.Array,
+    hparams: RoundHparams,
+    noise_key: types.PRNGKey,
+    server_optimizer: optax.GradientTransformation,
+    canaries: "Canaries | None" = None,
+    adaptive: adaptive_clipping.AdaptiveClipHparams | None = None,
+) -> tuple[server_lib.ServerState, dict]:
+  """The second half of every round shape: noise, average, server step.
+
+  Privacy: adds N(0, (z C)^2) once to the sum of clipped deltas and divides
+  by the public denominator; with adaptive clipping also releases the noisy
+  count of unclipped clients (see privacy/adaptive_clipping.py).
+
+  Args:
+    state: server state before the round.
+    clipped_sum: float32 sum of the valid clients' clipped deltas.
+    per_client: (pre-clip norms, was clipped, non-finite, train loss,
+      examples), each [clients].
+    client_mask: bool [clients], the block's valid slots.
+    hparams: the round's hyperparameters.
+    noise_key: the round's noise key.
+    server_optimizer: optax optimizer with an injectable learning rate.
+    canaries: audit canaries in this round, if any.
+    adaptive: adaptive clipping's arguments, if enabled.
+
+  Returns:
+    (new server state, metrics).
+  """
+  norms, was_clipped, nonfinite, client_loss, num_examples = per_client
+  stddev = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
+  noisy_sum = noise.add_gaussian_noise(clipped_sum, stddev, noise_key)
+  average = tree_util.tree_scale(noisy_sum, 1.0 / hparams.denominator)
+  new_state = server_lib.step(state, average, hparams.server_lr,
+                              server_optimizer)
+
+  valid = client_mask & ~nonfinite
+  num_valid = jnp.sum(valid.astype(jnp.int32))
+  denom = jnp.maximum(num_valid, 1).astype(jnp.float32)
+  masked_norms = jnp.where(valid, norms, jnp.nan)
+  metrics = {
+      "num_clients": num_valid,
+      "num_nonfinite": jnp.sum(nonfinite.astype(jnp.int32)),
+      "train_loss": jnp.sum(jnp.where(valid, client_loss, 0.0)) / denom,
+      "fraction_clipped": jnp.sum(valid & was_clipped) / denom,
+      "update_norm_p10": jnp.nanpercentile(masked_norms, 10),
+      "update_norm_p50": jnp.nanpercentile(masked_norms, 50),
+      "update_norm_p90": jnp.nanpercentile(masked_norms, 90),
+      "update_norm_max": jnp.nanmax(masked_norms),
+      "clipped_sum_norm": tree_util.global_l2_norm(clipped_sum),
+      "noise_stddev": stddev,
+      "num_examples": jnp.sum(jnp.where(valid, num_examples, 0)),
+      # Norm of the clipped sum over the expected norm of the noise.
+      "signal_to_noise": tree_util.global_l2_norm(clipped_sum) / (
+          stddev * jnp.sqrt(float(tree_util.tree_size(clipped_sum)))),
+  }
+  if adaptive is not None:
+    # Andrew et al. 2021: release the noisy count of unclipped clients and
+    # move the clip norm for the next round (hparams.noise_multiplier is
+    # already the update's share z_delta of the budget).
+    next_clip, clip_out = adaptive_clipping.update(
+        adaptive_clipping.AdaptiveClipState(
+            hparams.clip_norm, jax.random.fold_in(noise_key, 1)),
+        ~was_clipped, valid, adaptive)
+    metrics["unclipped_fraction_noisy"] = clip_out.unclipped_fraction
+    metrics["next_clip_norm"] = next_clip.clip_norm
+  if canaries is not None:
+    # For the all-iterates audit: how well each canary shows in this round's
+    # released update.
+    metrics["canary_cosines"] = audit.cosines(canaries.directions, average)
+  return new_state, metrics
+
