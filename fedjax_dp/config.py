@@ -63,6 +63,10 @@ class Config:
   # (the paper starts at 0.1), moved geometrically each round toward the
   # target quantile of unclipped clients; the count's noise sigma_b defaults
   # to expected cohort size / 20, and z is split so the total stays z.
+  # Per-layer clipping: None clips the whole delta to clip_norm; "uniform"
+  # or "size_proportional" splits clip_norm over top-level parameter groups
+  # (C_g = C / sqrt(G), or C sqrt(d_g / d)): same overall bound, same noise.
+  per_layer_clipping: str | None = None
   adaptive_clipping: bool = False
   target_unclipped_quantile: float = 0.5
   clip_learning_rate: float = 0.2
@@ -159,6 +163,9 @@ class Config:
     if self.sampling == "fixed" and self.accountant == "pld":
       _fail("accountant", "'rdp' for fixed-size sampling (dp_accounting's PLD "
             "has no event for sampling without replacement)", self.accountant)
+    if self.per_layer_clipping not in (None, "uniform", "size_proportional"):
+      _fail("per_layer_clipping", "null, 'uniform' or 'size_proportional'",
+            self.per_layer_clipping)
     if not isinstance(self.adaptive_clipping, bool):
       _fail("adaptive_clipping", "true or false", self.adaptive_clipping)
     if not 0 < self.target_unclipped_quantile < 1:

@@ -127,7 +127,8 @@ class Simulation:
         client_lib.client_optimizer(self.config.client_optimizer,
                                     self.config.client_momentum),
         self.server_optimizer, clients_per_chunk=self.clients_per_chunk,
-        unroll_local_steps=self.unroll_local_steps, mesh=self.mesh)
+        unroll_local_steps=self.unroll_local_steps, mesh=self.mesh,
+        per_layer_clipping=self.config.per_layer_clipping)
 
   def hparams(self, config: config_lib.Config | None = None,
               noise_multiplier: float | None = None) -> dp_fedavg.RoundHparams:

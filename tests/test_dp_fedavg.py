@@ -218,3 +218,48 @@ def test_all_padding_steps_do_not_move_momentum_clients():
                     mask, 0.1)
   _assert_trees_close(out_short.delta, out_long.delta, atol=1e-7)
   assert int(out_long.num_examples) == int(mask.sum())
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "size_proportional"])
+def test_per_layer_clipping_round_equals_per_group_reference(scheme):
+  model = _model()
+  block = _block(valid=np.array([True, True, True, False]))
+  hp = _hparams(clip=0.05, z=0.0, denom=3.0)
+  opt = server_lib.server_optimizer("sgd")
+  params = model.init(jax.random.key(0))
+  fn = jax.jit(dp_fedavg.build_round(
+      model, client_lib.client_optimizer("sgd"), opt,
+      per_layer_clipping=scheme))
+  state, metrics = fn(server_lib.init(params, opt), block, hp,
+                      jax.random.key(1))
+  # Reference: train each client plainly, clip each top-level group g to
+  # w_g * C with sum w_g^2 = 1, sum, divide.
+  groups = sorted(params)
+  sizes = {g: sum(x.size for x in jax.tree_util.tree_leaves(params[g]))
+           for g in groups}
+  total = sum(sizes.values())
+  weights = ({g: 1 / np.sqrt(len(groups)) for g in groups}
+             if scheme == "uniform" else
+             {g: np.sqrt(sizes[g] / total) for g in groups})
+  expected = jax.tree_util.tree_map(np.zeros_like, params)
+  for c in range(3):
+    one = dp_fedavg.CohortBlock(
+        {k: v[c:c + 1] for k, v in block.features.items()},
+        block.example_mask[c:c + 1], np.array([True]))
+    noclip = _hparams(clip=1e9, z=0.0, denom=1.0)
+    _, single, _ = _run_round(model, one, noclip, params=params)
+    delta = jax.tree_util.tree_map(lambda a, b: np.asarray(a - b),
+                                   single.params, params)
+    for g in groups:
+      norm = np.sqrt(sum(np.sum(np.square(x, dtype=np.float64))
+                         for x in jax.tree_util.tree_leaves(delta[g])))
+      bound = weights[g] * 0.05
+      scale = min(1.0, bound / norm)
+      # Every group of every contribution within its own bound.
+      assert norm * scale <= bound * (1 + 1e-6)
+      expected[g] = jax.tree_util.tree_map(
+          lambda t, d: t + scale * d, expected[g], delta[g])
+  expected = jax.tree_util.tree_map(lambda p, t: p + t / 3.0, params,
+                                    expected)
+  _assert_trees_close(state.params, expected)
+  assert float(metrics["fraction_clipped"]) == 1.0

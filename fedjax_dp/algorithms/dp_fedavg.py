@@ -14,6 +14,7 @@ exactly zero (selected away, not multiplied). The denominator must be a public
 constant (the sampler's expected cohort size), never the realised count.
 """
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -30,6 +31,7 @@ from fedjax_dp import types
 from fedjax_dp.privacy import adaptive_clipping
 from fedjax_dp.privacy import clipping
 from fedjax_dp.privacy import noise
+from fedjax_dp.privacy import per_layer
 
 
 class RoundHparams(NamedTuple):
@@ -93,6 +95,7 @@ def build_round(
     clients_per_chunk: int = 1,
     unroll_local_steps: int | bool = 1,
     mesh: jax.sharding.Mesh | None = None,
+    per_layer_clipping: str | None = None,
 ) -> Callable[..., tuple[server_lib.ServerState, dict]]:
   """Builds the (unjitted) round function.
 
@@ -105,6 +108,10 @@ def build_round(
       their clipped deltas accumulated, so memory grows with the chunk, not
       the cohort. The block's client count must be a multiple of it.
     unroll_local_steps: unroll factor of the local-step scan.
+    per_layer_clipping: None clips the whole delta to C; "uniform" or
+      "size_proportional" clips each top-level parameter group g to
+      w_g * C with sum_g w_g^2 = 1 (w_g = 1/sqrt(G), or sqrt(d_g / d)), so the
+      whole update still has norm <= C and the noise is unchanged.
     mesh: optional device mesh with a "clients" axis: the cohort's client
       axis is sharded over it (each device's share must be a multiple of
       `clients_per_chunk`); multi-host meshes work the same way after
@@ -116,6 +123,17 @@ def build_round(
   client_update = client_lib.make_client_update(
       model, client_optimizer_fn, unroll=unroll_local_steps)
 
+  def layer_weights(tree) -> dict[str, float]:
+    # Static per-group fractions of C (from shapes only, at trace time).
+    if per_layer_clipping == "uniform":
+      return per_layer.uniform_clip_norms(
+          1.0, per_layer.group_names(tree))
+    if per_layer_clipping == "size_proportional":
+      return per_layer.size_proportional_clip_norms(1.0, tree)
+    raise ValueError(
+        "per_layer_clipping must be None, 'uniform' or 'size_proportional', "
+        f"got {per_layer_clipping!r}")
+
   def clipped_client(params, features, example_mask, valid, canary_id,
                      hparams, canaries):
     out = client_update(params, features, example_mask, hparams.client_lr)
@@ -126,7 +144,15 @@ def build_round(
           canaries.directions)
       delta = jax.tree_util.tree_map(
           lambda c, d: jnp.where(canary_id >= 0, c, d), canary_delta, delta)
-    clip = clipping.clip_by_global_norm(delta, hparams.clip_norm)
+    if per_layer_clipping is None:
+      clip = clipping.clip_by_global_norm(delta, hparams.clip_norm)
+    else:
+      groups = per_layer.clip_per_group(
+          delta, {g: w * hparams.clip_norm
+                  for g, w in layer_weights(delta).items()})
+      clip = clipping.ClipResult(
+          groups.clipped, tree_util.global_l2_norm(delta),
+          functools.reduce(jnp.logical_or, groups.was_clipped.values()))
     # A client whose update is NaN or Inf contributes nothing (it is excluded
     # by `where`, which also keeps NaN out of the sum). Whether to drop it
     # depends only on that client's own data, so the sum's sensitivity is
