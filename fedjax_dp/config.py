@@ -79,6 +79,10 @@ class Config:
   eval_every: int = 10
   checkpoint_every: int = 10  # rounds between checkpoints (with a run dir)
   clients_per_chunk: int | None = None  # None: chosen by backend
+  # How the round is computed: "auto" uses the factored round for dense
+  # models under plain client SGD on one device (docs/benchmarks.md), else
+  # the plain vmapped round; "plain" or "factored" force one (both equal).
+  round_shape: str = "auto"
   # Shard the cohort over all devices (jax.devices(), every host after
   # jax.distributed.initialize()); None: whenever there is more than one.
   shard_clients: bool | None = None
@@ -185,6 +189,9 @@ class Config:
             "clip)", self.clip_norm)
     if not isinstance(self.audit_canaries, int) or self.audit_canaries < 0:
       _fail("audit_canaries", "an integer >= 0", self.audit_canaries)
+    if self.round_shape not in ("auto", "plain", "factored"):
+      _fail("round_shape", "one of ['auto', 'plain', 'factored']",
+            self.round_shape)
     if self.shard_clients not in (None, True, False):
       _fail("shard_clients", "true, false or null", self.shard_clients)
     if not isinstance(self.stop_at_budget, bool):

@@ -18,6 +18,7 @@ from fedjax_dp import config as config_lib
 from fedjax_dp import server as server_lib
 from fedjax_dp import types
 from fedjax_dp.algorithms import dp_fedavg
+from fedjax_dp.algorithms import factored
 from fedjax_dp.data import blocks
 from fedjax_dp.data import builtin
 from fedjax_dp.data import population as population_lib
@@ -120,8 +121,29 @@ class Simulation:
     return accounting.PrivacyLedger(self.sampler.relation, self.config.delta,
                                     self.config.accountant)
 
+  def uses_factored_round(self) -> bool:
+    c = self.config
+    eligible = (factored.supports(c.model, c.client_optimizer,
+                                  c.client_momentum)
+                and self.mesh is None and c.per_layer_clipping is None
+                and not c.adaptive_clipping)
+    if c.round_shape == "factored" and not eligible:
+      raise ValueError(
+          "config field 'round_shape' is 'factored', but the factored round "
+          "covers only dense models (logistic, mlp_2nn) under plain client "
+          "SGD on one device without per-layer or adaptive clipping")
+    return c.round_shape == "factored" or (c.round_shape == "auto" and
+                                           eligible)
+
   def round_fn(self):
     """The unjitted round (same for every config of this shape)."""
+    if self.uses_factored_round():
+      return factored.build_factored_round(
+          self.model,
+          client_lib.client_optimizer(self.config.client_optimizer,
+                                      self.config.client_momentum),
+          self.server_optimizer,
+          clients_per_chunk=self.config.clients_per_chunk)
     return dp_fedavg.build_round(
         self.model,
         client_lib.client_optimizer(self.config.client_optimizer,

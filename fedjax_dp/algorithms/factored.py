@@ -58,13 +58,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_dp import audit
 from fedjax_dp import client as client_lib
 from fedjax_dp import server as server_lib
-from fedjax_dp import tree_util
 from fedjax_dp import types
 from fedjax_dp.algorithms import dp_fedavg
-from fedjax_dp.privacy import noise
 
 # Models built only of flatten -> (dense -> ReLU)* -> dense.
 DENSE_MODELS = ("mlp_2nn", "2nn", "logistic")
@@ -78,7 +75,13 @@ _TARGET_ROWS_PER_CHUNK = 2048
 
 def supports(model_name: str, client_optimizer: str = "sgd",
              momentum: float | None = 0.0) -> bool:
-  """Whether `build_factored_round` computes this configuration's round."""
+  """Whether `build_factored_round` computes this configuration's round.
+
+  Only model and client optimizer are checked here. The factored round also
+  covers flat (whole-update) clipping on one device only: callers must not
+  use it with `dp_fedavg.build_round`'s `mesh`, `per_layer_clipping` or
+  adaptive clipping.
+  """
   return (model_name in DENSE_MODELS and client_optimizer == "sgd"
           and not momentum)
 
@@ -283,7 +286,12 @@ def build_factored_round(
 
   def round_fn(state: server_lib.ServerState, block: dp_fedavg.CohortBlock,
                hparams: dp_fedavg.RoundHparams, noise_key: types.PRNGKey,
-               canaries: "dp_fedavg.Canaries | None" = None):
+               canaries: "dp_fedavg.Canaries | None" = None,
+               adaptive=None):
+    if adaptive is not None:
+      raise NotImplementedError(
+          "factored rounds do not cover adaptive clipping; use "
+          "dp_fedavg.build_round")
     params = state.params
     names = dense_layer_names(params)
     kernels = [params[n]["kernel"].astype(jnp.float32) for n in names]
@@ -406,46 +414,9 @@ def build_factored_round(
               canary_weights * canaries.norm, d.astype(jnp.float32),
               axes=1).astype(total.dtype),
           clipped_sum, canaries.directions)
-    return _finish_round(state, clipped_sum, hparams, noise_key, valid, norms,
-                         was_clipped, nonfinite, client_loss, num_examples,
-                         server_optimizer, canaries)
+    return dp_fedavg.noise_and_step(
+        state, clipped_sum,
+        (norms, was_clipped, nonfinite, client_loss, num_examples), valid,
+        hparams, noise_key, server_optimizer, canaries)
 
   return round_fn
-
-
-def _finish_round(state, clipped_sum, hparams, noise_key, client_mask, norms,
-                  was_clipped, nonfinite, client_loss, num_examples,
-                  server_optimizer, canaries):
-  """Noise, public denominator, server step and metrics: dp_fedavg's code.
-
-  Kept line for line equal to the end of `dp_fedavg.build_round`'s round_fn
-  (tests/test_factored.py compares every metric).
-  """
-  stddev = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
-  noisy_sum = noise.add_gaussian_noise(clipped_sum, stddev, noise_key)
-  average = tree_util.tree_scale(noisy_sum, 1.0 / hparams.denominator)
-  new_state = server_lib.step(state, average, hparams.server_lr,
-                              server_optimizer)
-  valid = client_mask & ~nonfinite
-  num_valid = jnp.sum(valid.astype(jnp.int32))
-  denom = jnp.maximum(num_valid, 1).astype(jnp.float32)
-  masked_norms = jnp.where(valid, norms, jnp.nan)
-  metrics = {
-      "num_clients": num_valid,
-      "num_nonfinite": jnp.sum(nonfinite.astype(jnp.int32)),
-      "train_loss": jnp.sum(jnp.where(valid, client_loss, 0.0)) / denom,
-      "fraction_clipped": jnp.sum(valid & was_clipped) / denom,
-      "update_norm_p10": jnp.nanpercentile(masked_norms, 10),
-      "update_norm_p50": jnp.nanpercentile(masked_norms, 50),
-      "update_norm_p90": jnp.nanpercentile(masked_norms, 90),
-      "update_norm_max": jnp.nanmax(masked_norms),
-      "clipped_sum_norm": tree_util.global_l2_norm(clipped_sum),
-      "noise_stddev": stddev,
-      "num_examples": jnp.sum(jnp.where(valid, num_examples, 0)),
-      # Norm of the clipped sum over the expected norm of the noise.
-      "signal_to_noise": tree_util.global_l2_norm(clipped_sum) / (
-          stddev * jnp.sqrt(float(tree_util.tree_size(clipped_sum)))),
-  }
-  if canaries is not None:
-    metrics["canary_cosines"] = audit.cosines(canaries.directions, average)
-  return new_state, metrics
