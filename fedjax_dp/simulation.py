@@ -125,13 +125,12 @@ class Simulation:
     c = self.config
     eligible = (factored.supports(c.model, c.client_optimizer,
                                   c.client_momentum)
-                and self.mesh is None and c.per_layer_clipping is None
-                and not c.adaptive_clipping)
+                and self.mesh is None and c.per_layer_clipping is None)
     if c.round_shape == "factored" and not eligible:
       raise ValueError(
           "config field 'round_shape' is 'factored', but the factored round "
           "covers only dense models (logistic, mlp_2nn) under plain client "
-          "SGD on one device without per-layer or adaptive clipping")
+          "SGD on one device without per-layer clipping")
     return c.round_shape == "factored" or (c.round_shape == "auto" and
                                            eligible)
 

@@ -210,3 +210,22 @@ def test_supports_and_rejects():
   with pytest.raises(ValueError, match="factored rounds cover"):
     factored.build_factored_round(cnn, client_lib.client_optimizer("sgd"),
                                   server_opt)
+
+
+def test_adaptive_clipping_through_the_factored_round_equals_plain():
+  from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_dp import runner  # pylint: disable=g-import-not-at-top
+  base = config_lib.Config(
+      name="adaptive_factored", dataset="synthetic",
+      dataset_kwargs={"num_clients": 60, "max_examples": 30},
+      model="logistic", rounds=4, cohort_size=12, batch_size=10,
+      local_epochs=1, eval_every=4, delta=1e-3, noise_multiplier=1.0,
+      adaptive_clipping=True, clip_norm=0.1)
+  quiet = dict(progress=False, log=lambda s: None)
+  fact = runner.run(base.replace(round_shape="factored"), **quiet)
+  plain = runner.run(base.replace(round_shape="plain"), **quiet)
+  for a, b in zip(fact.history, plain.history):
+    assert a["clip_norm"] == pytest.approx(b["clip_norm"], rel=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(fact.params),
+                  jax.tree_util.tree_leaves(plain.params)):
+    np.testing.assert_allclose(a, b, atol=2e-5)

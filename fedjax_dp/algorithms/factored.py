@@ -77,10 +77,10 @@ def supports(model_name: str, client_optimizer: str = "sgd",
              momentum: float | None = 0.0) -> bool:
   """Whether `build_factored_round` computes this configuration's round.
 
-  Only model and client optimizer are checked here. The factored round also
-  covers flat (whole-update) clipping on one device only: callers must not
-  use it with `dp_fedavg.build_round`'s `mesh`, `per_layer_clipping` or
-  adaptive clipping.
+  Only model and client optimizer are checked here. The factored round
+  covers whole-update clipping (fixed or adaptive) on one device: callers
+  must not use it where they would pass `dp_fedavg.build_round` a `mesh` or
+  `per_layer_clipping`.
   """
   return (model_name in DENSE_MODELS and client_optimizer == "sgd"
           and not momentum)
@@ -288,10 +288,6 @@ def build_factored_round(
                hparams: dp_fedavg.RoundHparams, noise_key: types.PRNGKey,
                canaries: "dp_fedavg.Canaries | None" = None,
                adaptive=None):
-    if adaptive is not None:
-      raise NotImplementedError(
-          "factored rounds do not cover adaptive clipping; use "
-          "dp_fedavg.build_round")
     params = state.params
     names = dense_layer_names(params)
     kernels = [params[n]["kernel"].astype(jnp.float32) for n in names]
@@ -417,6 +413,6 @@ def build_factored_round(
     return dp_fedavg.noise_and_step(
         state, clipped_sum,
         (norms, was_clipped, nonfinite, client_loss, num_examples), valid,
-        hparams, noise_key, server_optimizer, canaries)
+        hparams, noise_key, server_optimizer, canaries, adaptive)
 
   return round_fn
