@@ -146,6 +146,13 @@ def run(
   if resume and out is None:
     raise ValueError("resume needs a run directory")
   ckpt_dir = out / "checkpoints" if out is not None else None
+  if out is not None and not resume and (
+      (out / "metrics.jsonl").exists() or checkpoint.all_steps(ckpt_dir)):
+    # Never overwrite another run's results or let its checkpoints be
+    # mistaken for this run's.
+    raise ValueError(
+        f"run directory {out} already holds a run; resume it (--resume) or "
+        "choose another --run-dir")
 
   round_fn = jax.jit(sim.round_fn(), donate_argnums=(0,))
   sample_fn = jax.jit(sampler.sample)
@@ -209,8 +216,6 @@ def run(
     if resume and metrics_path.exists():
       with open(metrics_path, "r+", encoding="utf-8") as f:
         f.truncate(metrics_offset)
-    elif metrics_path.exists():
-      metrics_path.unlink()
     metrics_file = open(metrics_path, "a", encoding="utf-8")
     ledger_file = open(out / "ledger.jsonl", "a", encoding="utf-8")
 

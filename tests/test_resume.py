@@ -160,3 +160,16 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="arrays.npz"):
     runner.run(cfg, run_dir=tmp_path, resume=True, progress=False,
                log=lambda s: None)
+
+
+def test_a_new_run_never_overwrites_an_existing_run_directory(tmp_path):
+  from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.Config(
+      name="r", dataset="synthetic",
+      dataset_kwargs={"num_clients": 40, "max_examples": 20}, model="logistic",
+      rounds=2, cohort_size=8, eval_every=2, delta=1e-3)
+  runner.run(cfg, run_dir=tmp_path, progress=False, log=lambda s: None)
+  before = (tmp_path / "metrics.jsonl").read_text()
+  with pytest.raises(ValueError, match="already holds a run"):
+    runner.run(cfg, run_dir=tmp_path, progress=False, log=lambda s: None)
+  assert (tmp_path / "metrics.jsonl").read_text() == before
