@@ -63,6 +63,9 @@ class Config:
   # (the paper starts at 0.1), moved geometrically each round toward the
   # target quantile of unclipped clients; the count's noise sigma_b defaults
   # to expected cohort size / 20, and z is split so the total stays z.
+  # The noise mechanism: "gaussian" (L2 clipping, Gaussian noise z * C) or
+  # "laplace" (L1 clipping to C, Laplace noise of scale z * C).
+  mechanism: str = "gaussian"
   # Per-layer clipping: None clips the whole delta to clip_norm; "uniform"
   # or "size_proportional" splits clip_norm over top-level parameter groups
   # (C_g = C / sqrt(G), or C sqrt(d_g / d)): same overall bound, same noise.
@@ -167,6 +170,12 @@ class Config:
     if self.sampling == "fixed" and self.accountant == "pld":
       _fail("accountant", "'rdp' for fixed-size sampling (dp_accounting's PLD "
             "has no event for sampling without replacement)", self.accountant)
+    if self.mechanism not in ("gaussian", "laplace"):
+      _fail("mechanism", "one of ['gaussian', 'laplace']", self.mechanism)
+    if self.mechanism == "laplace" and (self.adaptive_clipping or
+                                        self.per_layer_clipping):
+      _fail("mechanism", "'gaussian' with adaptive or per-layer clipping "
+            "(both are L2 mechanisms)", self.mechanism)
     if self.per_layer_clipping not in (None, "uniform", "size_proportional"):
       _fail("per_layer_clipping", "null, 'uniform' or 'size_proportional'",
             self.per_layer_clipping)

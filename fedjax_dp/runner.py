@@ -26,7 +26,6 @@ from fedjax_dp import tree_util
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.data import prefetch
 from fedjax_dp.privacy import accounting
-from fedjax_dp.privacy import sampling
 
 
 class ModelDivergedError(ValueError):
@@ -335,12 +334,16 @@ def run(
       "delta": config.delta,
       "accountant": config.accountant,
       "epsilon": final_epsilon,
-      "epsilon_rdp": ledger.epsilon("rdp"),
       "wall_time_s": time.perf_counter() - start,
       **eval_metrics,
   }
-  if sampler.relation is not sampling.FixedSizeSampler.relation:
-    summary["epsilon_pld"] = ledger.epsilon("pld")
+  for name in accounting.ACCOUNTANTS:
+    # Both accountants where both can account these rounds exactly (PLD has
+    # no sampling-without-replacement event, RDP no sampled Laplace).
+    try:
+      summary[f"epsilon_{name}"] = ledger.epsilon(name)
+    except accounting.UnsupportedAccountingError:
+      summary[f"epsilon_{name}"] = None
   if config.audit_canaries:
     summary["audit"] = _audit_summary(
         config, directions, initial_params, state.params, canary_max)

@@ -25,6 +25,7 @@ from fedjax_dp.data import population as population_lib
 from fedjax_dp.models import registry
 from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import adaptive_clipping
+from fedjax_dp.privacy import laplace
 from fedjax_dp.privacy import sampling
 
 # Independent PRNG streams, folded from a run's root key.
@@ -55,10 +56,30 @@ def build_sampler(config: config_lib.Config,
     raise ValueError(
         f"config field 'cohort_size' must be in [1, population size "
         f"{population_size}]; got {config.cohort_size}")
+  capacity = config.capacity
+  if config.mechanism == "laplace" and capacity is None:
+    # dp_accounting has no truncated-Poisson Laplace event: a block as large
+    # as the population never truncates, so the round is exactly
+    # PoissonSampledDpEvent(q, LaplaceDpEvent(z)).
+    capacity = population_size
   return sampling.make_sampler(
       config.sampling, population_size, cohort_size=config.cohort_size,
       sampling_probability=config.sampling_probability,
-      capacity=config.capacity)
+      capacity=capacity)
+
+
+def round_event(config: config_lib.Config, sampler: sampling.Sampler,
+                noise_multiplier: float, count_stddev: float | None = None):
+  """The DP event of one round: from the mechanism's and sampler's modules.
+
+  Adaptive clipping's two Gaussians equal one Gaussian of multiplier z, so
+  calibration may use the plain event (`count_stddev` None).
+  """
+  if config.mechanism == "laplace":
+    return laplace.central_dp_event(sampler, noise_multiplier)
+  if config.adaptive_clipping and count_stddev is not None:
+    return adaptive_clipping.dp_event(sampler, noise_multiplier, count_stddev)
+  return sampler.dp_event(noise_multiplier)
 
 
 def resolve_noise_multiplier(config: config_lib.Config,
@@ -66,7 +87,8 @@ def resolve_noise_multiplier(config: config_lib.Config,
   if config.noise_multiplier is not None:
     return float(config.noise_multiplier)
   return accounting.calibrate_noise_multiplier(
-      sampler.dp_event, target_epsilon=config.target_epsilon,
+      lambda z: round_event(config, sampler, z),
+      target_epsilon=config.target_epsilon,
       delta=config.delta, rounds=config.rounds,
       accountant=config.accountant, relation=sampler.relation)
 
@@ -100,12 +122,10 @@ class Simulation:
     return adaptive_clipping.default_count_stddev(
         self.sampler.expected_cohort_size)
 
-  def event(self):
-    """The DP event of one round of this run (from the sampler's module)."""
-    if self.config.adaptive_clipping:
-      return adaptive_clipping.dp_event(self.sampler, self.noise_multiplier,
-                                        self.count_stddev)
-    return self.sampler.dp_event(self.noise_multiplier)
+  def event(self, noise_multiplier: float | None = None):
+    """The DP event of one round of this run (default: its own z)."""
+    z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+    return round_event(self.config, self.sampler, z, self.count_stddev)
 
   def adaptive_hparams(self):
     """Adaptive clipping's round arguments, or None with a fixed clip."""
@@ -125,12 +145,14 @@ class Simulation:
     c = self.config
     eligible = (factored.supports(c.model, c.client_optimizer,
                                   c.client_momentum)
-                and self.mesh is None and c.per_layer_clipping is None)
+                and self.mesh is None and c.per_layer_clipping is None
+                and c.mechanism == "gaussian")
     if c.round_shape == "factored" and not eligible:
       raise ValueError(
           "config field 'round_shape' is 'factored', but the factored round "
           "covers only dense models (logistic, mlp_2nn) under plain client "
-          "SGD on one device without per-layer clipping")
+          "SGD on one device with the Gaussian mechanism and without "
+          "per-layer clipping")
     return c.round_shape == "factored" or (c.round_shape == "auto" and
                                            eligible)
 
@@ -149,7 +171,8 @@ class Simulation:
                                     self.config.client_momentum),
         self.server_optimizer, clients_per_chunk=self.clients_per_chunk,
         unroll_local_steps=self.unroll_local_steps, mesh=self.mesh,
-        per_layer_clipping=self.config.per_layer_clipping)
+        per_layer_clipping=self.config.per_layer_clipping,
+        mechanism=self.config.mechanism)
 
   def hparams(self, config: config_lib.Config | None = None,
               noise_multiplier: float | None = None) -> dp_fedavg.RoundHparams:

@@ -56,7 +56,6 @@ from fedjax_dp import tree_util
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.data import prefetch
 from fedjax_dp.privacy import accounting
-from fedjax_dp.privacy import sampling
 from fedjax_dp.privacy import tuning as tuning_lib
 
 # Fields that are arrays of the round (or the seed of its streams): they never
@@ -359,7 +358,7 @@ def run_sweep(
       _check_budget(config, sim, z)
       group.append(_Member(
           i, config.replace(name=f"{config.name}-{ids[i]}"), sim, z,
-          sim.sampler.dp_event(z),
+          sim.event(z),
           accounting.PrivacyLedger(sim.sampler.relation, config.delta,
                                    config.accountant)))
     info = _run_group(g, len(groups), group, sim0, max_configs_per_group,
@@ -393,7 +392,7 @@ def _check_budget(config: config_lib.Config, sim: simulation.Simulation,
   if config.epsilon_budget is None or config.stop_at_budget:
     return
   planned = accounting.epsilon_of(
-      [sim.sampler.dp_event(z)] * config.rounds, config.delta,
+      [sim.event(z)] * config.rounds, config.delta,
       accountant=config.accountant, relation=sim.sampler.relation)
   if planned > config.epsilon_budget:
     raise ValueError(
@@ -554,12 +553,15 @@ def _result(m: _Member, sim0: simulation.Simulation, wall_time_s: float,
       "delta": config.delta,
       "accountant": config.accountant,
       "epsilon": epsilons(m.ledger),
-      "epsilon_rdp": epsilons(m.ledger, "rdp"),
       "wall_time_s": wall_time_s,
       **m.eval_metrics,
   }
-  if sim0.sampler.relation is not sampling.FixedSizeSampler.relation:
-    summary["epsilon_pld"] = epsilons(m.ledger, "pld")
+  for name in accounting.ACCOUNTANTS:
+    # As the runner: each accountant that can account these rounds exactly.
+    try:
+      summary[f"epsilon_{name}"] = epsilons(m.ledger, name)
+    except accounting.UnsupportedAccountingError:
+      summary[f"epsilon_{name}"] = None
   if m.diverged:
     summary["diverged"] = True
   return runner.RunResult(config, m.params, m.ledger, m.noise_multiplier,

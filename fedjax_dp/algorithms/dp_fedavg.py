@@ -30,6 +30,7 @@ from fedjax_dp import tree_util
 from fedjax_dp import types
 from fedjax_dp.privacy import adaptive_clipping
 from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import laplace
 from fedjax_dp.privacy import noise
 from fedjax_dp.privacy import per_layer
 
@@ -96,6 +97,7 @@ def build_round(
     unroll_local_steps: int | bool = 1,
     mesh: jax.sharding.Mesh | None = None,
     per_layer_clipping: str | None = None,
+    mechanism: str = "gaussian",
 ) -> Callable[..., tuple[server_lib.ServerState, dict]]:
   """Builds the (unjitted) round function.
 
@@ -112,6 +114,8 @@ def build_round(
       "size_proportional" clips each top-level parameter group g to
       w_g * C with sum_g w_g^2 = 1 (w_g = 1/sqrt(G), or sqrt(d_g / d)), so the
       whole update still has norm <= C and the noise is unchanged.
+    mechanism: "gaussian" (L2 clipping, Gaussian noise) or "laplace" (L1
+      clipping to C, Laplace noise of scale z * C; privacy/laplace.py).
     mesh: optional device mesh with a "clients" axis: the cohort's client
       axis is sharded over it (each device's share must be a multiple of
       `clients_per_chunk`); multi-host meshes work the same way after
@@ -144,7 +148,9 @@ def build_round(
           canaries.directions)
       delta = jax.tree_util.tree_map(
           lambda c, d: jnp.where(canary_id >= 0, c, d), canary_delta, delta)
-    if per_layer_clipping is None:
+    if mechanism == "laplace":
+      clip = laplace.clip_by_l1_norm(delta, hparams.clip_norm)
+    elif per_layer_clipping is None:
       clip = clipping.clip_by_global_norm(delta, hparams.clip_norm)
     else:
       groups = per_layer.clip_per_group(
@@ -231,7 +237,7 @@ def build_round(
               canary_ids, hparams, canaries)
     return noise_and_step(state, clipped_sum, per_client, block.client_mask,
                           hparams, noise_key, server_optimizer, canaries,
-                          adaptive)
+                          adaptive, mechanism)
 
   return round_fn
 
@@ -246,6 +252,7 @@ def noise_and_step(
     server_optimizer: optax.GradientTransformation,
     canaries: "Canaries | None" = None,
     adaptive: adaptive_clipping.AdaptiveClipHparams | None = None,
+    mechanism: str = "gaussian",
 ) -> tuple[server_lib.ServerState, dict]:
   """The second half of every round shape: noise, average, server step.
 
@@ -264,13 +271,20 @@ def noise_and_step(
     server_optimizer: optax optimizer with an injectable learning rate.
     canaries: audit canaries in this round, if any.
     adaptive: adaptive clipping's arguments, if enabled.
+    mechanism: "gaussian" or "laplace" (Laplace noise of scale z * C on an
+      L1-clipped sum).
 
   Returns:
     (new server state, metrics).
   """
   norms, was_clipped, nonfinite, client_loss, num_examples = per_client
-  stddev = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
-  noisy_sum = noise.add_gaussian_noise(clipped_sum, stddev, noise_key)
+  if mechanism == "laplace":
+    scale = laplace.noise_scale(hparams.noise_multiplier, hparams.clip_norm)
+    noisy_sum = laplace.add_laplace_noise(clipped_sum, scale, noise_key)
+    stddev = jnp.sqrt(2.0) * scale  # Laplace(0, b) has std sqrt(2) b
+  else:
+    stddev = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
+    noisy_sum = noise.add_gaussian_noise(clipped_sum, stddev, noise_key)
   average = tree_util.tree_scale(noisy_sum, 1.0 / hparams.denominator)
   new_state = server_lib.step(state, average, hparams.server_lr,
                               server_optimizer)
