@@ -217,9 +217,6 @@ class Config:
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
   @classmethod
   def from_dict(cls, d: dict) -> "Config":
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}

@@ -100,7 +100,3 @@ class FederatedPopulation:
     return FederatedPopulation(
         tuple(self.client_ids[i] for i in indices),
         {n: a[rows] for n, a in self.features.items()}, offsets)
-
-  def pooled(self) -> dict[str, np.ndarray]:
-    """All examples of all clients together (for centralised evaluation)."""
-    return dict(self.features)

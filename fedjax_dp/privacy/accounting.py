@@ -312,11 +312,6 @@ class PrivacyLedger:
         self.events + [event], self.delta,
         accountant=accountant or self.accountant, relation=self.relation)
 
-  def to_json(self) -> list[dict]:
-    return [{"round": e.round, "event": e.event.to_named_tuple()._asdict()
-             if hasattr(e.event, "to_named_tuple") else repr(e.event)}
-            for e in self._entries]
-
 
 def calibrate_noise_multiplier(
     make_event,

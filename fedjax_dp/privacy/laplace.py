@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from fedjax_dp import types
 from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import noise
 from fedjax_dp.privacy import sampling
 
 
@@ -74,9 +75,8 @@ def clip_by_l1_norm(tree: types.PyTree, clip_norm: jax.Array
 
 def noise_scale(noise_multiplier, clip_norm) -> jax.Array:
   """b = z * C, the Laplace scale; exactly 0 when z = 0 (also for C = inf)."""
-  z = jnp.asarray(noise_multiplier, jnp.float32)
-  c = jnp.asarray(clip_norm, jnp.float32)
-  return jnp.where(z == 0, 0.0, z * c)
+  # The same product as the Gaussian's sigma, with the same z = 0 guard.
+  return noise.noise_stddev(noise_multiplier, clip_norm)
 
 
 def add_laplace_noise(tree: types.PyTree, scale: jax.Array,
@@ -85,14 +85,7 @@ def add_laplace_noise(tree: types.PyTree, scale: jax.Array,
 
   The density of Laplace(0, b) is exp(-|x| / b) / (2 b); its std is sqrt(2) b.
   """
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  noisy = [
-      (x.astype(jnp.float32)
-       + scale * jax.random.laplace(k, x.shape, jnp.float32)).astype(x.dtype)
-      for x, k in zip(leaves, keys)
-  ]
-  return jax.tree_util.tree_unflatten(treedef, noisy)
+  return noise.add_iid_noise(tree, scale, key, jax.random.laplace)
 
 
 def add_local_laplace_noise(stacked: types.PyTree, scale: jax.Array,

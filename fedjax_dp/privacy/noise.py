@@ -30,10 +30,9 @@ def noise_stddev(noise_multiplier, clip_norm) -> jax.Array:
   return jnp.where(z == 0, 0.0, z * c)
 
 
-def add_gaussian_noise(
-    tree: types.PyTree, stddev: jax.Array, key: types.PRNGKey
-) -> types.PyTree:
-  """Adds independent N(0, stddev^2) float32 noise to every scalar of `tree`.
+def add_iid_noise(tree: types.PyTree, scale: jax.Array, key: types.PRNGKey,
+                  sample=jax.random.normal) -> types.PyTree:
+  """Adds `scale * sample(key, shape)` float32 noise to every scalar of `tree`.
 
   Each leaf gets its own key split from `key`, so leaves are independent.
   """
@@ -41,7 +40,14 @@ def add_gaussian_noise(
   keys = jax.random.split(key, len(leaves))
   noisy = [
       (x.astype(jnp.float32)
-       + stddev * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
+       + scale * sample(k, x.shape, jnp.float32)).astype(x.dtype)
       for x, k in zip(leaves, keys)
   ]
   return jax.tree_util.tree_unflatten(treedef, noisy)
+
+
+def add_gaussian_noise(
+    tree: types.PyTree, stddev: jax.Array, key: types.PRNGKey
+) -> types.PyTree:
+  """Adds independent N(0, stddev^2) float32 noise to every scalar of `tree`."""
+  return add_iid_noise(tree, stddev, key, jax.random.normal)
