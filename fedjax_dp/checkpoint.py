@@ -79,8 +79,14 @@ class CheckpointError(ValueError):
 # DP events and the ledger as JSON.
 
 # Field names and kinds of each event type, in dp_accounting's order.
-# "float" / "int" fields are numbers; "event" a nested event; "events" a list.
+# "float" / "int" fields are numbers; "ints" an int or a tuple of ints;
+# "event" a nested event; "events" a list.
 _EVENT_FIELDS = {
+    "NoOpDpEvent": (),
+    "NonPrivateDpEvent": (),
+    "ZCDpEvent": (("rho", "float"), ("xi", "float")),
+    "SingleEpochTreeAggregationDpEvent": (("noise_multiplier", "float"),
+                                          ("step_counts", "ints")),
     "GaussianDpEvent": (("noise_multiplier", "float"),),
     "LaplaceDpEvent": (("noise_multiplier", "float"),),
     "PoissonSampledDpEvent": (("sampling_probability", "float"),
@@ -117,6 +123,9 @@ def encode_event(event: dp_accounting.DpEvent) -> dict:
       out[field] = float(value)
     elif kind == "int":
       out[field] = int(value)
+    elif kind == "ints":
+      out[field] = (int(value) if isinstance(value, int) else
+                    [int(v) for v in value])
     elif kind == "event":
       out[field] = encode_event(value)
     else:
@@ -153,6 +162,15 @@ def decode_event(data: Any) -> dp_accounting.DpEvent:
       if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name}.{field} must be an integer, got {value!r}")
       kwargs[field] = value
+    elif kind == "ints":
+      ints = [value] if not isinstance(value, list) else value
+      if not ints or any(isinstance(v, bool) or not isinstance(v, int)
+                         for v in ints):
+        raise ValueError(
+            f"{name}.{field} must be an integer or a list of them, got "
+            f"{value!r:.200}")
+      # A tuple: events must be hashable (the ledger counts equal events).
+      kwargs[field] = value if not isinstance(value, list) else tuple(value)
     elif kind == "event":
       kwargs[field] = decode_event(value)
     else:

@@ -63,9 +63,33 @@ class Config:
   # (the paper starts at 0.1), moved geometrically each round toward the
   # target quantile of unclipped clients; the count's noise sigma_b defaults
   # to expected cohort size / 20, and z is split so the total stays z.
-  # The noise mechanism: "gaussian" (L2 clipping, Gaussian noise z * C) or
-  # "laplace" (L1 clipping to C, Laplace noise of scale z * C).
+  # The noise mechanism: "gaussian" (L2 clipping, Gaussian noise z * C),
+  # "laplace" (L1 clipping to C, Laplace noise of scale z * C) or "tree"
+  # (DP-FTRL, Kairouz et al. 2021: L2 clipping, tree-aggregation noise with
+  # per-node std z * C; needs sampling="disjoint" and accountant="rdp").
   mechanism: str = "gaussian"
+  # Where the noise is added (privacy/placement.py): "central" (the server),
+  # "distributed" (each slot adds a share; secure aggregation sums them) or
+  # "local" (each client noises its own update; the ledger then holds the
+  # per-client local guarantee).
+  noise_placement: str = "central"
+  # Distributed noise only. None: secure aggregation over the reals with
+  # Gaussian shares. An integer in [2, 32]: simulate its fixed-point encoding
+  # and sum modulo 2^secagg_bits with discrete Gaussian shares (RDP
+  # accountant); secagg_scale is the fixed-point scale s (step 1/s), None
+  # picks the largest power of two whose sum fits the bits.
+  secagg_bits: int | None = None
+  secagg_scale: float | None = None
+  # DP-FTRL: rounds per tree (None: one tree for the whole run) and whether
+  # a client may take part once per tree ("once_per_tree") or once ("once").
+  tree_restart_every: int | None = None
+  tree_participation: str = "once_per_tree"
+  # Record-level DP inside each client (DP-SGD; privacy/dp_sgd.py): clip each
+  # example's gradient to example_clip_norm and add Gaussian noise of std
+  # example_noise_multiplier * example_clip_norm to each local step's sum.
+  # None disables it. Its example-level guarantee has its own ledger.
+  example_clip_norm: float | None = None
+  example_noise_multiplier: float = 0.0
   # Per-layer clipping: None clips the whole delta to clip_norm; "uniform"
   # or "size_proportional" splits clip_norm over top-level parameter groups
   # (C_g = C / sqrt(G), or C sqrt(d_g / d)): same overall bound, same noise.
@@ -90,6 +114,14 @@ class Config:
   # jax.distributed.initialize()); None: whenever there is more than one.
   shard_clients: bool | None = None
   unroll_local_steps: bool | None = None  # None: chosen by backend
+  # Rounds per compiled call (algorithms/on_device.py). 1: the host loop, one
+  # call per round. K > 1: the training population is kept on the device
+  # (it must fit a memory budget) and up to K rounds -- sampling, data layout
+  # and training -- run in one call, their K privacy events recorded before
+  # it. Calls also end at eval rounds, so evaluation sees the same rounds as
+  # with 1. Results are the host loop's up to the order of each client's
+  # examples. Not with audit_canaries, dropout_rate or sharded clients.
+  rounds_per_call: int = 1
 
   def __post_init__(self):
     self.validate()
@@ -115,8 +147,9 @@ class Config:
     for name in ("rounds", "local_epochs", "batch_size", "eval_every",
                  "checkpoint_every"):
       positive_int(name)
-    if self.sampling not in ("poisson", "fixed"):
-      _fail("sampling", "one of ['poisson', 'fixed']", self.sampling)
+    if self.sampling not in ("poisson", "fixed", "disjoint"):
+      _fail("sampling", "one of ['poisson', 'fixed', 'disjoint']",
+            self.sampling)
     if self.sampling_probability is not None:
       if self.sampling != "poisson":
         _fail("sampling_probability", "unset (None) for fixed-size sampling",
@@ -170,12 +203,16 @@ class Config:
     if self.sampling == "fixed" and self.accountant == "pld":
       _fail("accountant", "'rdp' for fixed-size sampling (dp_accounting's PLD "
             "has no event for sampling without replacement)", self.accountant)
-    if self.mechanism not in ("gaussian", "laplace"):
-      _fail("mechanism", "one of ['gaussian', 'laplace']", self.mechanism)
+    if self.mechanism not in ("gaussian", "laplace", "tree"):
+      _fail("mechanism", "one of ['gaussian', 'laplace', 'tree']",
+            self.mechanism)
     if self.mechanism == "laplace" and (self.adaptive_clipping or
                                         self.per_layer_clipping):
       _fail("mechanism", "'gaussian' with adaptive or per-layer clipping "
             "(both are L2 mechanisms)", self.mechanism)
+    self._validate_placement()
+    self._validate_tree()
+    self._validate_example_dp()
     if self.per_layer_clipping not in (None, "uniform", "size_proportional"):
       _fail("per_layer_clipping", "null, 'uniform' or 'size_proportional'",
             self.per_layer_clipping)
@@ -210,6 +247,105 @@ class Config:
     for name in ("dataset_kwargs", "model_kwargs"):
       if not isinstance(getattr(self, name), dict):
         _fail(name, "a dict", getattr(self, name))
+    # Last: it checks combinations with fields validated above.
+    self._validate_rounds_per_call()
+
+  def _validate_placement(self) -> None:
+    if self.noise_placement not in ("central", "distributed", "local"):
+      _fail("noise_placement", "one of ['central', 'distributed', 'local']",
+            self.noise_placement)
+    if self.noise_placement != "central":
+      if self.mechanism == "tree":
+        _fail("noise_placement", "'central' with mechanism='tree'",
+              self.noise_placement)
+      if self.adaptive_clipping:
+        _fail("noise_placement", "'central' with adaptive clipping (its "
+              "count is noised by the server)", self.noise_placement)
+    if self.noise_placement == "distributed" and self.mechanism == "laplace":
+      _fail("mechanism", "'gaussian' with distributed noise (a sum of Laplace "
+            "shares is not a Laplace mechanism)", self.mechanism)
+    if self.secagg_bits is not None:
+      if self.noise_placement != "distributed":
+        _fail("secagg_bits", "null unless noise_placement='distributed'",
+              self.secagg_bits)
+      if (not isinstance(self.secagg_bits, int) or
+          isinstance(self.secagg_bits, bool) or
+          not 2 <= self.secagg_bits <= 32):
+        _fail("secagg_bits", "an integer in [2, 32]", self.secagg_bits)
+      if math.isinf(self.clip_norm):
+        _fail("clip_norm", "finite with secure aggregation's fixed-point "
+              "encoding", self.clip_norm)
+      if self.accountant != "rdp":
+        _fail("accountant", "'rdp' with secagg_bits (the distributed discrete "
+              "Gaussian is accounted as zCDP)", self.accountant)
+      if self.noise_multiplier is None:
+        _fail("noise_multiplier", "a number with secagg_bits (calibration to "
+              "a target epsilon is not offered for it)", None)
+    if self.secagg_scale is not None:
+      if self.secagg_bits is None:
+        _fail("secagg_scale", "null unless secagg_bits is set",
+              self.secagg_scale)
+      if not (isinstance(self.secagg_scale, (int, float))
+              and 0 < self.secagg_scale < math.inf):
+        _fail("secagg_scale", "a finite number > 0 (or null)",
+              self.secagg_scale)
+
+  def _validate_tree(self) -> None:
+    tree = self.mechanism == "tree"
+    if tree != (self.sampling == "disjoint"):
+      _fail("sampling", "'disjoint' exactly when mechanism='tree' (DP-FTRL "
+            "credits no sampling; its cohorts are disjoint within a tree)",
+            self.sampling)
+    if tree and self.accountant != "rdp":
+      _fail("accountant", "'rdp' with mechanism='tree' (only dp_accounting's "
+            "RDP accountant takes tree-aggregation events)", self.accountant)
+    if tree and (self.adaptive_clipping or self.sampling_probability
+                 is not None or self.cohort_size is None):
+      _fail("mechanism", "'tree' with a fixed cohort_size and without "
+            "adaptive clipping", self.mechanism)
+    if self.tree_restart_every is not None:
+      if not tree:
+        _fail("tree_restart_every", "null unless mechanism='tree'",
+              self.tree_restart_every)
+      if (not isinstance(self.tree_restart_every, int) or
+          isinstance(self.tree_restart_every, bool) or
+          self.tree_restart_every < 1):
+        _fail("tree_restart_every", "an integer >= 1 (or null)",
+              self.tree_restart_every)
+    if self.tree_participation not in ("once_per_tree", "once"):
+      _fail("tree_participation", "one of ['once_per_tree', 'once']",
+            self.tree_participation)
+
+  def _validate_example_dp(self) -> None:
+    if self.example_clip_norm is not None and not (
+        isinstance(self.example_clip_norm, (int, float))
+        and self.example_clip_norm > 0):
+      _fail("example_clip_norm", "a number > 0 (inf: no clipping) or null",
+            self.example_clip_norm)
+    z = self.example_noise_multiplier
+    if not (isinstance(z, (int, float)) and 0 <= z < math.inf):
+      _fail("example_noise_multiplier", "a finite number >= 0", z)
+    if z > 0 and (self.example_clip_norm is None
+                  or math.isinf(self.example_clip_norm)):
+      _fail("example_clip_norm", "a finite number > 0 when "
+            "example_noise_multiplier > 0", self.example_clip_norm)
+
+  def _validate_rounds_per_call(self) -> None:
+    v = self.rounds_per_call
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+      _fail("rounds_per_call", "an integer >= 1", v)
+    if v == 1:
+      return
+    # What the host loop alone simulates (algorithms/on_device.py).
+    if self.audit_canaries:
+      _fail("audit_canaries", "0 with rounds_per_call > 1 (canaries take part "
+            "in the host loop only)", self.audit_canaries)
+    if self.dropout_rate:
+      _fail("dropout_rate", "0 with rounds_per_call > 1 (dropout is "
+            "simulated on the host)", self.dropout_rate)
+    if self.shard_clients:
+      _fail("shard_clients", "false or null with rounds_per_call > 1 (the "
+            "population is kept on one device)", self.shard_clients)
 
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)

@@ -24,12 +24,20 @@ from fedjax_dp import evaluation
 from fedjax_dp import simulation
 from fedjax_dp import tree_util
 from fedjax_dp.algorithms import dp_fedavg
+from fedjax_dp.algorithms import on_device
 from fedjax_dp.data import prefetch
 from fedjax_dp.privacy import accounting
 
 
 class ModelDivergedError(ValueError):
   """The global model's parameters are no longer finite."""
+
+  @classmethod
+  def at_round(cls, r: int) -> "ModelDivergedError":
+    return cls(
+        f"round {r}: the global model became non-finite (NaN or Inf); the run "
+        "stops here and keeps its last good checkpoint. Lower client_lr or "
+        "server_lr, or clip_norm.")
 
 
 @dataclasses.dataclass
@@ -103,6 +111,52 @@ def load_run_config(run_dir: str | os.PathLike) -> config_lib.Config:
   return config_lib.Config.from_dict(data)
 
 
+def _example_epsilon(sim: simulation.Simulation,
+                     ledger: accounting.PrivacyLedger) -> float:
+  """Record-level DP: the example-level epsilon of one client after the
+  rounds in `ledger` (every round counted, as if the client took part in
+  all of them: no amplification by sampling is credited)."""
+  example_ledger = sim.new_example_ledger()
+  for entry in ledger.entries:
+    example_ledger.record(entry.round, sim.example_event())
+  return example_ledger.epsilon()
+
+
+def _report_secagg(r: int, metrics: dict, totals: dict,
+                   log: Callable[[str], None]) -> None:
+  """Secure aggregation's overflow is reported, never silently wrong."""
+  for name in totals:
+    totals[name] += int(metrics[name])
+  if metrics["secagg_wrapped"] or metrics["secagg_near_overflow"]:
+    wrapped, near = metrics["secagg_wrapped"], metrics["secagg_near_overflow"]
+    log(f"round {r}: secure aggregation wrapped around in {wrapped} "
+        f"coordinates ({near} flagged near the modulus): the decoded sum is "
+        "wrong there; raise secagg_bits or lower secagg_scale")
+  if metrics["secagg_sampler_failures"]:
+    log(f"round {r}: {metrics['secagg_sampler_failures']} discrete Gaussian "
+        "samples failed (set to 0)")
+
+
+def _prefix_epsilons(ledger: accounting.PrivacyLedger, events: list,
+                     first: int) -> list[float]:
+  """The epsilon `ledger`'s settings give after events[:n], for each n in
+  first + 1, ..., len(events)."""
+  return [accounting.epsilon_of(events[:n], ledger.delta,
+                                accountant=ledger.accountant,
+                                relation=ledger.relation)
+          for n in range(first + 1, len(events) + 1)]
+
+
+def _example_epsilons_after(sim: simulation.Simulation,
+                            num_rounds: list[int]) -> list[float]:
+  """`_example_epsilon` after each of `num_rounds` rounds."""
+  template = sim.new_example_ledger()
+  return [accounting.epsilon_of([sim.example_event()] * n, template.delta,
+                                accountant=template.accountant,
+                                relation=template.relation)
+          for n in num_rounds]
+
+
 def run(
     config: config_lib.Config,
     *,
@@ -120,6 +174,12 @@ def run(
   complete checkpoint, replaying the rounds after it with the same keys and
   data (so they reproduce the same results, accounted once).
 
+  With `rounds_per_call` K > 1 the rounds run in calls of up to K on the
+  device (algorithms/on_device.py; a call also ends at an eval round): all
+  of a call's events are appended to `ledger.jsonl` before the call, its
+  metrics are written after it, and a checkpoint is written at the end of
+  a call that holds a checkpoint round.
+
   Raises:
     ValueError: invalid configuration (before any compute), a planned run
       over its epsilon budget (unless `stop_at_budget`), or an unusable run
@@ -130,10 +190,10 @@ def run(
   sim = simulation.build(config)
   train, sampler, model = sim.train, sim.sampler, sim.model
   noise_multiplier = sim.noise_multiplier
-  event = sim.event()
+  events = sim.run_events()
   planned_epsilon = accounting.epsilon_of(
-      [event] * config.rounds, config.delta, accountant=config.accountant,
-      relation=sampler.relation)
+      events, config.delta, accountant=config.accountant,
+      relation=sim.relation)
   if (config.epsilon_budget is not None and not config.stop_at_budget
       and planned_epsilon > config.epsilon_budget):
     raise ValueError(
@@ -154,10 +214,20 @@ def run(
         "choose another --run-dir")
 
   round_fn = jax.jit(sim.round_fn(), donate_argnums=(0,))
-  sample_fn = jax.jit(sampler.sample)
+  sample_fn = jax.jit(sampler.sample_round)
+  multi_round = population = None
+  if config.rounds_per_call > 1:
+    # Unsupported settings and a population over the memory budget fail
+    # here, before anything is computed or written.
+    multi_round = jax.jit(on_device.build_multi_round(sim),
+                          static_argnames="num_rounds", donate_argnums=(0,))
+    population = on_device.device_population(sim)
   hparams = sim.hparams()
   state = sim.initial_state(config.seed)
   ledger = sim.new_ledger()
+  secagg = sim.secagg_params()
+  secagg_totals = {"secagg_wrapped": 0, "secagg_near_overflow": 0,
+                   "secagg_sampler_failures": 0}
   canaries = canary_max = None
   adaptive = sim.adaptive_hparams()
   clip_norm = jnp.float32(config.clip_norm) if adaptive is not None else None
@@ -239,6 +309,117 @@ def run(
          "metrics_offset": metrics_file.tell(),
          "config": config.to_dict()})
 
+  def record_events(first: int, round_events: list) -> None:
+    """Records rounds first, first + 1, ...: ledger, then ledger.jsonl."""
+    for i, event in enumerate(round_events):
+      ledger.record(first + i, event)
+    if ledger_file is not None:
+      ledger_file.write("".join(
+          json.dumps({"round": first + i,
+                      "event": checkpoint.encode_event(event)}) + "\n"
+          for i, event in enumerate(round_events)))
+      ledger_file.flush()
+      os.fsync(ledger_file.fileno())
+
+  def finish_round(r: int, metrics: dict, num_drawn: int, num_dropped: int,
+                   epsilon: float, example_epsilon: float | None) -> dict:
+    """Completes round r's metrics (evaluating `state` at eval rounds) and
+    writes them."""
+    nonlocal eval_metrics
+    metrics["round"] = r
+    metrics["num_drawn"] = num_drawn
+    metrics["num_dropped"] = num_dropped
+    metrics["truncated"] = num_drawn > sampler.capacity
+    metrics["epsilon"] = epsilon
+    if example_epsilon is not None:
+      metrics["example_epsilon"] = example_epsilon
+    if secagg is not None:
+      _report_secagg(r, metrics, secagg_totals, log)
+    if (r + 1) % config.eval_every == 0 or r + 1 == config.rounds:
+      eval_metrics = evaluation.evaluate(model, state.params,
+                                         sim.eval_population)
+      metrics.update(eval_metrics)
+    metrics["elapsed_s"] = time.perf_counter() - start
+    history.append(metrics)
+    if metrics_file is not None:
+      metrics_file.write(json.dumps(metrics) + "\n")
+      metrics_file.flush()
+    return metrics
+
+  def run_calls() -> None:
+    """The rounds in calls of up to rounds_per_call rounds on the device."""
+    nonlocal state, clip_norm, rounds_done, stopped_for_budget
+    # The longest call that can occur: the compiled scan's static length.
+    max_rounds = min(config.rounds_per_call, config.eval_every, config.rounds)
+    keys = on_device.multi_round_keys(config.seed)
+    log(f"rounds_per_call={config.rounds_per_call}: population on the device, "
+        f"calls of up to {max_rounds} rounds (a call ends at an eval round)")
+    r = first_round
+    while r < config.rounds:
+      # Ending a call at an eval round evaluates the same models as the host
+      # loop; shorter calls reuse the compiled program (it masks the rest).
+      end = min(r + max_rounds, config.rounds,
+                (r // config.eval_every + 1) * config.eval_every)
+      call_events = events[r:end]
+      epsilons = None
+      if config.epsilon_budget is not None:
+        # The host loop's rule, round by round: stop before the first round
+        # that would exceed the budget.
+        epsilons = _prefix_epsilons(ledger, ledger.events + call_events,
+                                    ledger.num_rounds)
+        fit = next((i for i, e in enumerate(epsilons)
+                    if e > config.epsilon_budget), len(epsilons))
+        if fit < len(call_events):
+          stopped_for_budget = True
+          log(f"stopping before round {r + fit}: it would exceed "
+              f"epsilon_budget={config.epsilon_budget:g}")
+          end, call_events, epsilons = r + fit, call_events[:fit], \
+              epsilons[:fit]
+        if end == r:
+          break
+      # All the call's events are recorded, durably, before any of its
+      # results exists.
+      record_events(r, call_events)
+      call_hparams = hparams
+      if adaptive is not None:
+        call_hparams = hparams._replace(clip_norm=clip_norm)
+      state, next_clip_norm, metrics, aux = multi_round(
+          state, call_hparams, population, keys, r, end - r, adaptive, secagg,
+          num_rounds=max_rounds)
+      # The call runs asynchronously: accounting overlaps it.
+      if epsilons is None:
+        epsilons = _prefix_epsilons(ledger, ledger.events,
+                                    ledger.num_rounds - (end - r))
+      example_epsilons = None
+      if sim.example_event() is not None:
+        example_epsilons = _example_epsilons_after(
+            sim, list(range(ledger.num_rounds - (end - r) + 1,
+                            ledger.num_rounds + 1)))
+      metrics, aux = jax.device_get((metrics, aux))
+      if adaptive is not None:
+        clip_norm = next_clip_norm
+      for i in range(end - r):
+        q = r + i
+        if not aux["params_finite"][i]:
+          raise ModelDivergedError.at_round(q)
+        # Evaluation happens in a call's last round only (calls end at eval
+        # rounds), so `state` is that round's.
+        finish_round(
+            q, _to_python({name: v[i] for name, v in metrics.items()}),
+            int(aux["num_drawn"][i]), 0, epsilons[i],
+            None if example_epsilons is None else example_epsilons[i])
+      rounds_done = end
+      if end == config.rounds or any(
+          (q + 1) % config.checkpoint_every == 0 for q in range(r, end)):
+        save_checkpoint(rounds_done)
+      if bar is not None:
+        bar.update(end - r)
+        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}",
+                        eps=f"{history[-1]['epsilon']:.2f}")
+      r = end
+      if stopped_for_budget:
+        break
+
   history = []
   stopped_for_budget = False
   bar = None
@@ -249,10 +430,15 @@ def run(
   start = time.perf_counter()
   rounds_done = first_round
   eval_metrics = {}
-  cohorts = prefetch.Prefetcher(prepare, range(first_round, config.rounds),
-                                depth=2)
+  # With rounds_per_call > 1 the host loop below gets no rounds.
+  host_rounds = range(first_round, config.rounds) if multi_round is None \
+      else range(0)
+  cohorts = prefetch.Prefetcher(prepare, host_rounds, depth=2)
   try:
+    if multi_round is not None:
+      run_calls()
     for r, block, num_drawn, num_dropped, canary_ids in cohorts:
+      event = events[r]
       if config.epsilon_budget is not None and \
           ledger.epsilon_if(event) > config.epsilon_budget:
         stopped_for_budget = True
@@ -260,12 +446,7 @@ def run(
             f"{config.epsilon_budget:g}")
         break
       # The round's event is recorded, durably, before its result exists.
-      ledger.record(r, event)
-      if ledger_file is not None:
-        ledger_file.write(json.dumps(
-            {"round": r, "event": checkpoint.encode_event(event)}) + "\n")
-        ledger_file.flush()
-        os.fsync(ledger_file.fileno())
+      record_events(r, [event])
       if config.audit_canaries:
         canaries = dp_fedavg.Canaries(directions, canary_ids,
                                       jnp.float32(canary_norm))
@@ -275,7 +456,12 @@ def run(
       state, metrics = round_fn(
           state, dp_fedavg.CohortBlock(block.features, block.example_mask,
                                        block.client_mask),
-          round_hparams, jax.random.fold_in(noise_key, r), canaries, adaptive)
+          round_hparams, jax.random.fold_in(noise_key, r), canaries, adaptive,
+          secagg, sim.tree_state(config.seed, r))
+      # The round runs asynchronously: accounting on the host overlaps it.
+      epsilon = ledger.epsilon()
+      example_epsilon = (_example_epsilon(sim, ledger)
+                         if sim.example_event() else None)
       if adaptive is not None:
         metrics["clip_norm"] = clip_norm
         clip_norm = metrics.pop("next_clip_norm")
@@ -283,25 +469,10 @@ def run(
         canary_max = audit.max_over_rounds(canary_max,
                                            metrics.pop("canary_cosines"))
       if not bool(tree_util.tree_all_finite(state.params)):
-        raise ModelDivergedError(
-            f"round {r}: the global model became non-finite (NaN or Inf); the "
-            "run stops here and keeps its last good checkpoint. Lower "
-            "client_lr or server_lr, or clip_norm.")
-      metrics = _to_python(jax.device_get(metrics))
-      metrics["round"] = r
-      metrics["num_drawn"] = num_drawn
-      metrics["num_dropped"] = num_dropped
-      metrics["truncated"] = num_drawn > sampler.capacity
-      metrics["epsilon"] = ledger.epsilon()
-      if (r + 1) % config.eval_every == 0 or r + 1 == config.rounds:
-        eval_metrics = evaluation.evaluate(model, state.params,
-                                           sim.eval_population)
-        metrics.update(eval_metrics)
-      metrics["elapsed_s"] = time.perf_counter() - start
-      history.append(metrics)
-      if metrics_file is not None:
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
+        raise ModelDivergedError.at_round(r)
+      metrics = finish_round(
+          r, _to_python(jax.device_get(metrics)), num_drawn, num_dropped,
+          epsilon, example_epsilon)
       rounds_done = r + 1
       if rounds_done % config.checkpoint_every == 0 or \
           rounds_done == config.rounds:
@@ -344,6 +515,11 @@ def run(
       summary[f"epsilon_{name}"] = ledger.epsilon(name)
     except accounting.UnsupportedAccountingError:
       summary[f"epsilon_{name}"] = None
+  if sim.example_event() is not None:
+    summary["example_epsilon"] = _example_epsilon(sim, ledger)
+  if secagg is not None:
+    summary.update(secagg_totals, secagg_scale=sim.secagg.scale,
+                   secagg_bits=sim.secagg.bits)
   if config.audit_canaries:
     summary["audit"] = _audit_summary(
         config, directions, initial_params, state.params, canary_max)

@@ -7,7 +7,9 @@ configurations of the same shape with one compiled, vmapped round.
 """
 
 import dataclasses
+from typing import NamedTuple
 
+import dp_accounting
 import jax
 import numpy as np
 import optax
@@ -24,13 +26,21 @@ from fedjax_dp.data import builtin
 from fedjax_dp.data import population as population_lib
 from fedjax_dp.models import registry
 from fedjax_dp.privacy import accounting
+from fedjax_dp import tree_util
 from fedjax_dp.privacy import adaptive_clipping
+from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import dp_sgd
 from fedjax_dp.privacy import laplace
+from fedjax_dp.privacy import placement
 from fedjax_dp.privacy import sampling
+from fedjax_dp.privacy import secure_aggregation
+from fedjax_dp.privacy import tree_aggregation
 
 # Independent PRNG streams, folded from a run's root key.
 (INIT_STREAM, SAMPLE_STREAM, NOISE_STREAM, DATA_STREAM, DROPOUT_STREAM,
  CANARY_STREAM) = range(6)
+# Folded into the noise stream: the root of every DP-FTRL tree node's key.
+TREE_STREAM = 1 << 30
 
 
 def default_execution(config: config_lib.Config,
@@ -56,6 +66,11 @@ def build_sampler(config: config_lib.Config,
     raise ValueError(
         f"config field 'cohort_size' must be in [1, population size "
         f"{population_size}]; got {config.cohort_size}")
+  if config.sampling == "disjoint":
+    return sampling.make_sampler(
+        "disjoint", population_size, cohort_size=config.cohort_size,
+        num_rounds=config.rounds, restart_every=config.tree_restart_every,
+        participation=config.tree_participation)
   capacity = config.capacity
   if config.mechanism == "laplace" and capacity is None:
     # dp_accounting has no truncated-Poisson Laplace event: a block as large
@@ -68,29 +83,115 @@ def build_sampler(config: config_lib.Config,
       capacity=capacity)
 
 
-def round_event(config: config_lib.Config, sampler: sampling.Sampler,
-                noise_multiplier: float, count_stddev: float | None = None):
-  """The DP event of one round: from the mechanism's and sampler's modules.
+class SecAggSetup(NamedTuple):
+  """Public settings of the secure-aggregation simulation (host floats)."""
 
-  Adaptive clipping's two Gaussians equal one Gaussian of multiplier z, so
-  calibration may use the plain event (`count_stddev` None).
+  scale: float
+  share_stddev: float
+  bits: int
+  num_shares: int
+  dim: int
+
+  def params(self) -> secure_aggregation.SecAggParams:
+    return secure_aggregation.SecAggParams.create(
+        scale=self.scale, share_stddev=self.share_stddev, bits=self.bits)
+
+
+def secagg_setup(config: config_lib.Config, noise_multiplier: float,
+                 num_shares: int, dim: int) -> SecAggSetup:
+  """Chooses (or checks) the fixed-point scale for `secagg_bits`.
+
+  Without `secagg_scale`, the largest power of two s whose public bound on
+  the integer sum fits the bits (secure_aggregation.required_bits) and whose
+  arithmetic the simulation can do exactly (check_params).
+
+  Raises:
+    ValueError: naming the field, when no scale fits or the shares are too
+      small for the discrete Gaussian guarantee (sigma_c >= 1/2).
   """
+  c, bits, z = config.clip_norm, config.secagg_bits, noise_multiplier
+
+  def share(s):
+    return secure_aggregation.share_stddev(z, c, s, num_shares)
+
+  def fits(s):
+    try:
+      secure_aggregation.check_params(num_shares, c, s, share(s), 32)
+    except ValueError:
+      return False
+    return secure_aggregation.required_bits(num_shares, c, s,
+                                            share(s)) <= bits
+
+  scale = config.secagg_scale
+  if scale is None:
+    candidates = [2.0 ** k for k in range(40, -41, -1) if fits(2.0 ** k)]
+    if not candidates:
+      raise ValueError(
+          f"config field 'secagg_bits' = {bits} is too small for "
+          f"{num_shares} shares of updates clipped to {c:g}; raise it")
+    scale = candidates[0]
+  secure_aggregation.check_params(num_shares, c, scale, share(scale), bits)
+  if z > 0 and share(scale) < 0.5:
+    raise ValueError(
+        f"secure aggregation shares of std {share(scale):.3g} (integer units) "
+        "are below 1/2, outside the discrete Gaussian guarantee; raise "
+        "noise_multiplier, secagg_bits or secagg_scale")
+  return SecAggSetup(float(scale), share(scale), int(bits), int(num_shares),
+                     int(dim))
+
+
+def round_event(config: config_lib.Config, sampler: sampling.Sampler,
+                noise_multiplier: float, round_index: int = 0,
+                count_stddev: float | None = None,
+                secagg: SecAggSetup | None = None):
+  """Round `round_index`'s DP event for the run's ledger.
+
+  Built from the module of the mechanism (and placement) with the sampler,
+  so the event describes what the round does. Adaptive clipping's two
+  Gaussians equal one Gaussian of multiplier z, so calibration may use the
+  plain event (`count_stddev` None).
+  """
+  z = noise_multiplier
+  if config.noise_placement == "local":
+    return placement.local_dp_event(config.mechanism, z)
+  if config.noise_placement == "distributed" and config.secagg_bits:
+    if z == 0:
+      return dp_accounting.NonPrivateDpEvent()
+    return secure_aggregation.dp_event(
+        sampler, clip_norm=config.clip_norm, scale=secagg.scale,
+        share_stddev_=secagg.share_stddev, num_shares=secagg.num_shares,
+        dim=secagg.dim)
   if config.mechanism == "laplace":
-    return laplace.central_dp_event(sampler, noise_multiplier)
+    return laplace.central_dp_event(sampler, z)
   if config.adaptive_clipping and count_stddev is not None:
-    return adaptive_clipping.dp_event(sampler, noise_multiplier, count_stddev)
-  return sampler.dp_event(noise_multiplier)
+    return adaptive_clipping.dp_event(sampler, z, count_stddev)
+  return sampler.round_event(z, round_index)
+
+
+def ledger_relation(config: config_lib.Config,
+                    sampler: sampling.Sampler) -> clipping.NeighbouringRelation:
+  """The relation of the run's ledger: local for local noise, else the
+  sampler's."""
+  if config.noise_placement == "local":
+    return clipping.NeighbouringRelation.LOCAL
+  return sampler.relation
 
 
 def resolve_noise_multiplier(config: config_lib.Config,
                              sampler: sampling.Sampler) -> float:
   if config.noise_multiplier is not None:
     return float(config.noise_multiplier)
+  make_event, rounds = (lambda z: round_event(config, sampler, z)), \
+      config.rounds
+  if config.mechanism == "tree":
+    # Rounds differ (a tree's event is recorded when it starts): calibrate
+    # on the whole run as one event.
+    make_event, rounds = (lambda z: dp_accounting.ComposedDpEvent(tuple(
+        round_event(config, sampler, z, r) for r in range(config.rounds)))), 1
   return accounting.calibrate_noise_multiplier(
-      lambda z: round_event(config, sampler, z),
-      target_epsilon=config.target_epsilon,
-      delta=config.delta, rounds=config.rounds,
-      accountant=config.accountant, relation=sampler.relation)
+      make_event, target_epsilon=config.target_epsilon,
+      delta=config.delta, rounds=rounds, accountant=config.accountant,
+      relation=ledger_relation(config, sampler))
 
 
 @dataclasses.dataclass
@@ -109,6 +210,7 @@ class Simulation:
   num_steps: int
   server_optimizer: optax.GradientTransformation
   mesh: jax.sharding.Mesh | None = None
+  secagg: SecAggSetup | None = None
 
   @property
   def train(self):
@@ -122,10 +224,49 @@ class Simulation:
     return adaptive_clipping.default_count_stddev(
         self.sampler.expected_cohort_size)
 
-  def event(self, noise_multiplier: float | None = None):
-    """The DP event of one round of this run (default: its own z)."""
+  def event(self, noise_multiplier: float | None = None,
+            round_index: int = 0):
+    """Round `round_index`'s DP event (default: this run's own z)."""
     z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
-    return round_event(self.config, self.sampler, z, self.count_stddev)
+    return round_event(self.config, self.sampler, z, round_index,
+                       self.count_stddev, self.secagg)
+
+  def run_events(self) -> list:
+    """The events of every planned round."""
+    return [self.event(round_index=r) for r in range(self.config.rounds)]
+
+  @property
+  def relation(self) -> clipping.NeighbouringRelation:
+    return ledger_relation(self.config, self.sampler)
+
+  def example_event(self):
+    """One round's example-level event for one client (record-level DP),
+    or None without it."""
+    if self.config.example_clip_norm is None:
+      return None
+    return dp_sgd.example_dp_event(self.config.example_noise_multiplier,
+                                   self.config.local_epochs)
+
+  def new_example_ledger(self) -> accounting.PrivacyLedger | None:
+    """The example-level ledger (zero-out neighbours within one client,
+    accounted like add/remove; privacy/dp_sgd.py), or None."""
+    if self.config.example_clip_norm is None:
+      return None
+    return accounting.PrivacyLedger(
+        clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE, self.config.delta,
+        self.config.accountant)
+
+  def tree_state(self, seed: int, round_index: int):
+    """DP-FTRL's tree state before round r (None for other mechanisms)."""
+    if self.config.mechanism != "tree":
+      return None
+    _, noise_key = self.stream_keys(seed)
+    return tree_aggregation.state_before_round(
+        jax.random.fold_in(noise_key, TREE_STREAM), round_index,
+        self.sampler.restart_every)
+
+  def secagg_params(self):
+    return None if self.secagg is None else self.secagg.params()
 
   def adaptive_hparams(self):
     """Adaptive clipping's round arguments, or None with a fixed clip."""
@@ -138,7 +279,7 @@ class Simulation:
         count_stddev=self.count_stddev)
 
   def new_ledger(self) -> accounting.PrivacyLedger:
-    return accounting.PrivacyLedger(self.sampler.relation, self.config.delta,
+    return accounting.PrivacyLedger(self.relation, self.config.delta,
                                     self.config.accountant)
 
   def uses_factored_round(self) -> bool:
@@ -146,13 +287,15 @@ class Simulation:
     eligible = (factored.supports(c.model, c.client_optimizer,
                                   c.client_momentum)
                 and self.mesh is None and c.per_layer_clipping is None
-                and c.mechanism == "gaussian")
+                and c.mechanism == "gaussian"
+                and c.noise_placement == "central"
+                and c.example_clip_norm is None)
     if c.round_shape == "factored" and not eligible:
       raise ValueError(
           "config field 'round_shape' is 'factored', but the factored round "
           "covers only dense models (logistic, mlp_2nn) under plain client "
-          "SGD on one device with the Gaussian mechanism and without "
-          "per-layer clipping")
+          "SGD on one device with central Gaussian noise, without per-layer "
+          "clipping or record-level DP")
     return c.round_shape == "factored" or (c.round_shape == "auto" and
                                            eligible)
 
@@ -172,7 +315,12 @@ class Simulation:
         self.server_optimizer, clients_per_chunk=self.clients_per_chunk,
         unroll_local_steps=self.unroll_local_steps, mesh=self.mesh,
         per_layer_clipping=self.config.per_layer_clipping,
-        mechanism=self.config.mechanism)
+        mechanism=self.config.mechanism,
+        noise_placement=self.config.noise_placement,
+        secure_aggregation_encoding=self.secagg is not None,
+        tree_restart_every=(self.sampler.restart_every
+                            if self.config.mechanism == "tree" else None),
+        example_dp=self.config.example_clip_norm is not None)
 
   def hparams(self, config: config_lib.Config | None = None,
               noise_multiplier: float | None = None) -> dp_fedavg.RoundHparams:
@@ -184,7 +332,10 @@ class Simulation:
     return dp_fedavg.RoundHparams.create(
         client_lr=config.client_lr, server_lr=config.server_lr,
         clip_norm=config.clip_norm, noise_multiplier=z,
-        denominator=self.sampler.expected_cohort_size)
+        denominator=self.sampler.expected_cohort_size,
+        example_clip_norm=(float("inf") if config.example_clip_norm is None
+                           else config.example_clip_norm),
+        example_noise_multiplier=config.example_noise_multiplier)
 
   def initial_state(self, seed: int) -> server_lib.ServerState:
     root = jax.random.key(seed)
@@ -223,8 +374,7 @@ class Simulation:
       real clients and padding)).
     """
     sample_key, _ = self.stream_keys(seed)
-    indices, valid, num_drawn = jax.device_get(
-        sample_fn(jax.random.fold_in(sample_key, r)))
+    indices, valid, num_drawn = jax.device_get(sample_fn(sample_key, r))
     chosen = indices[valid]
     num_dropped = 0
     if self.config.dropout_rate > 0:
@@ -278,6 +428,10 @@ def build(config: config_lib.Config) -> Simulation:
   if not isinstance(eval_population, population_lib.FederatedPopulation):
     # Held-out clients are loaded once (a lazy source reads them here).
     eval_population = eval_population.subset(range(eval_population.num_clients))
+  secagg = None
+  if config.secagg_bits is not None:
+    dim = tree_util.tree_size(jax.eval_shape(model.init, jax.random.key(0)))
+    secagg = secagg_setup(config, noise_multiplier, slots, dim)
   return Simulation(
       config=config, dataset=dataset, eval_population=eval_population,
       model=model, sampler=sampler, noise_multiplier=noise_multiplier,
@@ -285,4 +439,4 @@ def build(config: config_lib.Config) -> Simulation:
       num_steps=num_steps,
       server_optimizer=server_lib.server_optimizer(
           config.server_optimizer, momentum=config.server_momentum),
-      mesh=mesh)
+      mesh=mesh, secagg=secagg)

@@ -82,6 +82,8 @@ class GroupInfo:
   num_traces: int = 0
   num_chunks: int = 0
   wall_time_s: float = 0.0
+  # Devices the configuration lanes were sharded over.
+  num_devices: int = 1
 
 
 @dataclasses.dataclass
@@ -184,9 +186,29 @@ def _key(config: config_lib.Config, exclude: Sequence[str]) -> str:
 
 
 def _structural(config: config_lib.Config) -> config_lib.Config:
-  """The config a Simulation is built from: no noise to calibrate."""
+  """The config a Simulation is built from: no noise to calibrate.
+
+  With several devices a sweep shards its configurations, not each
+  configuration's cohort, over them (`_config_sharding`).
+  """
   return config.replace(noise_multiplier=0.0, target_epsilon=None,
-                        epsilon_budget=None)
+                        epsilon_budget=None, shard_clients=False)
+
+
+CONFIGS_AXIS = "configs"
+
+
+def _config_sharding() -> jax.sharding.NamedSharding | None:
+  """Shards the leading (configuration) axis over every device, if several.
+
+  Configurations never communicate, so each device runs its share of the
+  vmapped lanes on its own; results equal the single-device sweep's.
+  """
+  if jax.device_count() == 1:
+    return None
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (CONFIGS_AXIS,))
+  return jax.sharding.NamedSharding(mesh,
+                                    jax.sharding.PartitionSpec(CONFIGS_AXIS))
 
 
 def _stack(trees):
@@ -323,6 +345,18 @@ def run_sweep(
           "config field 'adaptive_clipping' must be false in a sweep (its "
           "clip norm is per-run state; run adaptive configurations with "
           "`fedjax-dp train`)")
+    unsupported = {
+        "noise_placement": config.noise_placement != "central",
+        "mechanism": config.mechanism == "tree",
+        "example_clip_norm": config.example_clip_norm is not None,
+    }
+    for name, bad in unsupported.items():
+      if bad:
+        raise ValueError(
+            f"config field {name!r} is {getattr(config, name)!r}: sweeps run "
+            "central Gaussian or Laplace noise only (DP-FTRL's trees, "
+            "client-side noise and record-level DP keep per-run state or "
+            "ledgers); run this configuration with `fedjax-dp train`")
     if getattr(config, "audit_canaries", 0):
       raise ValueError(
           "config field 'audit_canaries' must be 0 in a sweep (audits run "
@@ -359,7 +393,7 @@ def run_sweep(
       group.append(_Member(
           i, config.replace(name=f"{config.name}-{ids[i]}"), sim, z,
           sim.event(z),
-          accounting.PrivacyLedger(sim.sampler.relation, config.delta,
+          accounting.PrivacyLedger(sim.relation, config.delta,
                                    config.accountant)))
     info = _run_group(g, len(groups), group, sim0, max_configs_per_group,
                       progress, epsilons, log)
@@ -393,7 +427,7 @@ def _check_budget(config: config_lib.Config, sim: simulation.Simulation,
     return
   planned = accounting.epsilon_of(
       [sim.event(z)] * config.rounds, config.delta,
-      accountant=config.accountant, relation=sim.sampler.relation)
+      accountant=config.accountant, relation=sim.relation)
   if planned > config.epsilon_budget:
     raise ValueError(
         f"config field 'epsilon_budget' ({config.epsilon_budget:g}) is below "
@@ -409,7 +443,7 @@ def _cohort_sizes(sim, members, sample_fn, rounds: int) -> int:
   for m in members:
     sample_key, _ = sim.stream_keys(m.config.seed)
     for r in range(rounds):
-      _, valid, _ = sample_fn(jax.random.fold_in(sample_key, r))
+      _, valid, _ = sample_fn(sample_key, r)
       largest = max(largest, int(jnp.sum(valid)))
   return largest
 
@@ -420,7 +454,7 @@ def _run_group(g: int, num_groups: int, members: list[_Member],
   """Runs one shape group, chunk by chunk; fills the members' host state."""
   start = time.perf_counter()
   rounds = sim0.config.rounds
-  sample_fn = jax.jit(sim0.sampler.sample)
+  sample_fn = jax.jit(sim0.sampler.sample_round)
   chunk = sim0.clients_per_chunk
   largest = _cohort_sizes(sim0, members, sample_fn, rounds)
   slots = min(sim0.slots, max(chunk, -(-largest // chunk) * chunk))
@@ -430,6 +464,11 @@ def _run_group(g: int, num_groups: int, members: list[_Member],
   init = jax.jit(jax.vmap(sim0.initial_state))
   size = len(members) if max_configs is None else min(max_configs,
                                                        len(members))
+  sharding = _config_sharding()
+  if sharding is not None:
+    # Every device gets the same number of lanes (padding copies included).
+    devices = jax.device_count()
+    size = -(-size // devices) * devices
   chunks = [members[i:i + size] for i in range(0, len(members), size)]
   log(f"group {g + 1}/{num_groups}: {len(members)} configurations "
       f"({len(chunks)} chunk(s) of {size}), model {sim0.model.name}, block "
@@ -442,21 +481,29 @@ def _run_group(g: int, num_groups: int, members: list[_Member],
     if len(chunks) > 1:
       desc += f" chunk {c + 1}/{len(chunks)}"
     _run_chunk(lanes, len(part), sim0, step, init, sample_fn, slots, rounds,
-               progress, desc, epsilons, log)
+               progress, desc, epsilons, log, sharding)
   return GroupInfo(config_ids=[], slots=slots, full_slots=sim0.slots,
                    num_traces=counter[0], num_chunks=len(chunks),
-                   wall_time_s=time.perf_counter() - start)
+                   wall_time_s=time.perf_counter() - start,
+                   num_devices=jax.device_count() if sharding else 1)
 
 
 def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, init,
                sample_fn, slots: int, rounds: int, progress: bool, desc: str,
-               epsilons: _Epsilons, log) -> None:
+               epsilons: _Epsilons, log, sharding=None) -> None:
   """The host loop of one vmapped chunk (mirrors `runner.run`)."""
   real = lanes[:num_real]
-  states = init(jnp.asarray([m.config.seed for m in lanes], jnp.int32))
-  hparams = _stack([m.sim.hparams(m.config, m.noise_multiplier)
-                    for m in lanes])
-  noise_keys = jnp.stack([m.sim.stream_keys(m.config.seed)[1] for m in lanes])
+
+  def place(tree):
+    # Lanes split over the devices along the configuration axis (the
+    # compiled step follows its inputs' sharding).
+    return tree if sharding is None else jax.device_put(tree, sharding)
+
+  states = place(init(jnp.asarray([m.config.seed for m in lanes], jnp.int32)))
+  hparams = place(_stack([m.sim.hparams(m.config, m.noise_multiplier)
+                          for m in lanes]))
+  noise_keys = place(
+      jnp.stack([m.sim.stream_keys(m.config.seed)[1] for m in lanes]))
   capacity = sim0.sampler.capacity
 
   def prepare(r: int):
@@ -473,7 +520,7 @@ def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, init,
           block.example_mask[:slots], block.client_mask[:slots]))
       drawn.append(num_drawn)
       dropped.append(num_dropped)
-    stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *blocks)
+    stacked = place(jax.tree_util.tree_map(lambda *xs: np.stack(xs), *blocks))
     return r, stacked, drawn, dropped
 
   bar = None

@@ -43,6 +43,11 @@ EVENTS = [
         dp_accounting.ComposedDpEvent((_GAUSS, _GAUSS)),
     ]),
     dp_accounting.ComposedDpEvent((_GAUSS,)),
+    dp_accounting.NoOpDpEvent(),
+    dp_accounting.NonPrivateDpEvent(),
+    dp_accounting.ZCDpEvent(0.0123),
+    dp_accounting.SingleEpochTreeAggregationDpEvent(1.7, 64),
+    dp_accounting.SingleEpochTreeAggregationDpEvent(1.7, (64, 64, 7)),
 ]
 
 
@@ -122,7 +127,10 @@ def test_decode_event_rejects_unknown_and_malformed():
     checkpoint.decode_event({"type": "GaussianDpEvent",
                              "noise_multiplier": "1.0"})
   with pytest.raises(ValueError, match="cannot encode"):
-    checkpoint.encode_event(dp_accounting.NonPrivateDpEvent())
+    checkpoint.encode_event(dp_accounting.UnsupportedDpEvent())
+  with pytest.raises(ValueError, match="list of them"):
+    checkpoint.decode_event({"type": "SingleEpochTreeAggregationDpEvent",
+                             "noise_multiplier": 1.0, "step_counts": [3.5]})
 
 
 def test_ledger_round_trip_keeps_rounds_and_epsilon():

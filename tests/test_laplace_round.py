@@ -12,6 +12,7 @@ from fedjax_dp import runner
 from fedjax_dp import server as server_lib
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.models import registry
+from helpers import tiny_blocks
 
 
 def _round(model, block, hp, key=1):
@@ -24,12 +25,9 @@ def _round(model, block, hp, key=1):
   return params, state, metrics
 
 
-def _block(clients=3, seed=0):
-  rng = np.random.default_rng(seed)
-  return dp_fedavg.CohortBlock(
-      {"x": rng.normal(size=(clients, 2, 4, 5)).astype(np.float32),
-       "y": rng.integers(0, 3, (clients, 2, 4)).astype(np.int32)},
-      np.ones((clients, 2, 4), bool), np.ones((clients,), bool))
+
+def _block(clients=3, seed=0, valid=None):
+  return tiny_blocks.cohort_block(clients, seed, valid)
 
 
 def test_laplace_noise_on_the_average_has_scale_z_c_over_denominator():

@@ -1,7 +1,12 @@
 """Vectorised sweeps: equal to single runs, one compilation per shape group."""
 
 import csv
+import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import dp_accounting
 from dp_accounting import dp_event
@@ -170,3 +175,25 @@ def test_parse_grid_types_values_like_overrides():
   assert all(isinstance(v, float) for v in grid["noise_multiplier"])
   with pytest.raises(ValueError, match="unknown config field"):
     sweep.parse_grid(_tiny(), ["noise=1"])
+
+
+def test_sweep_sharded_over_devices_equals_one_device():
+  env = dict(os.environ,
+             XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  script = pathlib.Path(__file__).parent / "helpers" / "sharded_sweep.py"
+  out = subprocess.run([sys.executable, str(script)], env=env, check=True,
+                       capture_output=True, text=True, timeout=600)
+  sharded = json.loads(out.stdout.strip().splitlines()[-1])
+  # Six configurations in lanes padded to a multiple of the 4 devices.
+  assert sharded["num_devices"] == [4]
+  base = _tiny(eval_every=3)
+  here = sweep.run_sweep(
+      base, {"noise_multiplier": [0.5, 1.0], "seed": [0, 1, 2]}, **_QUIET)
+  assert len(here.runs) == len(sharded["params"]) == 6
+  for run, params, eps in zip(here.runs, sharded["params"],
+                              sharded["epsilons"]):
+    flat = np.concatenate([np.ravel(x) for x in
+                           jax.tree_util.tree_leaves(run.params)])
+    np.testing.assert_allclose(flat, params, atol=1e-5, rtol=0)
+    assert run.summary["epsilon"] == pytest.approx(eps, rel=1e-9)

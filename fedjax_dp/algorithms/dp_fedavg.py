@@ -33,6 +33,12 @@ from fedjax_dp.privacy import clipping
 from fedjax_dp.privacy import laplace
 from fedjax_dp.privacy import noise
 from fedjax_dp.privacy import per_layer
+from fedjax_dp.privacy import placement
+from fedjax_dp.privacy import secure_aggregation
+from fedjax_dp.privacy import tree_aggregation
+
+# Sub-streams of a round's noise key (the key itself noises central sums).
+_COUNT_NOISE, _CLIENT_NOISE, _EXAMPLE_NOISE = 1, 2, 3
 
 
 class RoundHparams(NamedTuple):
@@ -44,13 +50,18 @@ class RoundHparams(NamedTuple):
   noise_multiplier: jax.Array
   # Public constant the noisy sum is divided by (expected cohort size).
   denominator: jax.Array
+  # Record-level DP-SGD inside each client (used with example_dp only).
+  example_clip_norm: jax.Array
+  example_noise_multiplier: jax.Array
 
   @classmethod
   def create(cls, *, client_lr, server_lr, clip_norm, noise_multiplier,
-             denominator) -> "RoundHparams":
+             denominator, example_clip_norm=float("inf"),
+             example_noise_multiplier=0.0) -> "RoundHparams":
     f = lambda v: jnp.asarray(v, jnp.float32)
     return cls(f(client_lr), f(server_lr), f(clip_norm), f(noise_multiplier),
-               f(denominator))
+               f(denominator), f(example_clip_norm),
+               f(example_noise_multiplier))
 
 
 class CohortBlock(NamedTuple):
@@ -98,6 +109,10 @@ def build_round(
     mesh: jax.sharding.Mesh | None = None,
     per_layer_clipping: str | None = None,
     mechanism: str = "gaussian",
+    noise_placement: str = "central",
+    secure_aggregation_encoding: bool = False,
+    tree_restart_every: int | None = None,
+    example_dp: bool = False,
 ) -> Callable[..., tuple[server_lib.ServerState, dict]]:
   """Builds the (unjitted) round function.
 
@@ -110,22 +125,49 @@ def build_round(
       their clipped deltas accumulated, so memory grows with the chunk, not
       the cohort. The block's client count must be a multiple of it.
     unroll_local_steps: unroll factor of the local-step scan.
-    per_layer_clipping: None clips the whole delta to C; "uniform" or
-      "size_proportional" clips each top-level parameter group g to
-      w_g * C with sum_g w_g^2 = 1 (w_g = 1/sqrt(G), or sqrt(d_g / d)), so the
-      whole update still has norm <= C and the noise is unchanged.
-    mechanism: "gaussian" (L2 clipping, Gaussian noise) or "laplace" (L1
-      clipping to C, Laplace noise of scale z * C; privacy/laplace.py).
     mesh: optional device mesh with a "clients" axis: the cohort's client
       axis is sharded over it (each device's share must be a multiple of
       `clients_per_chunk`); multi-host meshes work the same way after
       `jax.distributed.initialize()`.
+    per_layer_clipping: None clips the whole delta to C; "uniform" or
+      "size_proportional" clips each top-level parameter group g to
+      w_g * C with sum_g w_g^2 = 1 (w_g = 1/sqrt(G), or sqrt(d_g / d)), so the
+      whole update still has norm <= C and the noise is unchanged.
+    mechanism: "gaussian" (L2 clipping, Gaussian noise), "laplace" (L1
+      clipping to C, Laplace noise of scale z * C; privacy/laplace.py) or
+      "tree" (L2 clipping, DP-FTRL's tree-aggregation noise with per-node
+      std z * C, restarted every `tree_restart_every` rounds;
+      privacy/tree_aggregation.py).
+    noise_placement: "central", "distributed" or "local"
+      (privacy/placement.py).
+    secure_aggregation_encoding: with distributed noise, simulate secure
+      aggregation's fixed-point encoding and modular sum with discrete
+      Gaussian shares (privacy/secure_aggregation.py; round_fn then needs
+      `secagg`).
+    tree_restart_every: rounds per tree (mechanism "tree").
+    example_dp: record-level DP-SGD inside each client (privacy/dp_sgd.py),
+      with the hparams' example clip norm and noise multiplier.
 
   Returns:
-    `round_fn(state, block, hparams, noise_key) -> (new_state, metrics)`.
+    `round_fn(state, block, hparams, noise_key, canaries=None,
+    adaptive=None, secagg=None, tree=None) -> (new_state, metrics)`.
   """
-  client_update = client_lib.make_client_update(
-      model, client_optimizer_fn, unroll=unroll_local_steps)
+  if noise_placement not in placement.PLACEMENTS:
+    raise ValueError(f"noise_placement must be one of {placement.PLACEMENTS}"
+                     f", got {noise_placement!r}")
+  if secure_aggregation_encoding and noise_placement != "distributed":
+    raise ValueError("secure_aggregation_encoding needs distributed noise")
+  if mechanism == "tree" and (noise_placement != "central"
+                              or not tree_restart_every):
+    raise ValueError("the tree mechanism adds central noise and needs "
+                     "tree_restart_every >= 1")
+  if example_dp:
+    client_update = client_lib.make_dp_sgd_client_update(
+        model, client_optimizer_fn, unroll=unroll_local_steps)
+  else:
+    client_update = client_lib.make_client_update(
+        model, client_optimizer_fn, unroll=unroll_local_steps)
+  encoded = secure_aggregation_encoding
 
   def layer_weights(tree) -> dict[str, float]:
     # Static per-group fractions of C (from shapes only, at trace time).
@@ -138,9 +180,51 @@ def build_round(
         "per_layer_clipping must be None, 'uniform' or 'size_proportional', "
         f"got {per_layer_clipping!r}")
 
+  def clip_update(delta, hparams):
+    if mechanism == "laplace":
+      return laplace.clip_by_l1_norm(delta, hparams.clip_norm)
+    if per_layer_clipping is None:
+      return clipping.clip_by_global_norm(delta, hparams.clip_norm)
+    groups = per_layer.clip_per_group(
+        delta, {g: w * hparams.clip_norm
+                for g, w in layer_weights(delta).items()})
+    return clipping.ClipResult(
+        groups.clipped, tree_util.global_l2_norm(delta),
+        functools.reduce(jnp.logical_or, groups.was_clipped.values()))
+
+  def message(clipped, include, slot_id, hparams, noise_key, secagg,
+              num_slots):
+    """What one slot sends to the sum, and its sampler failures."""
+    key = jax.random.fold_in(jax.random.fold_in(noise_key, _CLIENT_NOISE),
+                             slot_id)
+    no_failures = jnp.zeros((), jnp.int32)
+    if noise_placement == "local":
+      return placement.with_local_noise(
+          clipped, include, mechanism, hparams.noise_multiplier,
+          hparams.clip_norm, key), no_failures
+    if noise_placement == "distributed" and encoded:
+      return secure_aggregation.encode(clipped, include, secagg, key)
+    if noise_placement == "distributed":
+      stddev = placement.share_stddev(hparams.noise_multiplier,
+                                      hparams.clip_norm, num_slots)
+      return placement.with_gaussian_share(clipped, include, stddev,
+                                           key), no_failures
+    # Central: selected, not multiplied, so NaN never reaches the sum.
+    return jax.tree_util.tree_map(
+        lambda x: jnp.where(include, x.astype(jnp.float32), 0.0),
+        clipped), no_failures
+
   def clipped_client(params, features, example_mask, valid, canary_id,
-                     hparams, canaries):
-    out = client_update(params, features, example_mask, hparams.client_lr)
+                     slot_id, hparams, canaries, noise_key, secagg,
+                     num_slots):
+    if example_dp:
+      key = jax.random.fold_in(jax.random.fold_in(noise_key, _EXAMPLE_NOISE),
+                               slot_id)
+      out = client_update(params, features, example_mask, hparams.client_lr,
+                          hparams.example_clip_norm,
+                          hparams.example_noise_multiplier, key)
+    else:
+      out = client_update(params, features, example_mask, hparams.client_lr)
     delta = out.delta
     if canaries is not None:
       canary_delta = jax.tree_util.tree_map(
@@ -148,98 +232,155 @@ def build_round(
           canaries.directions)
       delta = jax.tree_util.tree_map(
           lambda c, d: jnp.where(canary_id >= 0, c, d), canary_delta, delta)
-    if mechanism == "laplace":
-      clip = laplace.clip_by_l1_norm(delta, hparams.clip_norm)
-    elif per_layer_clipping is None:
-      clip = clipping.clip_by_global_norm(delta, hparams.clip_norm)
-    else:
-      groups = per_layer.clip_per_group(
-          delta, {g: w * hparams.clip_norm
-                  for g, w in layer_weights(delta).items()})
-      clip = clipping.ClipResult(
-          groups.clipped, tree_util.global_l2_norm(delta),
-          functools.reduce(jnp.logical_or, groups.was_clipped.values()))
+    clip = clip_update(delta, hparams)
     # A client whose update is NaN or Inf contributes nothing (it is excluded
     # by `where`, which also keeps NaN out of the sum). Whether to drop it
     # depends only on that client's own data, so the sum's sensitivity is
     # unchanged.
     finite = jnp.isfinite(clip.norm)
-    return clip, finite, out.loss, out.num_examples
+    msg, failures = message(clip.clipped, valid & finite, slot_id, hparams,
+                            noise_key, secagg, num_slots)
+    return clip, msg, failures, finite, out.loss, out.num_examples
+
+  def sum_messages(msgs):
+    dtype = jnp.uint32 if encoded else jnp.float32
+    # uint32 sums wrap around: the modular sum of secure aggregation.
+    return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0, dtype=dtype),
+                                  msgs)
 
   def clipped_sum_of(params, features, example_mask, client_mask, canary_ids,
-                     hparams, canaries):
-    """Sum of the block's clipped deltas, and per-client diagnostics."""
+                     slot_ids, hparams, canaries, noise_key, secagg,
+                     num_slots):
+    """Sums of the block's messages (and clipped deltas), and diagnostics."""
     num_clients = client_mask.shape[0]
     if num_clients % clients_per_chunk:
       raise ValueError(
           f"block holds {num_clients} clients (per device), not a multiple "
           f"of clients_per_chunk={clients_per_chunk}")
     num_chunks = num_clients // clients_per_chunk
-    chunks = _chunked((features, example_mask, client_mask, canary_ids),
-                      num_chunks)
-    vmapped = jax.vmap(clipped_client, in_axes=(None, 0, 0, 0, 0, None, None))
+    chunks = _chunked((features, example_mask, client_mask, canary_ids,
+                       slot_ids), num_chunks)
+    vmapped = jax.vmap(
+        clipped_client,
+        in_axes=(None, 0, 0, 0, 0, 0, None, None, None, None, None))
+    messages_only = jax.vmap(
+        message, in_axes=(0, 0, 0, None, None, None, None))
     zeros = tree_util.tree_zeros_like(params)
+    separate = noise_placement != "central"
+    msg_zeros = jax.tree_util.tree_map(
+        lambda x: jnp.zeros(x.shape, jnp.uint32 if encoded else jnp.float32),
+        params)
+    init = (zeros, msg_zeros if separate else None, jnp.zeros((), jnp.int32))
 
-    def per_chunk(total, chunk):
-      features, example_mask, valid, ids = chunk
+    def per_chunk(carry, chunk):
+      total, msg_total, failures = carry
+      features, example_mask, valid, ids, slots = chunk
 
-      def compute(total):
-        clip, finite, loss, n = vmapped(params, features, example_mask, valid,
-                                        ids, hparams, canaries)
+      def compute(carry):
+        total, msg_total, failures = carry
+        clip, msgs, fails, finite, loss, n = vmapped(
+            params, features, example_mask, valid, ids, slots, hparams,
+            canaries, noise_key, secagg, num_slots)
         total = tree_util.tree_add(
             total, tree_util.masked_sum(clip.clipped, valid & finite))
-        return total, (clip.norm, clip.was_clipped, valid & ~finite, loss, n)
+        if separate:
+          msg_total = tree_util.tree_add(msg_total, sum_messages(msgs))
+        return ((total, msg_total, failures + jnp.sum(fails)),
+                (clip.norm, clip.was_clipped, valid & ~finite, loss, n))
 
-      def skip(total):
+      def skip(carry):
         # Valid clients fill the block first, so trailing chunks are often
-        # all padding: skip their training entirely.
+        # all padding: skip their training entirely. Under distributed noise
+        # their slots still add their shares.
+        total, msg_total, failures = carry
         c = valid.shape[0]
-        return total, (jnp.zeros((c,), jnp.float32), jnp.zeros((c,), bool),
-                       jnp.zeros((c,), bool), jnp.zeros((c,), jnp.float32),
-                       jnp.zeros((c,), jnp.int32))
+        if noise_placement == "distributed":
+          stacked = jax.tree_util.tree_map(
+              lambda x: jnp.zeros((c,) + x.shape, x.dtype), params)
+          msgs, fails = messages_only(stacked, jnp.zeros((c,), bool), slots,
+                                      hparams, noise_key, secagg, num_slots)
+          msg_total = tree_util.tree_add(msg_total, sum_messages(msgs))
+          failures = failures + jnp.sum(fails)
+        return ((total, msg_total, failures),
+                (jnp.zeros((c,), jnp.float32), jnp.zeros((c,), bool),
+                 jnp.zeros((c,), bool), jnp.zeros((c,), jnp.float32),
+                 jnp.zeros((c,), jnp.int32)))
 
-      return jax.lax.cond(jnp.any(valid), compute, skip, total)
+      return jax.lax.cond(jnp.any(valid), compute, skip, carry)
 
-    clipped_sum, per_client = jax.lax.scan(per_chunk, zeros, chunks)
-    return clipped_sum, tuple(x.reshape(-1) for x in per_client)
+    sums, per_client = jax.lax.scan(per_chunk, init, chunks)
+    return sums, tuple(x.reshape(-1) for x in per_client)
 
   def round_fn(state: server_lib.ServerState, block: CohortBlock,
                hparams: RoundHparams, noise_key: types.PRNGKey,
                canaries: Canaries | None = None,
-               adaptive: adaptive_clipping.AdaptiveClipHparams | None = None):
+               adaptive: adaptive_clipping.AdaptiveClipHparams | None = None,
+               secagg: secure_aggregation.SecAggParams | None = None,
+               tree: tree_aggregation.TreeState | None = None):
+    if encoded and secagg is None:
+      raise ValueError("this round simulates secure aggregation: pass secagg")
+    if mechanism == "tree" and tree is None:
+      raise ValueError("the tree mechanism needs the round's tree state")
     params = state.params
     num_clients = block.client_mask.shape[0]
     canary_ids = (canaries.ids if canaries is not None else
                   jnp.full((num_clients,), -1, jnp.int32))
     if canaries is not None:
       canaries = canaries._replace(ids=None)  # travels as canary_ids
+    # Block-wide slot numbers: per-slot noise keys differ across chunks and
+    # devices.
+    slot_ids = jnp.arange(num_clients, dtype=jnp.int32)
+    args = (params, block.features, block.example_mask, block.client_mask,
+            canary_ids, slot_ids, hparams, canaries, noise_key, secagg)
     if mesh is None:
-      clipped_sum, per_client = clipped_sum_of(
-          params, block.features, block.example_mask, block.client_mask,
-          canary_ids, hparams, canaries)
+      sums, per_client = clipped_sum_of(*args, num_clients)
     else:
-      # Each device sums the clipped deltas of its share of the cohort; one
-      # reduction across devices gives the same sum, and the noise below is
-      # added once, after it.
+      # Each device sums the messages of its share of the cohort; one
+      # reduction across devices gives the same sums (uint32 wraps, like the
+      # modular sum), and central noise is added once, after it.
       def sharded(*args):
-        local_sum, local_clients = clipped_sum_of(*args)
-        return jax.lax.psum(local_sum, CLIENTS_AXIS), local_clients
+        local_sums, local_clients = clipped_sum_of(*args, num_clients)
+        return jax.lax.psum(local_sums, CLIENTS_AXIS), local_clients
 
       by_client, replicated = P(CLIENTS_AXIS), P()
       # check_vma=False: the scan's zero carry starts replicated and becomes
       # per-device; the psum makes the result replicated again.
-      clipped_sum, per_client = jax.shard_map(
+      sums, per_client = jax.shard_map(
           sharded, mesh=mesh,
-          in_specs=(replicated, by_client, by_client, by_client, by_client,
-                    replicated, replicated),
-          out_specs=(replicated, by_client), check_vma=False)(
-              params, block.features, block.example_mask, block.client_mask,
-              canary_ids, hparams, canaries)
-    return noise_and_step(state, clipped_sum, per_client, block.client_mask,
-                          hparams, noise_key, server_optimizer, canaries,
-                          adaptive, mechanism)
+          in_specs=(replicated,) + (by_client,) * 5 + (replicated,) * 4,
+          out_specs=(replicated, by_client), check_vma=False)(*args)
+    clipped_sum, message_sum, failures = sums
+    released = None
+    extra = {}
+    if noise_placement == "local":
+      released = message_sum
+    elif noise_placement == "distributed" and encoded:
+      decoded = secure_aggregation.decode(message_sum, secagg)
+      released = decoded.sum
+      extra = {"secagg_near_overflow": decoded.num_near_overflow,
+               "secagg_wrapped": decoded.num_wrapped,
+               "secagg_sampler_failures": failures}
+    elif noise_placement == "distributed":
+      released = message_sum
+    new_state, metrics = noise_and_step(
+        state, clipped_sum, per_client, block.client_mask, hparams, noise_key,
+        server_optimizer, canaries, adaptive, mechanism,
+        noisy_sum=released, noise_placement=noise_placement, tree=tree,
+        tree_restart_every=tree_restart_every)
+    metrics.update(extra)
+    return new_state, metrics
 
   return round_fn
+
+
+def _noise_stddev_of_sum(mechanism, noise_placement, hparams, num_valid):
+  """Std of the noise in one coordinate of the released sum (diagnostic)."""
+  per_message = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
+  if mechanism == "laplace":
+    per_message = jnp.sqrt(2.0) * per_message  # Laplace(0, b): std sqrt(2) b
+  if noise_placement == "local":
+    return per_message * jnp.sqrt(num_valid.astype(jnp.float32))
+  return per_message
 
 
 def noise_and_step(
@@ -253,16 +394,24 @@ def noise_and_step(
     canaries: "Canaries | None" = None,
     adaptive: adaptive_clipping.AdaptiveClipHparams | None = None,
     mechanism: str = "gaussian",
+    *,
+    noisy_sum: types.Params | None = None,
+    noise_placement: str = "central",
+    tree: tree_aggregation.TreeState | None = None,
+    tree_restart_every: int | None = None,
 ) -> tuple[server_lib.ServerState, dict]:
   """The second half of every round shape: noise, average, server step.
 
-  Privacy: adds N(0, (z C)^2) once to the sum of clipped deltas and divides
-  by the public denominator; with adaptive clipping also releases the noisy
-  count of unclipped clients (see privacy/adaptive_clipping.py).
+  Privacy: central placement adds N(0, (z C)^2) (or Laplace(z C), or the
+  tree's noise increment) once to the sum of clipped deltas; distributed and
+  local placements pass the sum of noisy messages as `noisy_sum`. Either is
+  divided by the public denominator. With adaptive clipping the round also
+  releases the noisy count of unclipped clients (privacy/adaptive_clipping.py).
 
   Args:
     state: server state before the round.
-    clipped_sum: float32 sum of the valid clients' clipped deltas.
+    clipped_sum: float32 sum of the valid clients' clipped deltas (before any
+      noise; diagnostics only when `noisy_sum` is given).
     per_client: (pre-clip norms, was clipped, non-finite, train loss,
       examples), each [clients].
     client_mask: bool [clients], the block's valid slots.
@@ -271,26 +420,35 @@ def noise_and_step(
     server_optimizer: optax optimizer with an injectable learning rate.
     canaries: audit canaries in this round, if any.
     adaptive: adaptive clipping's arguments, if enabled.
-    mechanism: "gaussian" or "laplace" (Laplace noise of scale z * C on an
-      L1-clipped sum).
+    mechanism: "gaussian", "laplace" or "tree".
+    noisy_sum: the released sum when the clients added the noise.
+    noise_placement: "central", "distributed" or "local".
+    tree: the tree state before this round (mechanism "tree").
+    tree_restart_every: rounds per tree (mechanism "tree").
 
   Returns:
     (new server state, metrics).
   """
   norms, was_clipped, nonfinite, client_loss, num_examples = per_client
-  if mechanism == "laplace":
+  valid = client_mask & ~nonfinite
+  num_valid = jnp.sum(valid.astype(jnp.int32))
+  stddev = _noise_stddev_of_sum(mechanism, noise_placement, hparams,
+                                num_valid)
+  tree_metrics = {}
+  if noisy_sum is None and mechanism == "laplace":
     scale = laplace.noise_scale(hparams.noise_multiplier, hparams.clip_norm)
     noisy_sum = laplace.add_laplace_noise(clipped_sum, scale, noise_key)
-    stddev = jnp.sqrt(2.0) * scale  # Laplace(0, b) has std sqrt(2) b
-  else:
-    stddev = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
+  elif noisy_sum is None and mechanism == "tree":
+    noisy_sum, _, step = tree_aggregation.update(
+        tree, clipped_sum, stddev, tree_restart_every,
+        levels=tree_aggregation.num_levels(tree_restart_every))
+    tree_metrics = {"tree_index": step.tree_index, "tree_step": step.step}
+  elif noisy_sum is None:
     noisy_sum = noise.add_gaussian_noise(clipped_sum, stddev, noise_key)
   average = tree_util.tree_scale(noisy_sum, 1.0 / hparams.denominator)
   new_state = server_lib.step(state, average, hparams.server_lr,
                               server_optimizer)
 
-  valid = client_mask & ~nonfinite
-  num_valid = jnp.sum(valid.astype(jnp.int32))
   denom = jnp.maximum(num_valid, 1).astype(jnp.float32)
   masked_norms = jnp.where(valid, norms, jnp.nan)
   metrics = {
@@ -308,6 +466,7 @@ def noise_and_step(
       # Norm of the clipped sum over the expected norm of the noise.
       "signal_to_noise": tree_util.global_l2_norm(clipped_sum) / (
           stddev * jnp.sqrt(float(tree_util.tree_size(clipped_sum)))),
+      **tree_metrics,
   }
   if adaptive is not None:
     # Andrew et al. 2021: release the noisy count of unclipped clients and
@@ -315,7 +474,7 @@ def noise_and_step(
     # already the update's share z_delta of the budget).
     next_clip, clip_out = adaptive_clipping.update(
         adaptive_clipping.AdaptiveClipState(
-            hparams.clip_norm, jax.random.fold_in(noise_key, 1)),
+            hparams.clip_norm, jax.random.fold_in(noise_key, _COUNT_NOISE)),
         ~was_clipped, valid, adaptive)
     metrics["unclipped_fraction_noisy"] = clip_out.unclipped_fraction
     metrics["next_clip_norm"] = next_clip.clip_norm
@@ -324,4 +483,3 @@ def noise_and_step(
     # released update.
     metrics["canary_cosines"] = audit.cosines(canaries.directions, average)
   return new_state, metrics
-

@@ -287,7 +287,10 @@ def build_factored_round(
   def round_fn(state: server_lib.ServerState, block: dp_fedavg.CohortBlock,
                hparams: dp_fedavg.RoundHparams, noise_key: types.PRNGKey,
                canaries: "dp_fedavg.Canaries | None" = None,
-               adaptive=None):
+               adaptive=None, secagg=None, tree=None):
+    # Central Gaussian noise only (Simulation.uses_factored_round).
+    if secagg is not None or tree is not None:
+      raise ValueError("the factored round adds central Gaussian noise only")
     params = state.params
     names = dense_layer_names(params)
     kernels = [params[n]["kernel"].astype(jnp.float32) for n in names]

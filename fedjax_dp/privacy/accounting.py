@@ -2,7 +2,9 @@
 
 Privacy: the ledger reports (epsilon, delta) for the neighbouring relation of
 the sampler whose events it holds (add/remove-one-client for Poisson
-sampling, replace-one-client for fixed-size sampling). Events are composed
+sampling, replace-one-client for fixed-size sampling, replace-special for
+DP-FTRL's disjoint cohorts, local for the per-client guarantee of local
+noise; see clipping.NeighbouringRelation). Events are composed
 adaptively; dp_accounting's PLD and RDP accountants both allow that.
 
 Two accountants:
@@ -48,6 +50,14 @@ _RELATIONS = {
         dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
     clipping.NeighbouringRelation.REPLACE_ONE:
         dp_accounting.NeighboringRelation.REPLACE_ONE,
+    clipping.NeighbouringRelation.REPLACE_SPECIAL:
+        dp_accounting.NeighboringRelation.REPLACE_SPECIAL,
+    # Local events are unsampled mechanisms whose noise multiplier already
+    # divides by the replacement's sensitivity 2C (e.g. GaussianDpEvent(z/2)):
+    # for those, dp_accounting's add/remove accounting is the mechanism's
+    # exact privacy loss (a shift by at most one unit, in either direction).
+    clipping.NeighbouringRelation.LOCAL:
+        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
 }
 
 

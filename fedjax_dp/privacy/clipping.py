@@ -4,7 +4,11 @@ Privacy: clipping is what bounds one client's influence on the sum. After
 `clip_by_global_norm(delta, C)` the whole update has L2 norm <= C, so under
 add/remove-one-client neighbours the clipped sum has L2 sensitivity C, and
 under replace-one-client neighbours 2C. `sensitivity` returns these values and
-is the only place the noise scale's sensitivity comes from.
+is the only place the noise scale's sensitivity comes from. Two more
+relations serve the other mechanisms: replace-special (DP-FTRL: one client's
+data replaced by the special empty record, so its clipped update becomes 0:
+sensitivity C) and local (one client's message on its own, its input replaced
+by any other input: sensitivity 2C).
 """
 
 import enum
@@ -24,6 +28,12 @@ class NeighbouringRelation(enum.Enum):
   ADD_OR_REMOVE_ONE = "add_or_remove_one"
   # Same size; one client's data replaced by anything (fixed-size sampling).
   REPLACE_ONE = "replace_one"
+  # One client's data replaced by the special empty record, which contributes
+  # a zero update (Kairouz et al. 2021, Definition 1.1; DP-FTRL).
+  REPLACE_SPECIAL = "replace_special"
+  # Local DP: one client's own message, whose input may be replaced by any
+  # other input; a guarantee for that client against everyone who sees it.
+  LOCAL = "local"
 
 
 class ClipResult(NamedTuple):
@@ -68,11 +78,14 @@ def sensitivity(clip_norm, relation: NeighbouringRelation):
     relation: the neighbouring relation of the guarantee.
 
   Returns:
-    C under add/remove-one (the sum gains or loses one vector of norm <= C);
-    2C under replace-one (u replaced by -u moves the sum by up to 2C).
+    C under add/remove-one (the sum gains or loses one vector of norm <= C)
+    and replace-special (u becomes 0); 2C under replace-one (u replaced by
+    -u moves the sum by up to 2C) and local (one message, u replaced by -u).
   """
-  if relation is NeighbouringRelation.ADD_OR_REMOVE_ONE:
+  if relation in (NeighbouringRelation.ADD_OR_REMOVE_ONE,
+                  NeighbouringRelation.REPLACE_SPECIAL):
     return clip_norm
-  if relation is NeighbouringRelation.REPLACE_ONE:
+  if relation in (NeighbouringRelation.REPLACE_ONE,
+                  NeighbouringRelation.LOCAL):
     return 2.0 * clip_norm
   raise ValueError(f"unknown neighbouring relation {relation!r}")

@@ -21,6 +21,13 @@ Privacy:
     one client moves the clipped sum by up to 2C, so the event's noise
     multiplier is sigma / (2C) = z / 2 (Wang, Balle, Kasiviswanathan 2019, as
     implemented by dp_accounting's RDP accountant).
+  * `DisjointSampler` (DP-FTRL, Kairouz et al. 2021): no sampling is credited;
+    each client takes part at most once per tree of tree-aggregation noise
+    (or once per run), and the events are tree_aggregation's, under
+    replace-special neighbours.
+
+Every sampler draws round r's cohort with `sample_round(stream_key, r)` and
+describes round r with `round_event(z, r)`.
 """
 
 import dataclasses
@@ -34,6 +41,7 @@ from scipy import stats
 
 from fedjax_dp import types
 from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import tree_aggregation
 
 # Default bound on the per-round probability that a Poisson draw overflows
 # its block, used to size the block when no capacity is given.
@@ -147,6 +155,16 @@ class PoissonSampler:
     indices = jnp.where(valid, order[positions], 0).astype(jnp.int32)
     return indices, valid, num_drawn
 
+  def sample_round(self, stream_key: types.PRNGKey, round_index: jax.Array):
+    """Round `round_index`'s cohort: `sample(fold_in(stream_key, r))`."""
+    return self.sample(jax.random.fold_in(stream_key, round_index))
+
+  def round_event(self, noise_multiplier: float,
+                  round_index: int) -> dp_accounting.DpEvent:
+    """Every round is alike: `dp_event(noise_multiplier)`."""
+    del round_index
+    return self.dp_event(noise_multiplier)
+
   def dp_event(self, noise_multiplier: float) -> dp_accounting.DpEvent:
     """The DP event of one round: this sampling, then Gaussian noise z * C.
 
@@ -155,6 +173,8 @@ class PoissonSampler:
         sensitivity of the clipped sum).
     """
     _check_noise_multiplier(noise_multiplier)
+    if noise_multiplier == 0:
+      return dp_accounting.NonPrivateDpEvent()
     if not self.truncates:
       return dp_accounting.PoissonSampledDpEvent(
           self.sampling_probability,
@@ -166,8 +186,33 @@ class PoissonSampler:
         noise_multiplier=noise_multiplier)
 
 
+def _check_cohort(sampler) -> None:
+  _check_population_size(sampler.population_size)
+  if not 1 <= sampler.cohort_size <= sampler.population_size:
+    raise ValueError(
+        f"cohort_size must be in [1, population_size="
+        f"{sampler.population_size}], got {sampler.cohort_size!r}")
+
+
+class _ExactCohort:
+  """Samplers that always fill exactly `cohort_size` slots."""
+
+  truncates = False
+
+  @property
+  def capacity(self) -> int:
+    return self.cohort_size
+
+  @property
+  def expected_cohort_size(self) -> float:
+    return float(self.cohort_size)
+
+  def overflow_probability(self) -> float:
+    return 0.0
+
+
 @dataclasses.dataclass(frozen=True)
-class FixedSizeSampler:
+class FixedSizeSampler(_ExactCohort):
   """Uniform sampling of exactly `cohort_size` clients without replacement.
 
   Attributes:
@@ -180,28 +225,11 @@ class FixedSizeSampler:
   relation = clipping.NeighbouringRelation.REPLACE_ONE
 
   def __post_init__(self):
-    _check_population_size(self.population_size)
-    if not 1 <= self.cohort_size <= self.population_size:
-      raise ValueError(
-          f"cohort_size must be in [1, population_size={self.population_size}]"
-          f", got {self.cohort_size!r}")
-
-  @property
-  def capacity(self) -> int:
-    return self.cohort_size
-
-  @property
-  def expected_cohort_size(self) -> float:
-    return float(self.cohort_size)
+    _check_cohort(self)
 
   @property
   def sampling_probability(self) -> float:
     return self.cohort_size / self.population_size
-
-  truncates = False
-
-  def overflow_probability(self) -> float:
-    return 0.0
 
   def sample(self, key: types.PRNGKey) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draws `cohort_size` distinct clients; same return shape as Poisson's."""
@@ -209,6 +237,9 @@ class FixedSizeSampler:
     indices = order[:self.cohort_size].astype(jnp.int32)
     valid = jnp.ones((self.cohort_size,), bool)
     return indices, valid, jnp.asarray(self.cohort_size, jnp.int32)
+
+  sample_round = PoissonSampler.sample_round
+  round_event = PoissonSampler.round_event
 
   def dp_event(self, noise_multiplier: float) -> dp_accounting.DpEvent:
     """The DP event of one round under replace-one neighbours.
@@ -218,6 +249,9 @@ class FixedSizeSampler:
         sigma / sensitivity = z / 2, since replace-one sensitivity is 2C.
     """
     _check_noise_multiplier(noise_multiplier)
+    if noise_multiplier == 0:
+      # dp_accounting's RDP divides by z here; no noise is not private.
+      return dp_accounting.NonPrivateDpEvent()
     sens_in_units_of_c = clipping.sensitivity(1.0, self.relation)
     return dp_accounting.SampledWithoutReplacementDpEvent(
         source_dataset_size=self.population_size,
@@ -226,7 +260,69 @@ class FixedSizeSampler:
             noise_multiplier / sens_in_units_of_c))
 
 
-Sampler = PoissonSampler | FixedSizeSampler
+@dataclasses.dataclass(frozen=True)
+class DisjointSampler(_ExactCohort):
+  """DP-FTRL's cohorts: disjoint within each tree, no sampling credited.
+
+  Round r belongs to tree r // restart_every, as its step
+  (r % restart_every) + 1; the tree's cohorts are consecutive blocks of one
+  random permutation of the population (tree_aggregation.disjoint_cohort),
+  so no client takes part twice in a tree ("once_per_tree"), or, with one
+  permutation for the whole run, twice in the run ("once").
+
+  Privacy: replace-special neighbours (one client's data replaced by the
+  empty record, whose clipped update is 0; sensitivity C per step it takes
+  part in). Which client is in which step is data-independent; the
+  guarantee does not rely on it being secret. `round_event` records a whole
+  tree's `SingleEpochTreeAggregationDpEvent` when the tree starts
+  (tree_aggregation.round_event); RDP accountant only.
+  """
+
+  population_size: int
+  cohort_size: int
+  num_rounds: int
+  restart_every: int
+  participation: str = "once_per_tree"
+  relation = clipping.NeighbouringRelation.REPLACE_SPECIAL
+
+  def __post_init__(self):
+    _check_cohort(self)
+    if not 1 <= self.restart_every:
+      raise ValueError(
+          f"restart_every must be >= 1, got {self.restart_every!r}")
+    tree_aggregation.check_participation(
+        self.population_size, self.cohort_size,
+        min(self.restart_every, self.num_rounds), self.num_rounds,
+        self.participation)
+
+  def tree_position(self, round_index):
+    """(tree index, 1-based step in the tree) of round `round_index`."""
+    return (round_index // self.restart_every,
+            round_index % self.restart_every + 1)
+
+  def sample_round(self, stream_key: types.PRNGKey, round_index: jax.Array):
+    """Round r's cohort; same return shape as the other samplers'."""
+    tree_index, step = self.tree_position(jnp.asarray(round_index, jnp.int32))
+    if self.participation == "once":
+      # One permutation for the whole run, cut into consecutive cohorts.
+      tree_index, step = jnp.zeros((), jnp.int32), round_index + 1
+    indices = tree_aggregation.disjoint_cohort(
+        stream_key, tree_index, step, self.population_size, self.cohort_size)
+    return (indices, jnp.ones((self.cohort_size,), bool),
+            jnp.asarray(self.cohort_size, jnp.int32))
+
+  def round_event(self, noise_multiplier: float,
+                  round_index: int) -> dp_accounting.DpEvent:
+    """Round r's event (the whole tree's when a tree starts, else no-op)."""
+    _check_noise_multiplier(noise_multiplier)
+    if noise_multiplier == 0:
+      return dp_accounting.NonPrivateDpEvent()
+    return tree_aggregation.round_event(
+        round_index, noise_multiplier, self.num_rounds, self.restart_every,
+        self.participation)
+
+
+Sampler = PoissonSampler | FixedSizeSampler | DisjointSampler
 
 
 def make_sampler(
@@ -236,8 +332,12 @@ def make_sampler(
     cohort_size: int | None = None,
     sampling_probability: float | None = None,
     capacity: int | None = None,
+    num_rounds: int | None = None,
+    restart_every: int | None = None,
+    participation: str = "once_per_tree",
 ) -> Sampler:
-  """Builds a sampler by name: "poisson" (q, or m / n) or "fixed" (m).
+  """Builds a sampler by name: "poisson" (q, or m / n), "fixed" (m) or
+  "disjoint" (m, with the run's rounds and the tree's restart period).
 
   For "poisson", give `sampling_probability` or `cohort_size` (then
   q = cohort_size / population_size).
@@ -259,4 +359,10 @@ def make_sampler(
         raise ValueError("fixed sampling needs cohort_size")
       cohort_size = max(1, round(sampling_probability * population_size))
     return FixedSizeSampler(population_size, cohort_size)
-  raise ValueError(f"sampling must be one of ['poisson', 'fixed'], got {scheme!r}")
+  if scheme == "disjoint":
+    if cohort_size is None or num_rounds is None:
+      raise ValueError("disjoint sampling needs cohort_size and num_rounds")
+    return DisjointSampler(population_size, cohort_size, num_rounds,
+                           restart_every or num_rounds, participation)
+  raise ValueError("sampling must be one of ['poisson', 'fixed', 'disjoint'], "
+                   f"got {scheme!r}")

@@ -1,0 +1,264 @@
+"""Local and distributed noise as configurations of the compiled round."""
+
+import functools
+import math
+
+import dp_accounting
+from dp_accounting import pld
+from dp_accounting import rdp
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedjax_dp import client as client_lib
+from fedjax_dp import config as config_lib
+from fedjax_dp import runner
+from fedjax_dp import server as server_lib
+from fedjax_dp import simulation
+from fedjax_dp.algorithms import dp_fedavg
+from fedjax_dp.models import registry
+from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import placement
+from fedjax_dp.privacy import secure_aggregation
+from helpers import tiny_blocks
+
+_MODEL = registry.get_model("mlp_2nn", (5,), 3, hidden=(100,))
+
+
+
+def _block(clients=6, seed=0, valid=None):
+  return tiny_blocks.cohort_block(clients, seed, valid)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_round(chunk, round_kwargs):
+  return jax.jit(dp_fedavg.build_round(
+      _MODEL, client_lib.client_optimizer("sgd"),
+      server_lib.server_optimizer("sgd"), clients_per_chunk=chunk,
+      **dict(round_kwargs)))
+
+
+def _released_sum(block, *, client_lr=0.5, clip=1.0, z=0.0, denominator=4.0,
+                  key=1, chunk=2, secagg=None, **round_kwargs):
+  """The round's released (noisy) sum, read off the server step (SGD, lr 1)."""
+  opt = server_lib.server_optimizer("sgd")
+  params = _MODEL.init(jax.random.key(0))
+  fn = _compiled_round(chunk, tuple(sorted(round_kwargs.items())))
+  hp = dp_fedavg.RoundHparams.create(
+      client_lr=client_lr, server_lr=1.0, clip_norm=clip, noise_multiplier=z,
+      denominator=denominator)
+  state, metrics = fn(server_lib.init(params, opt), block, hp,
+                      jax.random.key(key), secagg=secagg)
+  flat = np.concatenate([
+      np.ravel(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+      for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                      jax.tree_util.tree_leaves(params))])
+  return flat * denominator, metrics
+
+
+def _variance_interval(n, sigma2, p=1e-6):
+  """Two-sided chi-square interval for the sample variance of n draws."""
+  lo, hi = stats.chi2.ppf([p / 2, 1 - p / 2], n)
+  return sigma2 * lo / n, sigma2 * hi / n
+
+
+@pytest.mark.parametrize("placement_name", ["central", "distributed", "local"])
+def test_without_noise_every_placement_is_the_same_clipped_sum(
+    placement_name):
+  block = _block(valid=[1, 1, 1, 1, 0, 0])
+  reference, _ = _released_sum(block, clip=0.3)
+  got, metrics = _released_sum(block, clip=0.3,
+                               noise_placement=placement_name)
+  np.testing.assert_allclose(got, reference, atol=1e-5)
+  # With noise 0 and clip inf: plain FedAvg's sum of deltas.
+  unclipped, _ = _released_sum(block, clip=math.inf,
+                               noise_placement=placement_name)
+  assert np.linalg.norm(unclipped) > 1.0  # the clip above did bind
+  assert float(metrics["fraction_clipped"]) == 1.0
+
+
+@pytest.mark.parametrize("placement_name", ["distributed", "local"])
+def test_one_more_client_moves_the_pre_noise_sum_by_at_most_c(
+    placement_name):
+  clip = 0.3
+  four, _ = _released_sum(_block(valid=[1, 1, 1, 0, 0, 0]), clip=clip,
+                          noise_placement=placement_name)
+  five, _ = _released_sum(_block(valid=[1, 1, 1, 1, 0, 0]), clip=clip,
+                          noise_placement=placement_name)
+  change = np.linalg.norm(five - four)
+  assert 0.5 * clip < change <= clip * (1 + 1e-4)
+
+
+def test_local_noise_grows_with_the_number_of_reporting_clients():
+  z, clip = 2.0, 0.5
+  for valid in ([1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]):
+    block = _block(valid=valid)
+    clean, _ = _released_sum(block, client_lr=1e-30, clip=clip)
+    noisy, metrics = _released_sum(block, client_lr=1e-30, clip=clip, z=z,
+                                   noise_placement="local")
+    k = sum(valid)
+    noise = noisy - clean
+    lo, hi = _variance_interval(noise.size, k * (z * clip) ** 2)
+    assert lo < np.mean(noise ** 2) < hi
+    assert float(metrics["noise_stddev"]) == pytest.approx(
+        math.sqrt(k) * z * clip, rel=1e-5)
+    assert stats.kstest(noise / (math.sqrt(k) * z * clip),
+                        "norm").pvalue > 1e-4
+
+
+def test_local_laplace_messages_carry_laplace_noise_of_scale_z_c():
+  z, clip = 1.5, 0.5
+  block = _block(valid=[1, 0, 0, 0, 0, 0])
+  clean, _ = _released_sum(block, client_lr=1e-30, clip=clip,
+                           mechanism="laplace")
+  noisy, _ = _released_sum(block, client_lr=1e-30, clip=clip, z=z,
+                           mechanism="laplace", noise_placement="local")
+  noise = (noisy - clean) / (z * clip)
+  assert stats.kstest(noise, "laplace").pvalue > 1e-4
+  assert stats.kstest(noise / math.sqrt(2), "norm").pvalue < 1e-4
+
+
+def test_distributed_shares_sum_to_the_central_noise_whatever_the_cohort():
+  z, clip = 1.5, 0.5
+  for valid in ([1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]):
+    block = _block(valid=valid)
+    clean, _ = _released_sum(block, client_lr=1e-30, clip=clip)
+    noisy, _ = _released_sum(block, client_lr=1e-30, clip=clip, z=z,
+                             noise_placement="distributed")
+    noise = noisy - clean
+    lo, hi = _variance_interval(noise.size, (z * clip) ** 2)
+    assert lo < np.mean(noise ** 2) < hi
+  # Each slot's share is a sixth of the variance: one share alone is not
+  # the central amount.
+  one = placement.with_gaussian_share(
+      {"w": np.zeros(20000, np.float32)}, False,
+      placement.share_stddev(z, clip, 6), jax.random.key(3))["w"]
+  lo, hi = _variance_interval(one.size, (z * clip) ** 2 / 6)
+  assert lo < float(np.mean(np.square(one))) < hi
+
+
+def test_padding_slots_add_shares_but_never_their_updates():
+  block = _block(valid=[1, 1, 1, 0, 0, 0])
+  # NaN data in padding slots must not reach the sum.
+  block.features["x"][3:] = np.nan
+  got, _ = _released_sum(block, z=0.0, noise_placement="distributed")
+  assert np.all(np.isfinite(got))
+  noisy, _ = _released_sum(block, z=1.0, noise_placement="distributed")
+  assert np.all(np.isfinite(noisy))
+
+
+def _secagg(scale, z, clip, slots, bits):
+  share = secure_aggregation.share_stddev(z, clip, scale, slots)
+  return secure_aggregation.SecAggParams.create(
+      scale=scale, share_stddev=share, bits=bits)
+
+
+def test_secure_aggregation_with_enough_bits_is_the_sum_within_quantisation():
+  block = _block(valid=[1, 1, 1, 1, 1, 0])
+  clip, scale, slots = 0.3, 2.0 ** 12, 6
+  reference, _ = _released_sum(block, clip=clip)
+  got, metrics = _released_sum(
+      block, clip=clip, noise_placement="distributed",
+      secure_aggregation_encoding=True,
+      secagg=_secagg(scale, 0.0, clip, slots, 24))
+  # Each of the 6 slots rounds each coordinate by less than one step 1/s.
+  assert np.max(np.abs(got - reference)) < slots / scale
+  assert np.max(np.abs(got - reference)) > 0  # it did quantise
+  assert int(metrics["secagg_wrapped"]) == 0
+  assert int(metrics["secagg_near_overflow"]) == 0
+
+
+def test_secure_aggregation_noise_has_the_central_variance():
+  z, clip, scale, slots = 1.0, 0.5, 2.0 ** 6, 6
+  block = _block(valid=[1, 1, 0, 0, 0, 0])
+  clean, _ = _released_sum(block, client_lr=1e-30, clip=clip)
+  noisy, metrics = _released_sum(
+      block, client_lr=1e-30, clip=clip, z=z, noise_placement="distributed",
+      secure_aggregation_encoding=True,
+      secagg=_secagg(scale, z, clip, slots, 24))
+  noise = noisy - clean
+  # Six discrete Gaussian shares of variance ~ (z C s)^2 / 6 each, plus
+  # rounding (variance < 1/4 per client, in integer units).
+  sigma2 = (z * clip) ** 2
+  lo, _ = _variance_interval(noise.size, sigma2)
+  _, hi = _variance_interval(noise.size, sigma2 + 2 * 0.25 / scale ** 2)
+  assert lo < np.mean(noise ** 2) < hi
+  assert int(metrics["secagg_sampler_failures"]) == 0
+
+
+def test_secure_aggregation_with_too_few_bits_reports_the_wrap_around():
+  block = _block(valid=[1, 1, 1, 1, 1, 1])
+  clip, scale = 1.0, 2.0 ** 12
+  reference, _ = _released_sum(block, clip=clip)
+  got, metrics = _released_sum(
+      block, clip=clip, noise_placement="distributed",
+      secure_aggregation_encoding=True,
+      secagg=_secagg(scale, 0.0, clip, 6, 6))
+  assert int(metrics["secagg_wrapped"]) > 0
+  assert int(metrics["secagg_near_overflow"]) > 0
+  wrong = np.abs(got - reference) > 6 / scale
+  assert 0 < np.sum(wrong)
+
+
+def test_runner_reports_secure_aggregation_wrap_around(tmp_path):
+  lines = []
+  config = config_lib.Config(
+      rounds=2, cohort_size=10, eval_every=2, noise_placement="distributed",
+      secagg_bits=8, secagg_scale=2.0 ** 13, accountant="rdp",
+      noise_multiplier=1.0, client_lr=0.5)
+  result = runner.run(config, progress=False, log=lines.append)
+  assert result.summary["secagg_wrapped"] > 0
+  assert any("wrapped around" in line for line in lines)
+
+
+def test_local_run_ledger_is_the_per_client_gaussian_of_z_over_2():
+  config = config_lib.Config(rounds=3, cohort_size=10, eval_every=3,
+                             noise_placement="local", noise_multiplier=4.0)
+  result = runner.run(config, progress=False, log=lambda s: None)
+  assert result.ledger.relation is clipping.NeighbouringRelation.LOCAL
+  acc = pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+  acc.compose(dp_accounting.GaussianDpEvent(2.0), 3)
+  assert result.summary["epsilon"] == pytest.approx(
+      acc.get_epsilon(config.delta), rel=1e-6)
+  # The Gaussian mechanism with sensitivity 2C and std z C, by hand (Balle &
+  # Wang 2018): delta(eps) for mu = 2 / z per round, composed: mu sqrt(3).
+  mu = math.sqrt(3) * 2 / 4.0
+  eps = result.summary["epsilon"]
+  delta = stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(
+      -eps / mu - mu / 2)
+  assert delta == pytest.approx(config.delta, rel=0.05)
+
+
+def test_secure_aggregation_run_fits_its_bits_and_records_the_ddg_event():
+  config = config_lib.Config(
+      rounds=2, cohort_size=10, eval_every=2, noise_placement="distributed",
+      secagg_bits=20, accountant="rdp", noise_multiplier=1.0)
+  result = runner.run(config, progress=False, log=lambda s: None)
+  summary = result.summary
+  assert summary["secagg_wrapped"] == 0
+  assert summary["secagg_near_overflow"] == 0
+  # The scale is the largest power of two that fits: twice it would not.
+  sim = simulation.build(config)
+  assert sim.secagg.scale == summary["secagg_scale"]
+  assert math.log2(sim.secagg.scale).is_integer()
+  n, c = sim.secagg.num_shares, config.clip_norm
+  twice = 2 * sim.secagg.scale
+  assert secure_aggregation.required_bits(
+      n, c, twice, secure_aggregation.share_stddev(1.0, c, twice, n)) > 20
+  (event,) = set(result.ledger.events)
+  assert isinstance(event, dp_accounting.ZCDpEvent)
+  acc = rdp.RdpAccountant(
+      neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+  acc.compose(event, 2)
+  assert result.summary["epsilon"] == pytest.approx(
+      acc.get_epsilon(config.delta), rel=1e-6)
+  # Kairouz et al. 2021's rho, by hand: D = 2 (s C + sqrt(d)) (doubled: the
+  # digits cohort of 10 lives in a block that can truncate), n sigma_c^2 =
+  # (z C s)^2, and tau negligible at these sigma_c.
+  assert sim.sampler.truncates
+  d = sum(x.size for x in jax.tree_util.tree_leaves(
+      sim.model.init(jax.random.key(0))))
+  s, c = result.summary["secagg_scale"], config.clip_norm
+  assert event.rho == pytest.approx(
+      0.5 * (2 * (s * c + math.sqrt(d)) / (1.0 * c * s)) ** 2, rel=1e-6)
