@@ -59,10 +59,6 @@ class Config:
   # stops before the first round that would exceed it.
   stop_at_budget: bool = False
   accountant: str = "pld"
-  # Adaptive clipping (Andrew et al. 2021): clip_norm is the initial clip
-  # (the paper starts at 0.1), moved geometrically each round toward the
-  # target quantile of unclipped clients; the count's noise sigma_b defaults
-  # to expected cohort size / 20, and z is split so the total stays z.
   # The noise mechanism: "gaussian" (L2 clipping, Gaussian noise z * C),
   # "laplace" (L1 clipping to C, Laplace noise of scale z * C) or "tree"
   # (DP-FTRL, Kairouz et al. 2021: L2 clipping, tree-aggregation noise with
@@ -94,6 +90,10 @@ class Config:
   # or "size_proportional" splits clip_norm over top-level parameter groups
   # (C_g = C / sqrt(G), or C sqrt(d_g / d)): same overall bound, same noise.
   per_layer_clipping: str | None = None
+  # Adaptive clipping (Andrew et al. 2021): clip_norm is the initial clip
+  # (the paper starts at 0.1), moved geometrically each round toward the
+  # target quantile of unclipped clients; the count's noise sigma_b defaults
+  # to expected cohort size / 20, and z is split so the total stays z.
   adaptive_clipping: bool = False
   target_unclipped_quantile: float = 0.5
   clip_learning_rate: float = 0.2

@@ -515,6 +515,9 @@ def run(
       summary[f"epsilon_{name}"] = ledger.epsilon(name)
     except accounting.UnsupportedAccountingError:
       summary[f"epsilon_{name}"] = None
+  if adaptive is not None:
+    # `clip_norm` above is the initial clip; this is where it ended.
+    summary["final_clip_norm"] = float(clip_norm)
   if sim.example_event() is not None:
     summary["example_epsilon"] = _example_epsilon(sim, ledger)
   if secagg is not None:

@@ -31,6 +31,10 @@ def test_clip_norm_moves_to_the_target_quantile_and_is_accounted_as_z():
   # It ends near the median update norm (the target quantile 0.5).
   late_median = np.mean([m["update_norm_p50"] for m in result.history[-10:]])
   assert late_median / 1.5 < clips[-1] < late_median * 1.5
+  # The summary reports where the clip ended (the clip the next round would
+  # use), not only the initial one.
+  assert result.summary["clip_norm"] == pytest.approx(0.05)
+  assert clips[-1] / 1.2 < result.summary["final_clip_norm"] < clips[-1] * 1.2
   # Over the last rounds, about half the clients are clipped. The noisy
   # fraction has std sigma_b / m = 1/20 per round, norms drift as the model
   # trains, and C moves by at most a factor e^0.1 a round: +-0.2 is ~4 such

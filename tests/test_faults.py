@@ -94,3 +94,21 @@ def test_cli_reports_divergence_and_exits_nonzero(tmp_path, capsys):
 def test_dropout_rate_is_validated():
   with pytest.raises(ValueError, match="'dropout_rate'"):
     _small(dropout_rate=1.0)
+
+
+def test_an_empty_poisson_draw_is_a_noise_only_round():
+  """Poisson sampling may draw nobody; that round still runs (and is
+  accounted): the sum is empty and only the noise moves the model."""
+  config = config_lib.Config(
+      name="empty", dataset="synthetic",
+      dataset_kwargs={"num_clients": 60, "max_examples": 20},
+      model="logistic", rounds=6, cohort_size=1, batch_size=10,
+      local_epochs=1, eval_every=6, noise_multiplier=1.0)
+  result = runner.run(config, progress=False, log=lambda s: None)
+  drawn = [h["num_drawn"] for h in result.history]
+  # P(nobody in a round) = (1 - 1/n)^n, about 0.37, for n training clients.
+  assert 0 in drawn and len(drawn) == 6
+  assert result.ledger.num_rounds == 6
+  empty = [h for h in result.history if h["num_drawn"] == 0]
+  assert all(h["num_clients"] == 0 and h["clipped_sum_norm"] == 0
+             for h in empty)

@@ -113,5 +113,14 @@ def make_block(
       mask[slot, start:start + n_used] = True
   rows = rows.reshape(capacity, num_steps, batch_size)
   mask = mask.reshape(capacity, num_steps, batch_size)
-  features = {name: array[rows] for name, array in population.features.items()}
+
+
+  def gather(array):
+    if array.shape[0] == 0:
+      # An empty cohort (a legitimate Poisson draw): every slot is padding.
+      return np.zeros(rows.shape + array.shape[1:], array.dtype)
+    return array[rows]
+
+  features = {name: gather(array)
+              for name, array in population.features.items()}
   return ClientBlock(features, mask, np.asarray(client_valid, bool).copy())

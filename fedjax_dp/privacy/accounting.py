@@ -33,7 +33,7 @@ import collections
 import dataclasses
 import functools
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import dp_accounting
 from dp_accounting import pld
@@ -87,14 +87,12 @@ def make_accountant(
   return rdp.RdpAccountant(neighboring_relation=rel)
 
 
-def _group(events: Iterable[dp_accounting.DpEvent]) -> dp_accounting.DpEvent:
-  """Composes equal events as SelfComposedDpEvent (much faster to account)."""
-  counts = collections.Counter(events)
-  parts = [
+def _group(counts) -> dp_accounting.DpEvent:
+  """(event, count) pairs as one event; equal events as SelfComposedDpEvent
+  (much faster to account)."""
+  return dp_accounting.ComposedDpEvent([
       e if c == 1 else dp_accounting.SelfComposedDpEvent(e, c)
-      for e, c in counts.items()
-  ]
-  return dp_accounting.ComposedDpEvent(parts)
+      for e, c in counts])
 
 
 @functools.lru_cache(maxsize=64)
@@ -244,18 +242,27 @@ def epsilon_of(
     return 0.0
   views = [untruncated_view(e) for e in events]
   counts = collections.Counter(v for v, _ in views)
+  beta = sum(b for _, b in views)
+  return _epsilon(tuple(counts.items()), beta, delta, accountant, relation)
+
+
+@functools.lru_cache(maxsize=64)
+def _epsilon(counts: tuple, beta: float, delta: float, accountant: str,
+             relation: clipping.NeighbouringRelation) -> float:
+  """`epsilon_of` of (untruncated event, count) pairs, memoised: a runner
+  asks for the same history more than once per round (a budget check before
+  it, the epsilon after it, a summary per accountant)."""
   if accountant == "pld":
     acc = _ComposedPld(
-        [(_single_event_pld(e, relation), c) for e, c in counts.items()])
+        [(_single_event_pld(e, relation), c) for e, c in counts])
   else:
     acc = make_accountant(accountant, relation)
-    composed = _group(v for v, _ in views)
+    composed = _group(counts)
     if not acc.supports(composed):
       raise UnsupportedAccountingError(
           f"the rdp accountant cannot account these events under "
           f"{relation.value} neighbours")
     acc.compose(composed)
-  beta = sum(b for _, b in views)
   return epsilon_with_truncation_slack(acc, delta, beta)
 
 
@@ -395,7 +402,7 @@ def rdp_epsilon_classic(
   if any(beta > 0 for _, beta in views):
     raise UnsupportedAccountingError(
         "rdp_epsilon_classic does not take truncated Poisson rounds")
-  acc.compose(_group(v for v, _ in views))
+  acc.compose(_group(collections.Counter(v for v, _ in views).items()))
   # pylint: disable-next=protected-access
   curve = np.asarray(acc._rdp, dtype=np.float64)
   a = np.asarray(orders, dtype=np.float64)
