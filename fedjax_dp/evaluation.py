@@ -1,6 +1,7 @@
 """Evaluation of a global model on held-out clients."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,13 @@ def _sums_fn(model: types.Model):
     logits = model.apply(params, x)
     return losses.cross_entropy(logits, y), losses.accuracy(logits, y)
   return sums
+
+
+def _perplexity(mean_loss) -> float:
+  # Past log(float max) exp overflows: a (nearly) diverged model's
+  # perplexity is inf, without numpy's overflow warning.
+  loss = float(mean_loss)
+  return math.inf if loss > 709.0 else math.exp(loss)
 
 
 def evaluate(
@@ -52,7 +60,8 @@ def evaluate(
   metrics = {
       "eval_loss": float(example_loss.mean()) if n else float("nan"),
       "eval_accuracy": float(example_acc.mean()) if n else float("nan"),
-      "eval_perplexity": float(np.exp(example_loss.mean())) if n else float("nan"),
+      "eval_perplexity": _perplexity(example_loss.mean()) if n else float(
+          "nan"),
   }
   for p in (10, 50, 90):
     metrics[f"eval_client_accuracy_p{p}"] = (
