@@ -211,13 +211,19 @@ def epsilon_with_truncation_slack(acc, delta: float, beta: float) -> float:
   eps = float(acc.get_epsilon(delta))
   if beta == 0.0:
     return eps
+  # A slack below delta's float resolution leaves get_epsilon's argument
+  # unchanged: reuse its answer (each call costs tens of ms with PLD).
+  known = {delta: eps}
   # The slack grows with eps, so start from the untruncated answer and move up
   # until the condition, checked with the accountant's own delta(eps), holds.
   for _ in range(200):
     slack = (1.0 + math.exp(min(eps, 700.0))) * beta
     if slack >= delta:
       return math.inf
-    eps = max(eps, float(acc.get_epsilon(delta - slack)))
+    target = delta - slack
+    if target not in known:
+      known[target] = float(acc.get_epsilon(target))
+    eps = max(eps, known[target])
     if acc.get_delta(eps) + (1.0 + math.exp(min(eps, 700.0))) * beta <= delta:
       return eps
     eps += 1e-4 * max(eps, 1.0)  # past the accountant's discretisation
