@@ -12,6 +12,11 @@ import typing
 from typing import Any
 
 
+def _is_int(value: Any) -> bool:
+  """An int and not a bool (True would pass isinstance(value, int))."""
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _fail(field: str, allowed: str, value: Any) -> None:
   raise ValueError(f"config field {field!r} must be {allowed}; got {value!r}")
 
@@ -137,7 +142,7 @@ class Config:
 
     def positive_int(name):
       v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+      if not _is_int(v) or v < 1:
         _fail(name, "an integer >= 1", v)
 
     if self.dataset not in builtin.NAMES:
@@ -268,9 +273,7 @@ class Config:
       if self.noise_placement != "distributed":
         _fail("secagg_bits", "null unless noise_placement='distributed'",
               self.secagg_bits)
-      if (not isinstance(self.secagg_bits, int) or
-          isinstance(self.secagg_bits, bool) or
-          not 2 <= self.secagg_bits <= 32):
+      if not _is_int(self.secagg_bits) or not 2 <= self.secagg_bits <= 32:
         _fail("secagg_bits", "an integer in [2, 32]", self.secagg_bits)
       if math.isinf(self.clip_norm):
         _fail("clip_norm", "finite with secure aggregation's fixed-point "
@@ -307,9 +310,7 @@ class Config:
       if not tree:
         _fail("tree_restart_every", "null unless mechanism='tree'",
               self.tree_restart_every)
-      if (not isinstance(self.tree_restart_every, int) or
-          isinstance(self.tree_restart_every, bool) or
-          self.tree_restart_every < 1):
+      if not _is_int(self.tree_restart_every) or self.tree_restart_every < 1:
         _fail("tree_restart_every", "an integer >= 1 (or null)",
               self.tree_restart_every)
     if self.tree_participation not in ("once_per_tree", "once"):
@@ -332,7 +333,7 @@ class Config:
 
   def _validate_rounds_per_call(self) -> None:
     v = self.rounds_per_call
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+    if not _is_int(v) or v < 1:
       _fail("rounds_per_call", "an integer >= 1", v)
     if v == 1:
       return

@@ -111,17 +111,6 @@ def load_run_config(run_dir: str | os.PathLike) -> config_lib.Config:
   return config_lib.Config.from_dict(data)
 
 
-def _example_epsilon(sim: simulation.Simulation,
-                     ledger: accounting.PrivacyLedger) -> float:
-  """Record-level DP: the example-level epsilon of one client after the
-  rounds in `ledger` (every round counted, as if the client took part in
-  all of them: no amplification by sampling is credited)."""
-  example_ledger = sim.new_example_ledger()
-  for entry in ledger.entries:
-    example_ledger.record(entry.round, sim.example_event())
-  return example_ledger.epsilon()
-
-
 def _report_secagg(r: int, metrics: dict, totals: dict,
                    log: Callable[[str], None]) -> None:
   """Secure aggregation's overflow is reported, never silently wrong."""
@@ -145,16 +134,6 @@ def _prefix_epsilons(ledger: accounting.PrivacyLedger, events: list,
                                 accountant=ledger.accountant,
                                 relation=ledger.relation)
           for n in range(first + 1, len(events) + 1)]
-
-
-def _example_epsilons_after(sim: simulation.Simulation,
-                            num_rounds: list[int]) -> list[float]:
-  """`_example_epsilon` after each of `num_rounds` rounds."""
-  template = sim.new_example_ledger()
-  return [accounting.epsilon_of([sim.example_event()] * n, template.delta,
-                                accountant=template.accountant,
-                                relation=template.relation)
-          for n in num_rounds]
 
 
 def run(
@@ -390,11 +369,10 @@ def run(
       if epsilons is None:
         epsilons = _prefix_epsilons(ledger, ledger.events,
                                     ledger.num_rounds - (end - r))
-      example_epsilons = None
-      if sim.example_event() is not None:
-        example_epsilons = _example_epsilons_after(
-            sim, list(range(ledger.num_rounds - (end - r) + 1,
-                            ledger.num_rounds + 1)))
+      example_epsilons = [
+          sim.example_epsilon(n)
+          for n in range(ledger.num_rounds - (end - r) + 1,
+                         ledger.num_rounds + 1)]
       metrics, aux = jax.device_get((metrics, aux))
       if adaptive is not None:
         clip_norm = next_clip_norm
@@ -407,7 +385,7 @@ def run(
         finish_round(
             q, _to_python({name: v[i] for name, v in metrics.items()}),
             int(aux["num_drawn"][i]), 0, epsilons[i],
-            None if example_epsilons is None else example_epsilons[i])
+            example_epsilons[i])
       rounds_done = end
       if end == config.rounds or any(
           (q + 1) % config.checkpoint_every == 0 for q in range(r, end)):
@@ -460,8 +438,7 @@ def run(
           secagg, sim.tree_state(config.seed, r))
       # The round runs asynchronously: accounting on the host overlaps it.
       epsilon = ledger.epsilon()
-      example_epsilon = (_example_epsilon(sim, ledger)
-                         if sim.example_event() else None)
+      example_epsilon = sim.example_epsilon(ledger.num_rounds)
       if adaptive is not None:
         metrics["clip_norm"] = clip_norm
         clip_norm = metrics.pop("next_clip_norm")
@@ -519,7 +496,7 @@ def run(
     # `clip_norm` above is the initial clip; this is where it ended.
     summary["final_clip_norm"] = float(clip_norm)
   if sim.example_event() is not None:
-    summary["example_epsilon"] = _example_epsilon(sim, ledger)
+    summary["example_epsilon"] = sim.example_epsilon(ledger.num_rounds)
   if secagg is not None:
     summary.update(secagg_totals, secagg_scale=sim.secagg.scale,
                    secagg_bits=sim.secagg.bits)

@@ -247,14 +247,19 @@ class Simulation:
     return dp_sgd.example_dp_event(self.config.example_noise_multiplier,
                                    self.config.local_epochs)
 
-  def new_example_ledger(self) -> accounting.PrivacyLedger | None:
-    """The example-level ledger (zero-out neighbours within one client,
-    accounted like add/remove; privacy/dp_sgd.py), or None."""
-    if self.config.example_clip_norm is None:
+  def example_epsilon(self, num_rounds: int) -> float | None:
+    """Record-level DP: one client's example-level epsilon after
+    `num_rounds` rounds (every round counted, as if the client took part in
+    all of them: no amplification by sampling is credited), or None without
+    it. Zero-out neighbours within one client, accounted like add/remove
+    (privacy/dp_sgd.py)."""
+    event = self.example_event()
+    if event is None:
       return None
-    return accounting.PrivacyLedger(
-        clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE, self.config.delta,
-        self.config.accountant)
+    return accounting.epsilon_of(
+        [event] * num_rounds, self.config.delta,
+        accountant=self.config.accountant,
+        relation=clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE)
 
   def tree_state(self, seed: int, round_index: int):
     """DP-FTRL's tree state before round r (None for other mechanisms)."""

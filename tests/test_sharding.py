@@ -1,8 +1,6 @@
 """The cohort sharded over 8 (CPU) devices equals the single-device round."""
 
 import json
-import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -13,16 +11,11 @@ import pytest
 
 from fedjax_dp import config as config_lib
 from fedjax_dp import runner
+from helpers import cpu_devices
 
 
 def test_sharded_round_equals_single_device():
-  env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  script = pathlib.Path(__file__).parent / "helpers" / "sharded_round.py"
-  out = subprocess.run([sys.executable, str(script)], env=env, check=True,
-                       capture_output=True, text=True, timeout=600)
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result = cpu_devices.run_json("sharded_round.py", 8)
   assert result["max_param_diff"] < 1e-5
   a, b = result["fraction_clipped"]
   assert a == pytest.approx(b)
@@ -41,10 +34,8 @@ def _free_port() -> int:
 
 
 def test_two_processes_with_gloo_equal_one_process():
-  script = pathlib.Path(__file__).parent / "helpers" / "two_process_round.py"
-  env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  script = cpu_devices.HELPERS / "two_process_round.py"
+  env = cpu_devices.env(2)
   port = str(_free_port())
   other = subprocess.Popen([sys.executable, str(script), "1", port], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

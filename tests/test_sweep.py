@@ -1,12 +1,7 @@
 """Vectorised sweeps: equal to single runs, one compilation per shape group."""
 
 import csv
-import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import dp_accounting
 from dp_accounting import dp_event
@@ -21,6 +16,7 @@ from fedjax_dp import runner
 from fedjax_dp import sweep
 from fedjax_dp.privacy import clipping
 from fedjax_dp.privacy import tuning
+from helpers import cpu_devices
 
 _QUIET = {"progress": False, "log": lambda s: None}
 
@@ -178,13 +174,7 @@ def test_parse_grid_types_values_like_overrides():
 
 
 def test_sweep_sharded_over_devices_equals_one_device():
-  env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  script = pathlib.Path(__file__).parent / "helpers" / "sharded_sweep.py"
-  out = subprocess.run([sys.executable, str(script)], env=env, check=True,
-                       capture_output=True, text=True, timeout=600)
-  sharded = json.loads(out.stdout.strip().splitlines()[-1])
+  sharded = cpu_devices.run_json("sharded_sweep.py", 4)
   # Six configurations in lanes padded to a multiple of the 4 devices.
   assert sharded["num_devices"] == [4]
   base = _tiny(eval_every=3)

@@ -194,7 +194,8 @@ def build_round(
 
   def message(clipped, include, slot_id, hparams, noise_key, secagg,
               num_slots):
-    """What one slot sends to the sum, and its sampler failures."""
+    """What one slot sends to the sum under client-side noise, and its
+    sampler failures (central noise sums the clipped deltas themselves)."""
     key = jax.random.fold_in(jax.random.fold_in(noise_key, _CLIENT_NOISE),
                              slot_id)
     no_failures = jnp.zeros((), jnp.int32)
@@ -204,15 +205,10 @@ def build_round(
           hparams.clip_norm, key), no_failures
     if noise_placement == "distributed" and encoded:
       return secure_aggregation.encode(clipped, include, secagg, key)
-    if noise_placement == "distributed":
-      stddev = placement.share_stddev(hparams.noise_multiplier,
-                                      hparams.clip_norm, num_slots)
-      return placement.with_gaussian_share(clipped, include, stddev,
-                                           key), no_failures
-    # Central: selected, not multiplied, so NaN never reaches the sum.
-    return jax.tree_util.tree_map(
-        lambda x: jnp.where(include, x.astype(jnp.float32), 0.0),
-        clipped), no_failures
+    stddev = placement.share_stddev(hparams.noise_multiplier,
+                                    hparams.clip_norm, num_slots)
+    return placement.with_gaussian_share(clipped, include, stddev,
+                                         key), no_failures
 
   def clipped_client(params, features, example_mask, valid, canary_id,
                      slot_id, hparams, canaries, noise_key, secagg,
@@ -238,8 +234,10 @@ def build_round(
     # depends only on that client's own data, so the sum's sensitivity is
     # unchanged.
     finite = jnp.isfinite(clip.norm)
-    msg, failures = message(clip.clipped, valid & finite, slot_id, hparams,
-                            noise_key, secagg, num_slots)
+    msg, failures = None, jnp.zeros((), jnp.int32)
+    if noise_placement != "central":
+      msg, failures = message(clip.clipped, valid & finite, slot_id, hparams,
+                              noise_key, secagg, num_slots)
     return clip, msg, failures, finite, out.loss, out.num_examples
 
   def sum_messages(msgs):

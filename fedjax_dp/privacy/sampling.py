@@ -84,8 +84,22 @@ def poisson_capacity(
   return max(1, min(c, n))
 
 
+class _EveryRoundAlike:
+  """Samplers whose rounds are all alike: round r folds r into the key."""
+
+  def sample_round(self, stream_key: types.PRNGKey, round_index: jax.Array):
+    """Round `round_index`'s cohort: `sample(fold_in(stream_key, r))`."""
+    return self.sample(jax.random.fold_in(stream_key, round_index))
+
+  def round_event(self, noise_multiplier: float,
+                  round_index: int) -> dp_accounting.DpEvent:
+    """Every round is alike: `dp_event(noise_multiplier)`."""
+    del round_index
+    return self.dp_event(noise_multiplier)
+
+
 @dataclasses.dataclass(frozen=True)
-class PoissonSampler:
+class PoissonSampler(_EveryRoundAlike):
   """Poisson sampling of clients into a block of fixed capacity.
 
   Attributes:
@@ -155,16 +169,6 @@ class PoissonSampler:
     indices = jnp.where(valid, order[positions], 0).astype(jnp.int32)
     return indices, valid, num_drawn
 
-  def sample_round(self, stream_key: types.PRNGKey, round_index: jax.Array):
-    """Round `round_index`'s cohort: `sample(fold_in(stream_key, r))`."""
-    return self.sample(jax.random.fold_in(stream_key, round_index))
-
-  def round_event(self, noise_multiplier: float,
-                  round_index: int) -> dp_accounting.DpEvent:
-    """Every round is alike: `dp_event(noise_multiplier)`."""
-    del round_index
-    return self.dp_event(noise_multiplier)
-
   def dp_event(self, noise_multiplier: float) -> dp_accounting.DpEvent:
     """The DP event of one round: this sampling, then Gaussian noise z * C.
 
@@ -212,7 +216,7 @@ class _ExactCohort:
 
 
 @dataclasses.dataclass(frozen=True)
-class FixedSizeSampler(_ExactCohort):
+class FixedSizeSampler(_ExactCohort, _EveryRoundAlike):
   """Uniform sampling of exactly `cohort_size` clients without replacement.
 
   Attributes:
@@ -237,9 +241,6 @@ class FixedSizeSampler(_ExactCohort):
     indices = order[:self.cohort_size].astype(jnp.int32)
     valid = jnp.ones((self.cohort_size,), bool)
     return indices, valid, jnp.asarray(self.cohort_size, jnp.int32)
-
-  sample_round = PoissonSampler.sample_round
-  round_event = PoissonSampler.round_event
 
   def dp_event(self, noise_multiplier: float) -> dp_accounting.DpEvent:
     """The DP event of one round under replace-one neighbours.
