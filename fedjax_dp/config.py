@@ -119,6 +119,10 @@ class Config:
   # jax.distributed.initialize()); None: whenever there is more than one.
   shard_clients: bool | None = None
   unroll_local_steps: bool | None = None  # None: chosen by backend
+  # Whether a chunk's clients are vmapped into one batched computation (True)
+  # or traced as independent copies that XLA:CPU runs concurrently (False).
+  # None: chosen by backend (False on CPU, True on accelerators).
+  vmap_clients: bool | None = None
   # Rounds per compiled call (algorithms/on_device.py). 1: the host loop, one
   # call per round. K > 1: the training population is kept on the device
   # (it must fit a memory budget) and up to K rounds -- sampling, data layout

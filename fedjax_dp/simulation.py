@@ -7,6 +7,7 @@ configurations of the same shape with one compiled, vmapped round.
 """
 
 import dataclasses
+import os
 from typing import NamedTuple
 
 import dp_accounting
@@ -43,20 +44,44 @@ from fedjax_dp.privacy import tree_aggregation
 TREE_STREAM = 1 << 30
 
 
-def default_execution(config: config_lib.Config,
-                      capacity: int) -> tuple[int, bool]:
-  """(clients_per_chunk, unroll) for this backend, unless the config sets them.
+def _cpu_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
 
-  On XLA:CPU a scan over single clients with unrolled local steps is the
-  fastest simple shape measured (docs/benchmarks.md); accelerators want wide
-  vmaps.
+
+# Upper bound on the clients traced side by side on CPU: each is a copy of
+# the client update in the compiled program (compile time grows with it).
+_MAX_CPU_CHUNK = 8
+
+
+class Execution(NamedTuple):
+  """How `dp_fedavg.build_round` lays out the round (results are equal)."""
+
+  clients_per_chunk: int
+  unroll_local_steps: bool
+  vmap_clients: bool
+
+
+def default_execution(config: config_lib.Config,
+                      capacity: int) -> Execution:
+  """The round's layout for this backend, unless the config sets it.
+
+  On XLA:CPU: chunks of as many clients as there are cores (at most 8),
+  traced as independent copies (not vmapped) with unrolled local steps,
+  which XLA runs concurrently on the cores; measured fastest for the CNN and
+  the MLP (docs/benchmarks.md). Accelerators want wide vmaps.
   """
   on_cpu = jax.default_backend() == "cpu"
-  chunk = config.clients_per_chunk or (1 if on_cpu else min(capacity, 256))
-  unroll = config.unroll_local_steps
-  if unroll is None:
-    unroll = on_cpu
-  return chunk, unroll
+  chunk = config.clients_per_chunk or (
+      min(max(_cpu_cores(), 1), _MAX_CPU_CHUNK, capacity) if on_cpu
+      else min(capacity, 256))
+  unroll = on_cpu if config.unroll_local_steps is None else bool(
+      config.unroll_local_steps)
+  vmap = (not on_cpu) if config.vmap_clients is None else bool(
+      config.vmap_clients)
+  return Execution(chunk, unroll, vmap)
 
 
 def build_sampler(config: config_lib.Config,
@@ -204,8 +229,7 @@ class Simulation:
   model: types.Model
   sampler: sampling.Sampler
   noise_multiplier: float
-  clients_per_chunk: int
-  unroll_local_steps: bool
+  execution: Execution
   slots: int
   num_steps: int
   server_optimizer: optax.GradientTransformation
@@ -317,8 +341,10 @@ class Simulation:
         self.model,
         client_lib.client_optimizer(self.config.client_optimizer,
                                     self.config.client_momentum),
-        self.server_optimizer, clients_per_chunk=self.clients_per_chunk,
-        unroll_local_steps=self.unroll_local_steps, mesh=self.mesh,
+        self.server_optimizer,
+        clients_per_chunk=self.execution.clients_per_chunk,
+        vmap_clients=self.execution.vmap_clients,
+        unroll_local_steps=self.execution.unroll_local_steps, mesh=self.mesh,
         per_layer_clipping=self.config.per_layer_clipping,
         mechanism=self.config.mechanism,
         noise_placement=self.config.noise_placement,
@@ -416,7 +442,8 @@ def build(config: config_lib.Config) -> Simulation:
   model = registry.get_model(config.model, dataset.input_shape,
                              dataset.num_classes, **config.model_kwargs)
   noise_multiplier = resolve_noise_multiplier(config, sampler)
-  chunk, unroll = default_execution(config, sampler.capacity)
+  execution = default_execution(config, sampler.capacity)
+  chunk = execution.clients_per_chunk
   shard = config.shard_clients
   if shard is None:
     shard = jax.device_count() > 1
@@ -440,7 +467,7 @@ def build(config: config_lib.Config) -> Simulation:
   return Simulation(
       config=config, dataset=dataset, eval_population=eval_population,
       model=model, sampler=sampler, noise_multiplier=noise_multiplier,
-      clients_per_chunk=chunk, unroll_local_steps=unroll, slots=slots,
+      execution=execution, slots=slots,
       num_steps=num_steps,
       server_optimizer=server_lib.server_optimizer(
           config.server_optimizer, momentum=config.server_momentum),

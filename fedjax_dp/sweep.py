@@ -455,7 +455,7 @@ def _run_group(g: int, num_groups: int, members: list[_Member],
   start = time.perf_counter()
   rounds = sim0.config.rounds
   sample_fn = jax.jit(sim0.sampler.sample_round)
-  chunk = sim0.clients_per_chunk
+  chunk = sim0.execution.clients_per_chunk
   largest = _cohort_sizes(sim0, members, sample_fn, rounds)
   slots = min(sim0.slots, max(chunk, -(-largest // chunk) * chunk))
   counter = [0]

@@ -87,6 +87,7 @@ class Workload:
 
 
 _EXISTING = tuple(f"c{k}_{u}" for k in (1, 10, 100) for u in ("scan", "unroll"))
+_INDEPENDENT = ("c1_indep", "c2_indep", "c4_indep", "c8_indep")
 
 WORKLOADS = {
     "A": Workload("A", "mlp_2nn", 1000, 3400,
@@ -100,7 +101,7 @@ WORKLOADS = {
                   40, 680, ("loop", "factored")),
 }
 
-ALL_SHAPES = ("loop",) + _EXISTING + ("factored",)
+ALL_SHAPES = ("loop",) + _EXISTING + _INDEPENDENT + ("factored",)
 
 
 # --------------------------------------------------------------------------
@@ -241,10 +242,11 @@ def build_shape_round(shape: str, model, client_opt, server_opt):
   """The unjitted round_fn of a shape name (not "loop")."""
   from fedjax_dp.algorithms import dp_fedavg
   if shape.startswith("c"):
-    k, unroll = shape[1:].split("_")
+    k, kind = shape[1:].split("_")
     return dp_fedavg.build_round(
         model, client_opt, server_opt, clients_per_chunk=int(k),
-        unroll_local_steps=True if unroll == "unroll" else 1)
+        vmap_clients=kind != "indep",
+        unroll_local_steps=True if kind in ("unroll", "indep") else 1)
   if shape == "factored":
     from fedjax_dp.algorithms import factored  # pylint: disable=g-import-not-at-top
     return factored.build_factored_round(model, client_opt, server_opt)

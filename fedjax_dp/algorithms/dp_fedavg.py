@@ -93,10 +93,37 @@ class Canaries(NamedTuple):
   norm: jax.Array  # float32 scalar, well above the clip norm
 
 
-def _chunked(tree, num_chunks: int):
+def _chunk(tree, index, size: int):
+  """Rows [index * size, (index + 1) * size) of every leaf.
+
+  The scan over chunks runs over chunk *indices* and slices the block inside
+  the body: scanning over the block reshaped into chunks made XLA copy the
+  whole block into the loop, so memory grew with the cohort
+  (docs/benchmarks.md, workload C).
+  """
   return jax.tree_util.tree_map(
-      lambda x: x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:]),
-      tree)
+      lambda x: jax.lax.dynamic_slice_in_dim(x, index * size, size), tree)
+
+
+def _unrolled_map(fn, in_axes):
+  """Like `jax.vmap(fn, in_axes)` over a short leading axis, but traces one
+  independent copy of `fn` per element and stacks the results.
+
+  XLA:CPU runs independent copies concurrently on its cores, and each copy
+  keeps its own unbatched operations: vmapping clients that hold their own
+  weights turns their convolutions into grouped convolutions and their
+  matrix products into small batched ones, both slow on CPU.
+  """
+
+  def mapped(*args):
+    mapped_args = [x for x, axis in zip(args, in_axes) if axis == 0]
+    size = jax.tree_util.tree_leaves(mapped_args)[0].shape[0]
+    outs = [fn(*(jax.tree_util.tree_map(lambda a: a[i], x) if ax == 0 else x
+                 for x, ax in zip(args, in_axes)))
+            for i in range(size)]
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+
+  return mapped
 
 
 def build_round(
@@ -105,6 +132,7 @@ def build_round(
     server_optimizer: optax.GradientTransformation,
     *,
     clients_per_chunk: int = 1,
+    vmap_clients: bool = True,
     unroll_local_steps: int | bool = 1,
     mesh: jax.sharding.Mesh | None = None,
     per_layer_clipping: str | None = None,
@@ -124,6 +152,11 @@ def build_round(
     clients_per_chunk: clients vmapped together; chunks are scanned over and
       their clipped deltas accumulated, so memory grows with the chunk, not
       the cohort. The block's client count must be a multiple of it.
+    vmap_clients: True vmaps a chunk's clients into one batched computation
+      (accelerators). False traces an independent copy of the client update
+      per client of the chunk: XLA:CPU runs them concurrently on its cores
+      and keeps each client's convolutions and products unbatched, which is
+      the fast shape on CPU (docs/benchmarks.md). Results are equal.
     unroll_local_steps: unroll factor of the local-step scan.
     mesh: optional device mesh with a "clients" axis: the cohort's client
       axis is sharded over it (each device's share must be a multiple of
@@ -241,10 +274,8 @@ def build_round(
     return clip, msg, failures, finite, out.loss, out.num_examples
 
   def sum_messages(msgs):
-    dtype = jnp.uint32 if encoded else jnp.float32
     # uint32 sums wrap around: the modular sum of secure aggregation.
-    return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0, dtype=dtype),
-                                  msgs)
+    return tree_util.masked_sum(msgs, None)
 
   def clipped_sum_of(params, features, example_mask, client_mask, canary_ids,
                      slot_ids, hparams, canaries, noise_key, secagg,
@@ -256,12 +287,12 @@ def build_round(
           f"block holds {num_clients} clients (per device), not a multiple "
           f"of clients_per_chunk={clients_per_chunk}")
     num_chunks = num_clients // clients_per_chunk
-    chunks = _chunked((features, example_mask, client_mask, canary_ids,
-                       slot_ids), num_chunks)
-    vmapped = jax.vmap(
+    block = (features, example_mask, client_mask, canary_ids, slot_ids)
+    batch = jax.vmap if vmap_clients else _unrolled_map
+    vmapped = batch(
         clipped_client,
         in_axes=(None, 0, 0, 0, 0, 0, None, None, None, None, None))
-    messages_only = jax.vmap(
+    messages_only = batch(
         message, in_axes=(0, 0, 0, None, None, None, None))
     zeros = tree_util.tree_zeros_like(params)
     separate = noise_placement != "central"
@@ -270,43 +301,45 @@ def build_round(
         params)
     init = (zeros, msg_zeros if separate else None, jnp.zeros((), jnp.int32))
 
-    def per_chunk(carry, chunk):
-      total, msg_total, failures = carry
-      features, example_mask, valid, ids, slots = chunk
+    def per_chunk(carry, index):
+      features, example_mask, valid, ids, slots = _chunk(
+          block, index, clients_per_chunk)
 
-      def compute(carry):
-        total, msg_total, failures = carry
+      # Both branches return the chunk's own sums, added to the carry
+      # outside the cond: passing the carry through the cond made XLA:CPU
+      # copy it on every chunk.
+      def compute():
         clip, msgs, fails, finite, loss, n = vmapped(
             params, features, example_mask, valid, ids, slots, hparams,
             canaries, noise_key, secagg, num_slots)
-        total = tree_util.tree_add(
-            total, tree_util.masked_sum(clip.clipped, valid & finite))
-        if separate:
-          msg_total = tree_util.tree_add(msg_total, sum_messages(msgs))
-        return ((total, msg_total, failures + jnp.sum(fails)),
+        total = tree_util.masked_sum(clip.clipped, valid & finite)
+        msg_total = sum_messages(msgs) if separate else None
+        return ((total, msg_total, jnp.sum(fails)),
                 (clip.norm, clip.was_clipped, valid & ~finite, loss, n))
 
-      def skip(carry):
+      def skip():
         # Valid clients fill the block first, so trailing chunks are often
         # all padding: skip their training entirely. Under distributed noise
         # their slots still add their shares.
-        total, msg_total, failures = carry
+        msg_total, failures = (msg_zeros if separate else None), init[2]
         c = valid.shape[0]
         if noise_placement == "distributed":
           stacked = jax.tree_util.tree_map(
               lambda x: jnp.zeros((c,) + x.shape, x.dtype), params)
           msgs, fails = messages_only(stacked, jnp.zeros((c,), bool), slots,
                                       hparams, noise_key, secagg, num_slots)
-          msg_total = tree_util.tree_add(msg_total, sum_messages(msgs))
-          failures = failures + jnp.sum(fails)
-        return ((total, msg_total, failures),
+          msg_total, failures = sum_messages(msgs), jnp.sum(fails)
+        return ((zeros, msg_total, failures),
                 (jnp.zeros((c,), jnp.float32), jnp.zeros((c,), bool),
                  jnp.zeros((c,), bool), jnp.zeros((c,), jnp.float32),
                  jnp.zeros((c,), jnp.int32)))
 
-      return jax.lax.cond(jnp.any(valid), compute, skip, carry)
+      sums, per_client = jax.lax.cond(jnp.any(valid), compute, skip)
+      # uint32 message sums wrap around like secure aggregation's sum.
+      return jax.tree_util.tree_map(jnp.add, carry, sums), per_client
 
-    sums, per_client = jax.lax.scan(per_chunk, init, chunks)
+    sums, per_client = jax.lax.scan(per_chunk, init,
+                                    jnp.arange(num_chunks))
     return sums, tuple(x.reshape(-1) for x in per_client)
 
   def round_fn(state: server_lib.ServerState, block: CohortBlock,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_dp import types
+from fedjax_dp.models import conv_ops
 from fedjax_dp.models import flax_model
 
 
@@ -30,8 +31,14 @@ def _as_images(x: jax.Array) -> jax.Array:
   return x
 
 
-def _max_pool(x: jax.Array) -> jax.Array:
-  return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+# Convolutions and pooling with gradients that XLA:CPU runs fast inside the
+# round's loops (conv_ops explains why); values equal nn.Conv / nn.max_pool.
+_max_pool = conv_ops.max_pool_2x2
+
+
+def _conv(features: int, kernel_size: tuple[int, int]) -> nn.Conv:
+  return nn.Conv(features, kernel_size, padding="SAME",
+                 conv_general_dilated=conv_ops.conv_general_dilated)
 
 
 class _McMahanCNN(nn.Module):
@@ -42,8 +49,8 @@ class _McMahanCNN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = _as_images(x)
-    x = _max_pool(nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x)))
-    x = _max_pool(nn.relu(nn.Conv(64, (5, 5), padding="SAME")(x)))
+    x = _max_pool(nn.relu(_conv(32, (5, 5))(x)))
+    x = _max_pool(nn.relu(_conv(64, (5, 5))(x)))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(512)(x))
     return nn.Dense(self.num_classes)(x)
@@ -61,7 +68,7 @@ class _GroupNormCNN(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = _as_images(x)
     for c in self.channels:
-      x = nn.Conv(c, (3, 3), padding="SAME")(x)
+      x = _conv(c, (3, 3))(x)
       x = nn.GroupNorm(num_groups=self.num_groups)(x)
       x = _max_pool(nn.relu(x))
     x = x.reshape((x.shape[0], -1))
