@@ -301,46 +301,60 @@ def build_round(
         params)
     init = (zeros, msg_zeros if separate else None, jnp.zeros((), jnp.int32))
 
-    def per_chunk(carry, index):
+    def train_chunk(i, carry):
+      sums, per_client = carry
+      index = order[i]
       features, example_mask, valid, ids, slots = _chunk(
           block, index, clients_per_chunk)
-
-      # Both branches return the chunk's own sums, added to the carry
-      # outside the cond: passing the carry through the cond made XLA:CPU
-      # copy it on every chunk.
-      def compute():
-        clip, msgs, fails, finite, loss, n = vmapped(
-            params, features, example_mask, valid, ids, slots, hparams,
-            canaries, noise_key, secagg, num_slots)
-        total = tree_util.masked_sum(clip.clipped, valid & finite)
-        msg_total = sum_messages(msgs) if separate else None
-        return ((total, msg_total, jnp.sum(fails)),
-                (clip.norm, clip.was_clipped, valid & ~finite, loss, n))
-
-      def skip():
-        # Valid clients fill the block first, so trailing chunks are often
-        # all padding: skip their training entirely. Under distributed noise
-        # their slots still add their shares.
-        msg_total, failures = (msg_zeros if separate else None), init[2]
-        c = valid.shape[0]
-        if noise_placement == "distributed":
-          stacked = jax.tree_util.tree_map(
-              lambda x: jnp.zeros((c,) + x.shape, x.dtype), params)
-          msgs, fails = messages_only(stacked, jnp.zeros((c,), bool), slots,
-                                      hparams, noise_key, secagg, num_slots)
-          msg_total, failures = sum_messages(msgs), jnp.sum(fails)
-        return ((zeros, msg_total, failures),
-                (jnp.zeros((c,), jnp.float32), jnp.zeros((c,), bool),
-                 jnp.zeros((c,), bool), jnp.zeros((c,), jnp.float32),
-                 jnp.zeros((c,), jnp.int32)))
-
-      sums, per_client = jax.lax.cond(jnp.any(valid), compute, skip)
+      clip, msgs, fails, finite, loss, n = vmapped(
+          params, features, example_mask, valid, ids, slots, hparams,
+          canaries, noise_key, secagg, num_slots)
+      chunk_sums = (tree_util.masked_sum(clip.clipped, valid & finite),
+                    sum_messages(msgs) if separate else None, jnp.sum(fails))
+      outputs = (clip.norm, clip.was_clipped, valid & ~finite, loss, n)
       # uint32 message sums wrap around like secure aggregation's sum.
-      return jax.tree_util.tree_map(jnp.add, carry, sums), per_client
+      sums = jax.tree_util.tree_map(jnp.add, sums, chunk_sums)
+      per_client = jax.tree_util.tree_map(
+          lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
+              acc, x, index * clients_per_chunk, 0), per_client, outputs)
+      return sums, per_client
 
-    sums, per_client = jax.lax.scan(per_chunk, init,
-                                    jnp.arange(num_chunks))
-    return sums, tuple(x.reshape(-1) for x in per_client)
+    def shares_only_chunk(i, carry):
+      # A chunk of padding slots: no training, but under distributed noise
+      # every slot still adds its share.
+      (total, msg_total, failures), per_client = carry
+      index = order[i]
+      slots = jax.lax.dynamic_slice_in_dim(
+          slot_ids, index * clients_per_chunk, clients_per_chunk)
+      stacked = jax.tree_util.tree_map(
+          lambda x: jnp.zeros((clients_per_chunk,) + x.shape, x.dtype),
+          params)
+      msgs, fails = messages_only(
+          stacked, jnp.zeros((clients_per_chunk,), bool), slots, hparams,
+          noise_key, secagg, num_slots)
+      msg_total = jax.tree_util.tree_map(jnp.add, msg_total,
+                                         sum_messages(msgs))
+      return (total, msg_total, failures + jnp.sum(fails)), per_client
+
+    # Only chunks holding a valid client are trained: a loop whose trip
+    # count is their number, over their indices (in block order), instead
+    # of a cond in every chunk (a cond copied its outputs on every chunk on
+    # XLA:CPU). Whether a chunk is trained depends only on the public
+    # padding mask.
+    active = jnp.any(client_mask.reshape(num_chunks, clients_per_chunk),
+                     axis=1)
+    order = jnp.argsort(jnp.logical_not(active), stable=True)
+    num_active = jnp.sum(active.astype(jnp.int32))
+    per_client = (jnp.zeros((num_clients,), jnp.float32),
+                  jnp.zeros((num_clients,), bool),
+                  jnp.zeros((num_clients,), bool),
+                  jnp.zeros((num_clients,), jnp.float32),
+                  jnp.zeros((num_clients,), jnp.int32))
+    carry = jax.lax.fori_loop(0, num_active, train_chunk, (init, per_client))
+    if noise_placement == "distributed":
+      carry = jax.lax.fori_loop(num_active, num_chunks, shares_only_chunk,
+                                carry)
+    return carry
 
   def round_fn(state: server_lib.ServerState, block: CohortBlock,
                hparams: RoundHparams, noise_key: types.PRNGKey,
