@@ -18,7 +18,11 @@ subprocess so that peak memory does not mix between shapes:
                   unrolled, then one jitted noise + server step.
   c{K}_{scan|unroll}
                   `dp_fedavg.build_round(clients_per_chunk=K,
-                  unroll_local_steps=1|True)` under one `jax.jit`.
+                  unroll_local_steps=1|True)` under one `jax.jit`: the
+                  chunk's K clients vmapped.
+  c{K}_indep      `build_round(clients_per_chunk=K, vmap_clients=False,
+                  unroll_local_steps=True)`: the chunk's K clients traced as
+                  independent copies (the default on CPU, K = cores).
   factored        `factored.build_factored_round` (dense models only).
 
 and reports, per shape: seconds per round (median over `--rounds` rounds after
@@ -91,13 +95,14 @@ _INDEPENDENT = ("c1_indep", "c2_indep", "c4_indep", "c8_indep")
 
 WORKLOADS = {
     "A": Workload("A", "mlp_2nn", 1000, 3400,
-                  ("loop",) + _EXISTING + ("factored",),
-                  20, 68, ("loop", "factored")),
+                  ("loop",) + _EXISTING + _INDEPENDENT + ("factored",),
+                  20, 68, ("loop", "c2_indep", "factored")),
     "B": Workload("B", "cnn", 100, 3400,
-                  ("loop",) + _EXISTING,
-                  4, 68, ("loop", "c1_unroll")),
+                  ("loop", "c1_scan", "c1_unroll", "c10_unroll")
+                  + _INDEPENDENT[:3],
+                  4, 68, ("loop", "c2_indep")),
     "C": Workload("C", "mlp_2nn", 10000, 34000,
-                  ("loop", "c1_scan", "c10_scan", "factored"),
+                  ("loop", "c1_scan", "c2_indep", "c8_indep", "factored"),
                   40, 680, ("loop", "factored")),
 }
 
