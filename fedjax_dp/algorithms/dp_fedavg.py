@@ -339,8 +339,10 @@ def build_round(
     # Only chunks holding a valid client are trained: a loop whose trip
     # count is their number, over their indices (in block order), instead
     # of a cond in every chunk (a cond copied its outputs on every chunk on
-    # XLA:CPU). Whether a chunk is trained depends only on the public
-    # padding mask.
+    # XLA:CPU). Skipping changes nothing that is released: a chunk without
+    # a valid client adds zero to the clipped sum (its per-client outputs
+    # stay zero), and under distributed noise its slots add their shares
+    # below.
     active = jnp.any(client_mask.reshape(num_chunks, clients_per_chunk),
                      axis=1)
     order = jnp.argsort(jnp.logical_not(active), stable=True)

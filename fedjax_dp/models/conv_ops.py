@@ -129,6 +129,8 @@ def conv_general_dilated(
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
   pads = _explicit_pads(padding, lhs.shape, rhs.shape) if plain else None
+  if isinstance(precision, list):  # hashable for _make_conv's cache
+    precision = tuple(precision)
   if pads is None or any(v < 0 for p in pads for v in p):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
