@@ -247,8 +247,10 @@ class Config:
     if self.round_shape not in ("auto", "plain", "factored"):
       _fail("round_shape", "one of ['auto', 'plain', 'factored']",
             self.round_shape)
-    if self.shard_clients not in (None, True, False):
-      _fail("shard_clients", "true, false or null", self.shard_clients)
+    for name in ("shard_clients", "unroll_local_steps", "vmap_clients"):
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, bool):
+        _fail(name, "true, false or null", value)
     if not isinstance(self.stop_at_budget, bool):
       _fail("stop_at_budget", "true or false", self.stop_at_budget)
     if not isinstance(self.seed, int) or self.seed < 0:

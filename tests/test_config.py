@@ -46,6 +46,8 @@ from fedjax_dp import runner
     (dict(target_epsilon=0.0, noise_multiplier=None), "target_epsilon"),
     (dict(stop_at_budget="yes"), "stop_at_budget"),
     (dict(shard_clients="auto"), "shard_clients"),
+    (dict(vmap_clients="no"), "vmap_clients"),
+    (dict(unroll_local_steps=2), "unroll_local_steps"),
     (dict(audit_canaries=-1), "audit_canaries"),
     (dict(adaptive_clipping="on"), "adaptive_clipping"),
     (dict(target_unclipped_quantile=1.0), "target_unclipped_quantile"),
