@@ -33,6 +33,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+# Two processes with gloo collectives (~14 s): run by CI with -m slow.
+@pytest.mark.slow
 def test_two_processes_with_gloo_equal_one_process():
   script = cpu_devices.HELPERS / "two_process_round.py"
   env = cpu_devices.env(2)

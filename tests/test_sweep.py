@@ -173,6 +173,8 @@ def test_parse_grid_types_values_like_overrides():
     sweep.parse_grid(_tiny(), ["noise=1"])
 
 
+# A subprocess with 4 simulated devices (~14 s): run by CI with -m slow.
+@pytest.mark.slow
 def test_sweep_sharded_over_devices_equals_one_device():
   sharded = cpu_devices.run_json("sharded_sweep.py", 4)
   # Six configurations in lanes padded to a multiple of the 4 devices.
