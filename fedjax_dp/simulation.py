@@ -57,7 +57,10 @@ _MAX_CPU_CHUNK = 8
 
 
 class Execution(NamedTuple):
-  """How `dp_fedavg.build_round` lays out the round (results are equal)."""
+  """How `dp_fedavg.build_round` lays out the round (results are equal).
+
+  Field names are build_round's keyword arguments.
+  """
 
   clients_per_chunk: int
   unroll_local_steps: bool
@@ -75,7 +78,7 @@ def default_execution(config: config_lib.Config,
   """
   on_cpu = jax.default_backend() == "cpu"
   chunk = config.clients_per_chunk or (
-      min(max(_cpu_cores(), 1), _MAX_CPU_CHUNK, capacity) if on_cpu
+      min(_cpu_cores(), _MAX_CPU_CHUNK, capacity) if on_cpu
       else min(capacity, 256))
   unroll = on_cpu if config.unroll_local_steps is None else bool(
       config.unroll_local_steps)
@@ -341,10 +344,7 @@ class Simulation:
         self.model,
         client_lib.client_optimizer(self.config.client_optimizer,
                                     self.config.client_momentum),
-        self.server_optimizer,
-        clients_per_chunk=self.execution.clients_per_chunk,
-        vmap_clients=self.execution.vmap_clients,
-        unroll_local_steps=self.execution.unroll_local_steps, mesh=self.mesh,
+        self.server_optimizer, **self.execution._asdict(), mesh=self.mesh,
         per_layer_clipping=self.config.per_layer_clipping,
         mechanism=self.config.mechanism,
         noise_placement=self.config.noise_placement,

@@ -46,16 +46,17 @@ def masked_sum(stacked: types.PyTree, mask: jax.Array | None) -> types.PyTree:
   """
 
   def _sum(x):
-    rows = x.shape[0]
-    keep = (lambda i, row: row) if mask is None else (
-        lambda i, row: jnp.where(mask[i], row, jnp.zeros_like(row)))
-    if rows <= _UNROLLED_SUM_ROWS:
+    if x.shape[0] <= _UNROLLED_SUM_ROWS:
       # A few rows: plain adds. XLA:CPU reduces a short leading axis of a
       # large array an order of magnitude slower than it adds the rows
       # (15 ms vs ~1 ms for two rows of the CNN's dense layer). Rows are
       # sliced before selecting, so that rows stacked just before are never
       # materialised as one array.
-      return functools.reduce(jnp.add, [keep(i, x[i]) for i in range(rows)])
+      rows = [x[i] for i in range(x.shape[0])]
+      if mask is not None:
+        rows = [jnp.where(mask[i], r, jnp.zeros_like(r))
+                for i, r in enumerate(rows)]
+      return functools.reduce(jnp.add, rows)
     if mask is not None:
       x = jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x,
                     jnp.zeros_like(x))
