@@ -112,8 +112,9 @@ class Config:
   checkpoint_every: int = 10  # rounds between checkpoints (with a run dir)
   clients_per_chunk: int | None = None  # None: chosen by backend
   # How the round is computed: "auto" uses the factored round for dense
-  # models under plain client SGD on one device (docs/benchmarks.md), else
-  # the plain vmapped round; "plain" or "factored" force one (both equal).
+  # models under plain client SGD on one device, and for the McMahan CNN
+  # there on CPU (docs/benchmarks.md), else the plain round; "plain" or
+  # "factored" force one (both compute the same round).
   round_shape: str = "auto"
   # Shard the cohort over all devices (jax.devices(), every host after
   # jax.distributed.initialize()); None: whenever there is more than one.

@@ -67,19 +67,26 @@ class Execution(NamedTuple):
   vmap_clients: bool
 
 
-def default_execution(config: config_lib.Config,
-                      capacity: int) -> Execution:
+def default_execution(config: config_lib.Config, capacity: int,
+                      factored_features: bool = False) -> Execution:
   """The round's layout for this backend, unless the config sets it.
 
   On XLA:CPU: chunks of as many clients as there are cores (at most 8),
   traced as independent copies (not vmapped) with unrolled local steps,
   which XLA runs concurrently on the cores; measured fastest for the CNN and
   the MLP (docs/benchmarks.md). Accelerators want wide vmaps.
+
+  `factored_features`: the round is the factored one of a model with
+  per-client feature layers (`factored.FEATURE_MODELS`). Its chunk's clients
+  meet at every local step (the dense head's shared products), so on CPU
+  twice as many clients as cores keep the cores busy in between (measured
+  on 2 cores: chunks of 4 beat chunks of 2 by 18%, docs/benchmarks.md).
   """
   on_cpu = jax.default_backend() == "cpu"
+  per_core = 2 if factored_features else 1
   chunk = config.clients_per_chunk or (
-      min(_cpu_cores(), _MAX_CPU_CHUNK, capacity) if on_cpu
-      else min(capacity, 256))
+      min(per_core * _cpu_cores(), per_core * _MAX_CPU_CHUNK, capacity)
+      if on_cpu else min(capacity, 256))
   unroll = on_cpu if config.unroll_local_steps is None else bool(
       config.unroll_local_steps)
   vmap = (not on_cpu) if config.vmap_clients is None else bool(
@@ -222,6 +229,35 @@ def resolve_noise_multiplier(config: config_lib.Config,
       relation=ledger_relation(config, sampler))
 
 
+def uses_factored_round(config: config_lib.Config,
+                        mesh: jax.sharding.Mesh | None) -> bool:
+  """Whether the run computes its rounds with `factored.build_factored_round`.
+
+  "auto" picks it wherever it covers the configuration, except for models
+  with per-client feature layers (the CNN) off CPU: it was measured faster
+  on XLA:CPU only (docs/benchmarks.md); accelerators keep the plain
+  vmapped round there. "factored" forces it (an error where it does not
+  cover the configuration). Both rounds compute the same result.
+  """
+  c = config
+  eligible = (factored.supports(c.model, c.client_optimizer,
+                                c.client_momentum)
+              and mesh is None and c.per_layer_clipping is None
+              and c.mechanism == "gaussian"
+              and c.noise_placement == "central"
+              and c.example_clip_norm is None)
+  if c.round_shape == "factored" and not eligible:
+    raise ValueError(
+        "config field 'round_shape' is 'factored', but the factored round "
+        "covers only dense models (logistic, mlp_2nn) and the McMahan CNN "
+        "(cnn) under plain client SGD on one device with central Gaussian "
+        "noise, without per-layer clipping or record-level DP")
+  if c.round_shape == "auto" and c.model in factored.FEATURE_MODELS:
+    eligible = eligible and jax.default_backend() == "cpu"
+  return c.round_shape == "factored" or (c.round_shape == "auto" and
+                                         eligible)
+
+
 @dataclasses.dataclass
 class Simulation:
   """The parts of a DP-FedAvg run (see `build`)."""
@@ -315,31 +351,20 @@ class Simulation:
                                     self.config.accountant)
 
   def uses_factored_round(self) -> bool:
-    c = self.config
-    eligible = (factored.supports(c.model, c.client_optimizer,
-                                  c.client_momentum)
-                and self.mesh is None and c.per_layer_clipping is None
-                and c.mechanism == "gaussian"
-                and c.noise_placement == "central"
-                and c.example_clip_norm is None)
-    if c.round_shape == "factored" and not eligible:
-      raise ValueError(
-          "config field 'round_shape' is 'factored', but the factored round "
-          "covers only dense models (logistic, mlp_2nn) under plain client "
-          "SGD on one device with central Gaussian noise, without per-layer "
-          "clipping or record-level DP")
-    return c.round_shape == "factored" or (c.round_shape == "auto" and
-                                           eligible)
+    return uses_factored_round(self.config, self.mesh)
 
   def round_fn(self):
     """The unjitted round (same for every config of this shape)."""
     if self.uses_factored_round():
+      with_features = self.config.model in factored.FEATURE_MODELS
       return factored.build_factored_round(
           self.model,
           client_lib.client_optimizer(self.config.client_optimizer,
                                       self.config.client_momentum),
           self.server_optimizer,
-          clients_per_chunk=self.config.clients_per_chunk)
+          clients_per_chunk=(self.execution.clients_per_chunk if with_features
+                             else self.config.clients_per_chunk),
+          vmap_clients=self.execution.vmap_clients)
     return dp_fedavg.build_round(
         self.model,
         client_lib.client_optimizer(self.config.client_optimizer,
@@ -442,12 +467,15 @@ def build(config: config_lib.Config) -> Simulation:
   model = registry.get_model(config.model, dataset.input_shape,
                              dataset.num_classes, **config.model_kwargs)
   noise_multiplier = resolve_noise_multiplier(config, sampler)
-  execution = default_execution(config, sampler.capacity)
-  chunk = execution.clients_per_chunk
   shard = config.shard_clients
   if shard is None:
     shard = jax.device_count() > 1
   mesh = dp_fedavg.client_mesh() if shard else None
+  execution = default_execution(
+      config, sampler.capacity,
+      factored_features=(config.model in factored.FEATURE_MODELS
+                         and uses_factored_round(config, mesh)))
+  chunk = execution.clients_per_chunk
   # Every device gets a whole number of chunks.
   per_block = chunk * (mesh.size if mesh is not None else 1)
   slots = -(-sampler.capacity // per_block) * per_block

@@ -23,7 +23,11 @@ subprocess so that peak memory does not mix between shapes:
   c{K}_indep      `build_round(clients_per_chunk=K, vmap_clients=False,
                   unroll_local_steps=True)`: the chunk's K clients traced as
                   independent copies (the default on CPU, K = cores).
-  factored        `factored.build_factored_round` (dense models only).
+  factored        `factored.build_factored_round`: the whole round in
+                  factored form for the MLP; for the CNN its dense head
+                  factored and its convolutions trained per client, in
+                  chunks laid out as `simulation.default_execution` picks
+                  for this backend (on CPU: K = cores, independent copies).
 
 and reports, per shape: seconds per round (median over `--rounds` rounds after
 one warm-up round), client updates per second, compile time, memory, the
@@ -99,14 +103,18 @@ WORKLOADS = {
                   20, 68, ("loop", "c2_indep", "factored")),
     "B": Workload("B", "cnn", 100, 3400,
                   ("loop", "c1_scan", "c1_unroll", "c10_unroll")
-                  + _INDEPENDENT[:3],
-                  4, 68, ("loop", "c2_indep")),
+                  + _INDEPENDENT[:3] + ("factored",),
+                  4, 68, ("loop", "c2_indep", "factored")),
     "C": Workload("C", "mlp_2nn", 10000, 34000,
                   ("loop", "c1_scan", "c2_indep", "c8_indep", "factored"),
                   40, 680, ("loop", "factored")),
 }
 
-ALL_SHAPES = ("loop",) + _EXISTING + _INDEPENDENT + ("factored",)
+# cK_factored: the factored round with chunks of K clients traced as
+# independent copies (for the CNN; `factored` picks K as the simulation does).
+_FACTORED_CHUNKS = ("c2_factored", "c4_factored", "c8_factored")
+ALL_SHAPES = (("loop",) + _EXISTING + _INDEPENDENT + ("factored",)
+              + _FACTORED_CHUNKS)
 
 
 # --------------------------------------------------------------------------
@@ -246,6 +254,11 @@ def make_cohort_block(cohort: int, population: int, seed: int = SEED):
 def build_shape_round(shape: str, model, client_opt, server_opt):
   """The unjitted round_fn of a shape name (not "loop")."""
   from fedjax_dp.algorithms import dp_fedavg
+  if shape.startswith("c") and shape.endswith("_factored"):
+    from fedjax_dp.algorithms import factored  # pylint: disable=g-import-not-at-top
+    return factored.build_factored_round(
+        model, client_opt, server_opt, clients_per_chunk=int(shape[1:-9]),
+        vmap_clients=False)
   if shape.startswith("c"):
     k, kind = shape[1:].split("_")
     return dp_fedavg.build_round(
@@ -253,8 +266,17 @@ def build_shape_round(shape: str, model, client_opt, server_opt):
         vmap_clients=kind != "indep",
         unroll_local_steps=True if kind in ("unroll", "indep") else 1)
   if shape == "factored":
+    from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
+    from fedjax_dp import simulation  # pylint: disable=g-import-not-at-top
     from fedjax_dp.algorithms import factored  # pylint: disable=g-import-not-at-top
-    return factored.build_factored_round(model, client_opt, server_opt)
+    if model.name not in factored.FEATURE_MODELS:
+      return factored.build_factored_round(model, client_opt, server_opt)
+    execution = simulation.default_execution(config_lib.Config(),
+                                             capacity=2**31 - 1)
+    return factored.build_factored_round(
+        model, client_opt, server_opt,
+        clients_per_chunk=execution.clients_per_chunk,
+        vmap_clients=execution.vmap_clients)
   raise ValueError(f"unknown shape {shape!r}")
 
 

@@ -13,6 +13,7 @@ from fedjax_dp import client as client_lib
 from fedjax_dp import server as server_lib
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.algorithms import factored
+from fedjax_dp.models import cnn as cnn_lib
 from fedjax_dp.models import registry
 
 INPUT_SHAPE = (6, 6, 1)
@@ -32,7 +33,7 @@ def _model(name):
 
 
 @functools.lru_cache(maxsize=None)
-def _rounds(name, chunk):
+def _rounds(name, chunk, vmap=True):
   """(reference, factored) jitted round functions for a model."""
   model = _model(name)
   client_opt = client_lib.client_optimizer("sgd")
@@ -40,7 +41,8 @@ def _rounds(name, chunk):
   ref = jax.jit(dp_fedavg.build_round(model, client_opt, server_opt,
                                       clients_per_chunk=1))
   fac = jax.jit(factored.build_factored_round(
-      model, client_opt, server_opt, clients_per_chunk=chunk))
+      model, client_opt, server_opt, clients_per_chunk=chunk,
+      vmap_clients=vmap))
   return ref, fac
 
 
@@ -85,12 +87,15 @@ def _assert_rounds_close(out_ref, out_fac, atol=2e-6, rtol=2e-5):
 
 
 # 11 clients in chunks of 4: two scanned chunks and a tail of 3; None sizes
-# the chunk automatically (here: all 11 in one).
-@pytest.mark.parametrize("name,chunk", [("mlp_2nn", 4), ("mlp_2nn", None),
-                                        ("logistic", 4)])
+# the chunk automatically (here: all 11 in one). The CNN trains its
+# convolutions per client (vmapped, or as independent copies) and its dense
+# head in factored form.
+@pytest.mark.parametrize("name,chunk,vmap", [
+    ("mlp_2nn", 4, True), ("mlp_2nn", None, True), ("logistic", 4, True),
+    ("cnn", 4, False), pytest.param("cnn", 4, True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("clip,z", [(np.inf, 0.0), (0.3, 1.0), (1e-4, 0.0)])
-def test_factored_round_equals_reference(name, clip, z, chunk):
-  ref, fac = _rounds(name, chunk)
+def test_factored_round_equals_reference(name, clip, z, chunk, vmap):
+  ref, fac = _rounds(name, chunk, vmap)
   state, block = _state(name), _block()
   key = jax.random.key(7)
   out_ref = ref(state, block, _hparams(clip, z), key)
@@ -131,10 +136,11 @@ def test_padded_clients_change_nothing():
     np.testing.assert_array_equal(np.asarray(a[1][k]), np.asarray(b[1][k]))
 
 
-def test_non_finite_clients_are_dropped_as_in_the_reference():
+@pytest.mark.parametrize("name,vmap", [("mlp_2nn", True), ("cnn", False)])
+def test_non_finite_clients_are_dropped_as_in_the_reference(name, vmap):
   """NaN data in a valid client and in a padded slot: both add nothing."""
-  ref, fac = _rounds("mlp_2nn", 4)
-  state, block = _state("mlp_2nn"), _block()
+  ref, fac = _rounds(name, 4, vmap)
+  state, block = _state(name), _block()
   x = block.features["x"].copy()
   x[4, 0, 0, 0, 0, 0] = np.nan  # a valid client
   x[-1, 1, 2, 3, 3, 0] = np.inf  # a padded slot
@@ -143,14 +149,17 @@ def test_non_finite_clients_are_dropped_as_in_the_reference():
   out_ref = ref(state, block, hp, jax.random.key(0))
   out_fac = fac(state, block, hp, jax.random.key(0))
   assert int(out_fac[1]["num_nonfinite"]) == 1
-  assert np.all(np.isfinite(np.asarray(out_fac[0].params["Dense_0"]["kernel"])))
+  for leaf in jax.tree_util.tree_leaves(out_fac[0].params):
+    assert np.all(np.isfinite(np.asarray(leaf)))
   _assert_rounds_close(out_ref, out_fac)
 
 
-def test_canaries_equal_the_reference():
+@pytest.mark.parametrize("name,vmap", [
+    ("mlp_2nn", True), pytest.param("cnn", False, marks=pytest.mark.slow)])
+def test_canaries_equal_the_reference(name, vmap):
   """Audit canaries replace a slot's update by norm * direction, as there."""
-  ref, fac = _rounds("mlp_2nn", 4)
-  state, block = _state("mlp_2nn"), _block()
+  ref, fac = _rounds(name, 4, vmap)
+  state, block = _state(name), _block()
   ids = np.full((CLIENTS,), -1, np.int32)
   ids[[1, 5, 6]] = [0, 1, 0]  # canary 0 twice, in two different chunks
   ids[-1] = 1  # a canary id in a padded slot adds nothing
@@ -164,9 +173,10 @@ def test_canaries_equal_the_reference():
   _assert_rounds_close(out_ref, out_fac)
 
 
-def test_several_rounds_stay_equal():
-  ref, fac = _rounds("mlp_2nn", 4)
-  s_ref = s_fac = _state("mlp_2nn", seed=3)
+@pytest.mark.parametrize("name,vmap", [("mlp_2nn", True), ("cnn", False)])
+def test_several_rounds_stay_equal(name, vmap):
+  ref, fac = _rounds(name, 4, vmap)
+  s_ref = s_fac = _state(name, seed=3)
   for r in range(3):
     block = _block(seed=r)
     hp = _hparams(0.5, 0.5, lr=0.3)
@@ -195,7 +205,9 @@ def test_supports_and_rejects():
   assert factored.supports("mlp_2nn", "sgd", 0.0)
   assert factored.supports("2nn", "sgd", None)
   assert factored.supports("logistic", "sgd", 0.0)
-  assert not factored.supports("cnn", "sgd", 0.0)
+  assert factored.supports("cnn", "sgd", 0.0)
+  assert not factored.supports("cnn_groupnorm", "sgd", 0.0)
+  assert not factored.supports("cnn", "sgd", 0.9)
   assert not factored.supports("mlp_2nn", "sgd", 0.9)
   assert not factored.supports("mlp_2nn", "adam", 0.0)
   server_opt = server_lib.server_optimizer("sgd")
@@ -206,10 +218,29 @@ def test_supports_and_rejects():
   with pytest.raises(ValueError, match="plain client SGD"):
     factored.build_factored_round(
         _model("mlp_2nn"), client_lib.client_optimizer("adam"), server_opt)
-  cnn = registry.get_model("cnn", (8, 8, 1), 3)
+  other = registry.get_model("cnn_groupnorm", (8, 8, 1), 3)
   with pytest.raises(ValueError, match="factored rounds cover"):
-    factored.build_factored_round(cnn, client_lib.client_optimizer("sgd"),
+    factored.build_factored_round(other, client_lib.client_optimizer("sgd"),
+                                  server_opt, clients_per_chunk=2)
+  with pytest.raises(ValueError, match="clients_per_chunk"):
+    factored.build_factored_round(_model("cnn"),
+                                  client_lib.client_optimizer("sgd"),
                                   server_opt)
+
+
+def test_cnn_features_then_dense_head_is_the_model():
+  """The split the factored CNN round trains equals the flax model."""
+  model = _model("cnn")
+  params = model.init(jax.random.key(2))
+  x = jax.random.normal(jax.random.key(3), (5,) + INPUT_SHAPE)
+  feats = cnn_lib.mcmahan_features(params, x)
+  hidden = jax.nn.relu(feats @ params["Dense_0"]["kernel"]
+                       + params["Dense_0"]["bias"])
+  logits = hidden @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+  names = set(cnn_lib.MCMAHAN_FEATURE_LAYERS) | {"Dense_0", "Dense_1"}
+  assert set(params) == names
+  np.testing.assert_allclose(logits, model.apply(params, x), rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_adaptive_clipping_through_the_factored_round_equals_plain():
@@ -229,3 +260,31 @@ def test_adaptive_clipping_through_the_factored_round_equals_plain():
   for a, b in zip(jax.tree_util.tree_leaves(fact.params),
                   jax.tree_util.tree_leaves(plain.params)):
     np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_simulation_picks_the_factored_cnn_round_on_cpu_in_chunks_of_two_per_core():
+  from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_dp import simulation  # pylint: disable=g-import-not-at-top
+  on_cpu = jax.default_backend() == "cpu"
+  cnn = config_lib.Config(model="cnn")
+  assert simulation.uses_factored_round(cnn, None) == on_cpu
+  assert simulation.uses_factored_round(cnn.replace(round_shape="factored"),
+                                        None)
+  assert not simulation.uses_factored_round(
+      cnn.replace(round_shape="plain"), None)
+  assert not simulation.uses_factored_round(
+      cnn.replace(client_momentum=0.9), None)
+  with pytest.raises(ValueError, match="round_shape"):
+    simulation.uses_factored_round(
+        cnn.replace(model="cnn_groupnorm", round_shape="factored"), None)
+  plain = simulation.default_execution(cnn, capacity=1000)
+  fact = simulation.default_execution(cnn, capacity=1000,
+                                      factored_features=True)
+  if on_cpu:
+    assert fact.clients_per_chunk == 2 * plain.clients_per_chunk
+    assert not fact.vmap_clients
+  assert simulation.default_execution(
+      cnn, capacity=3, factored_features=True).clients_per_chunk <= 3
+  assert simulation.default_execution(
+      cnn.replace(clients_per_chunk=5), capacity=1000,
+      factored_features=True).clients_per_chunk == 5

@@ -93,7 +93,7 @@ class Canaries(NamedTuple):
   norm: jax.Array  # float32 scalar, well above the clip norm
 
 
-def _chunk(tree, index, size: int):
+def chunk_rows(tree, index, size: int):
   """Rows [index * size, (index + 1) * size) of every leaf.
 
   The scan over chunks runs over chunk *indices* and slices the block inside
@@ -103,6 +103,20 @@ def _chunk(tree, index, size: int):
   """
   return jax.tree_util.tree_map(
       lambda x: jax.lax.dynamic_slice_in_dim(x, index * size, size), tree)
+
+
+def active_chunks(client_mask: jax.Array, size: int):
+  """(order, count): chunk indices, those holding a valid client first (in
+  block order), and how many hold one.
+
+  Rounds loop over `order[:count]` only, with a dynamic trip count, instead
+  of a `lax.cond` per chunk (a cond copied its outputs on every chunk on
+  XLA:CPU). Skipping changes nothing that is released: a chunk without a
+  valid client adds zero to the clipped sum.
+  """
+  active = jnp.any(client_mask.reshape(-1, size), axis=1)
+  order = jnp.argsort(jnp.logical_not(active), stable=True)
+  return order, jnp.sum(active.astype(jnp.int32))
 
 
 def _unrolled_map(fn, in_axes):
@@ -304,7 +318,7 @@ def build_round(
     def train_chunk(i, carry):
       sums, per_client = carry
       index = order[i]
-      features, example_mask, valid, ids, slots = _chunk(
+      features, example_mask, valid, ids, slots = chunk_rows(
           block, index, clients_per_chunk)
       clip, msgs, fails, finite, loss, n = vmapped(
           params, features, example_mask, valid, ids, slots, hparams,
@@ -336,17 +350,10 @@ def build_round(
                                          sum_messages(msgs))
       return (total, msg_total, failures + jnp.sum(fails)), per_client
 
-    # Only chunks holding a valid client are trained: a loop whose trip
-    # count is their number, over their indices (in block order), instead
-    # of a cond in every chunk (a cond copied its outputs on every chunk on
-    # XLA:CPU). Skipping changes nothing that is released: a chunk without
-    # a valid client adds zero to the clipped sum (its per-client outputs
-    # stay zero), and under distributed noise its slots add their shares
-    # below.
-    active = jnp.any(client_mask.reshape(num_chunks, clients_per_chunk),
-                     axis=1)
-    order = jnp.argsort(jnp.logical_not(active), stable=True)
-    num_active = jnp.sum(active.astype(jnp.int32))
+    # Only chunks holding a valid client are trained (their per-client
+    # outputs stay zero); under distributed noise the others' slots still
+    # add their shares below.
+    order, num_active = active_chunks(client_mask, clients_per_chunk)
     per_client = (jnp.zeros((num_clients,), jnp.float32),
                   jnp.zeros((num_clients,), bool),
                   jnp.zeros((num_clients,), bool),

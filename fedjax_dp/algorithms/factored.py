@@ -5,7 +5,8 @@ On XLA:CPU that is the slow case: the per-client products are small and
 memory-bound (see docs/benchmarks.md). This module computes *the same round*
 with large shared products instead.
 
-`build_factored_round` -- dense models (the 2NN MLP, logistic regression)
+`build_factored_round` -- dense models (the 2NN MLP, logistic regression),
+and the dense head of models that have one (the McMahan CNN, see below),
 under plain client SGD. All clients start a round from the same global weights
 W, and after t local SGD steps a dense layer's weights are
 
@@ -45,11 +46,19 @@ produces each client's delta and its norm is reorganised; the norm used for
 clipping is the Frobenius norm of the delta up to float32 rounding, as in the
 reference.
 
-Convolutional models are not covered: a convolution's weights after a local
-step are not a low-rank update of shared weights in a useful sense (rank up
-to steps * batch * output pixels), and on XLA:CPU the bottleneck of the CNN
-round is elsewhere (see docs/benchmarks.md: a convolution's weight gradient
-inside a loop construct runs ~65x slower than unrolled).
+Models with a dense head (FEATURE_MODELS: the McMahan CNN): the layers
+before the dense stack (the convolutions) are not low-rank updates of shared
+weights in a useful sense (rank up to steps * batch * output pixels), so each
+client trains its own copy of them by plain SGD as in the reference; their
+outputs are the dense stack's inputs A_{c,t}, and the dense stack is
+factored as above (its input gradient G W_c(t)^T flows back into the
+client's convolutions). The client's squared norm adds the feature layers'
+explicit deltas to the factored layers' Gram form. For the CNN this removes
+the per-client copies of the 3136x512 layer (6.4 MB per client and step:
+reading it, writing its gradient, updating it), which made that layer a
+quarter of the CPU round's time (docs/benchmarks.md). In the first local
+step every client still holds the global feature weights: vmapped, that step
+is one ordinary convolution over the chunk's examples, not a grouped one.
 """
 
 from typing import Callable
@@ -61,10 +70,20 @@ import optax
 from fedjax_dp import client as client_lib
 from fedjax_dp import server as server_lib
 from fedjax_dp import types
+from fedjax_dp import tree_util
 from fedjax_dp.algorithms import dp_fedavg
+from fedjax_dp.models import cnn
 
 # Models built only of flatten -> (dense -> ReLU)* -> dense.
 DENSE_MODELS = ("mlp_2nn", "2nn", "logistic")
+
+# Models whose layers before a dense stack are trained per client as usual
+# (the dense stack in factored form), by registry name: the parameter names
+# of those layers, and the function that maps (their params, inputs) to the
+# dense stack's inputs.
+FEATURE_MODELS = {
+    "cnn": (cnn.MCMAHAN_FEATURE_LAYERS, cnn.mcmahan_features),
+}
 
 # Rows (clients x local steps x batch) per chunk when not given: large enough
 # for efficient shared products, small enough that the chunk's activations and
@@ -82,8 +101,8 @@ def supports(model_name: str, client_optimizer: str = "sgd",
   must not use it where they would pass `dp_fedavg.build_round` a `mesh` or
   `per_layer_clipping`.
   """
-  return (model_name in DENSE_MODELS and client_optimizer == "sgd"
-          and not momentum)
+  return ((model_name in DENSE_MODELS or model_name in FEATURE_MODELS)
+          and client_optimizer == "sgd" and not momentum)
 
 
 def _check_plain_sgd(client_optimizer_fn: client_lib.ClientOptimizerFn):
@@ -140,35 +159,98 @@ def _shared(a, w):
                  preferred_element_type=jnp.float32).reshape(k, m, -1)
 
 
-def _factored_chunk(kernels, biases, x, y, m, lr):
+class _ClientFeatures:
+  """Per-client plain-SGD training of the layers before a dense stack.
+
+  Every client starts from the global `params`; `thetas` is None while they
+  all still hold them (the first local step: one forward with shared weights
+  serves the whole chunk), then each client's own params -- stacked [K, ...]
+  when vmapped, a list of K trees when traced as independent copies (which
+  XLA:CPU runs concurrently with plain convolutions; vmapping clients that
+  hold their own weights makes grouped ones).
+  """
+
+  def __init__(self, apply, params, vmap_clients: bool):
+    self._apply = apply
+    self.params = params
+    self._vmap = vmap_clients
+
+  def _forward_one(self, theta, x):
+    def features(p):
+      out = self._apply(p, x)
+      return out.reshape(out.shape[0], -1).astype(jnp.float32)
+    return jax.vjp(features, theta)
+
+  def forward(self, thetas, x):
+    """Features [K, B, d] of x [K, B, ...] and what `step` needs."""
+    if self._vmap:
+      if thetas is None:
+        return jax.vmap(self._forward_one, (None, 0))(self.params, x)
+      return jax.vmap(self._forward_one)(thetas, x)
+    outs = [self._forward_one(self.params if thetas is None else thetas[i],
+                              x[i]) for i in range(x.shape[0])]
+    return jnp.stack([f for f, _ in outs]), [pb for _, pb in outs]
+
+  def step(self, thetas, pullbacks, d_features, lr):
+    """One SGD step of each client's params, given d loss / d features."""
+    sgd = lambda p, g: p - lr * g
+    if self._vmap:
+      grads = jax.vmap(lambda pb, d: pb(d)[0])(pullbacks, d_features)
+      return jax.tree_util.tree_map(
+          sgd, self.params if thetas is None else thetas, grads)
+    if thetas is None:
+      thetas = [self.params] * len(pullbacks)
+    return [jax.tree_util.tree_map(sgd, theta, pb(d_features[i])[0])
+            for i, (theta, pb) in enumerate(zip(thetas, pullbacks))]
+
+  def deltas(self, thetas, num_clients: int):
+    """Stacked [K, ...] trained-minus-global params."""
+    if thetas is None:
+      return jax.tree_util.tree_map(
+          lambda p: jnp.zeros((num_clients,) + p.shape, jnp.float32),
+          self.params)
+    if not self._vmap:
+      thetas = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *thetas)
+    return jax.tree_util.tree_map(
+        lambda t, p: (t - p).astype(jnp.float32), thetas, self.params)
+
+
+def _factored_chunk(kernels, biases, x, y, m, lr, features=None):
   """Local training of a chunk of clients, in factored form.
 
   Args:
     kernels, biases: the global dense weights, forward order.
-    x: float32 [K, T, B, d0] flattened inputs.
+    x: float32 [K, T, B, d0] flattened inputs; with `features`, the raw
+      inputs [K, T, B, ...].
     y: int [K, T, B] labels.
     m: bool [K, T, B] example mask.
     lr: client learning rate.
+    features: None for a dense model; else the `_ClientFeatures` whose
+      outputs are the dense stack's inputs (trained per client alongside).
 
   Returns:
-    (A, G, norm, loss): per layer the stacked factors A [K, T*B, in] and G
-    [K, T*B, out] with delta_kernel = -lr A^T G, delta_bias = -lr 1^T G;
-    the delta's L2 norm [K]; the client's mean step loss [K].
+    (A, G, norm, loss, feature_deltas): per layer the stacked factors A [K,
+    T*B, in] and G [K, T*B, out] with delta_kernel = -lr A^T G, delta_bias =
+    -lr 1^T G; the whole delta's L2 norm [K]; the client's mean step loss
+    [K]; the feature layers' deltas stacked [K, ...] (None without
+    `features`).
   """
   num_layers = len(kernels)
   k_, t_, b_ = m.shape
   mf = m.astype(jnp.float32)
   count = jnp.maximum(jnp.sum(mf, axis=2), 1.0)  # [K, T]
   num_classes = kernels[-1].shape[1]
-  # Layer 0 sees the raw inputs: one product with the shared kernel for all
-  # steps, and one Gram matrix that serves both corrections and the norm.
-  x_rows = x.reshape(k_, t_ * b_, -1)
-  first_pre = _shared(x_rows, kernels[0]) + biases[0]  # [K, T*B, d1]
-  # [K, T*B, T*B]. XLA:CPU runs this batched Gram faster with the long axis
-  # in the middle, the transposition included (measured).
-  xt = jnp.swapaxes(x_rows, 1, 2)
-  first_gram = jnp.einsum("kdm,kdn->kmn", xt, xt,
-                          preferred_element_type=jnp.float32) + 1.0
+  if features is None:
+    # Layer 0 sees the raw inputs: one product with the shared kernel for
+    # all steps, and one Gram matrix that serves corrections and the norm.
+    x_rows = x.reshape(k_, t_ * b_, -1)
+    first_pre = _shared(x_rows, kernels[0]) + biases[0]  # [K, T*B, d1]
+    # [K, T*B, T*B]. XLA:CPU runs this batched Gram faster with the long
+    # axis in the middle, the transposition included (measured).
+    xt = jnp.swapaxes(x_rows, 1, 2)
+    first_gram = jnp.einsum("kdm,kdn->kmn", xt, xt,
+                            preferred_element_type=jnp.float32) + 1.0
+  thetas = None  # the feature layers' per-client params (None: global)
 
   inputs = [[None] * t_ for _ in range(num_layers)]  # A[l][t]: [K, B, in]
   grads = [[None] * t_ for _ in range(num_layers)]  # G[l][t]: [K, B, out]
@@ -177,9 +259,10 @@ def _factored_chunk(kernels, biases, x, y, m, lr):
     rows = slice(t * b_, (t + 1) * b_)
     prev = slice(0, t * b_)
     pre = []
-    h = None
+    if features is not None:
+      h, pullbacks = features.forward(thetas, x[:, t])
     for l in range(num_layers):
-      if l == 0:
+      if l == 0 and features is None:
         inputs[0][t] = x_rows[:, rows]
         z = first_pre[:, rows]
         if t:
@@ -207,31 +290,44 @@ def _factored_chunk(kernels, biases, x, y, m, lr):
     g = g * weight[..., None]
     for l in reversed(range(num_layers)):
       grads[l][t] = g
-      if l == 0:
+      if l == 0 and features is None:
         break
       dh = _shared(g, kernels[l].T)
       if t:
         a_prev = jnp.concatenate(inputs[l][:t], axis=1)
         g_prev = jnp.concatenate(grads[l][:t], axis=1)
         dh = dh - lr * _bmm(_bdot(g, g_prev), a_prev)
+      if l == 0:
+        thetas = features.step(thetas, pullbacks, dh, lr)
+        break
       g = jnp.where(pre[l - 1] > 0, dh, 0.0)
 
   factors_a, factors_g = [], []
   norm_sq = jnp.zeros((k_,), jnp.float32)
   for l in range(num_layers):
-    a = x_rows if l == 0 else jnp.concatenate(inputs[l], axis=1)
+    a = (x_rows if l == 0 and features is None
+         else jnp.concatenate(inputs[l], axis=1))
     g = jnp.concatenate(grads[l], axis=1)
-    gram_a = first_gram if l == 0 else _bdot(a, a) + 1.0
+    gram_a = first_gram if l == 0 and features is None else _bdot(a, a) + 1.0
     norm_sq = norm_sq + jnp.sum(gram_a * _bdot(g, g), axis=(1, 2))
     factors_a.append(a)
     factors_g.append(g)
-  norm = jnp.abs(lr) * jnp.sqrt(jnp.maximum(norm_sq, 0.0))
+  if features is None:
+    feature_deltas = None
+    norm = jnp.abs(lr) * jnp.sqrt(jnp.maximum(norm_sq, 0.0))
+  else:
+    feature_deltas = features.deltas(thetas, k_)
+    # The feature layers' deltas are plain arrays: their squares add to the
+    # factored layers' (whose delta is -lr A^T G).
+    norm = jnp.sqrt(jnp.square(lr) * jnp.maximum(norm_sq, 0.0) + sum(
+        jnp.sum(jnp.square(d).reshape(k_, -1), axis=1)
+        for d in jax.tree_util.tree_leaves(feature_deltas)))
   losses = jnp.stack([s for s, _ in step_losses], axis=1)
   num_active = jnp.sum(
       jnp.stack([a for _, a in step_losses], axis=1).astype(jnp.float32),
       axis=1)
   loss = jnp.sum(losses, axis=1) / jnp.maximum(num_active, 1.0)
-  return factors_a, factors_g, norm, loss
+  return factors_a, factors_g, norm, loss, feature_deltas
 
 
 def _default_chunk(num_clients: int, num_rows_per_client: int) -> int:
@@ -252,6 +348,7 @@ def build_factored_round(
     server_optimizer: optax.GradientTransformation,
     *,
     clients_per_chunk: int | None = None,
+    vmap_clients: bool = True,
     unroll_local_steps: int | bool = True,
 ) -> Callable[..., tuple[server_lib.ServerState, dict]]:
   """Builds a round equal to `dp_fedavg.build_round`'s, in factored form.
@@ -262,12 +359,19 @@ def build_factored_round(
   widths 784/200/200/62); with many local steps the plain round may win.
 
   Args:
-    model: a dense model (`model.name` in DENSE_MODELS).
+    model: a dense model (`model.name` in DENSE_MODELS) or one with a dense
+      head (in FEATURE_MODELS).
     client_optimizer_fn: must be plain SGD (checked).
     server_optimizer: as for `dp_fedavg.build_round`.
     clients_per_chunk: clients per scanned chunk; None sizes it from the
-      block (about 2,048 example rows per chunk). Any cohort size works: a
-      last, smaller chunk takes the remainder.
+      block (about 2,048 example rows per chunk) for a dense model, and must
+      be given for a FEATURE_MODELS one (its feature layers are per-client
+      copies: on CPU as many clients as cores, see
+      `simulation.default_execution`). Any cohort size works: a last,
+      smaller chunk takes the remainder.
+    vmap_clients: FEATURE_MODELS only: whether a chunk's clients train their
+      feature layers vmapped (accelerators) or as independent copies
+      (XLA:CPU), as in `dp_fedavg.build_round`.
     unroll_local_steps: accepted for signature compatibility; local steps
       are always unrolled (their count is static and small).
 
@@ -279,9 +383,12 @@ def build_factored_round(
     ValueError: for a model or client optimizer this round does not cover.
   """
   del unroll_local_steps
-  if model.name not in DENSE_MODELS:
-    raise ValueError(f"factored rounds cover {DENSE_MODELS}, not "
-                     f"{model.name!r}")
+  if model.name not in DENSE_MODELS and model.name not in FEATURE_MODELS:
+    covered = DENSE_MODELS + tuple(FEATURE_MODELS)
+    raise ValueError(f"factored rounds cover {covered}, not {model.name!r}")
+  feature_names, feature_apply = FEATURE_MODELS.get(model.name, ((), None))
+  if feature_apply is not None and clients_per_chunk is None:
+    raise ValueError(f"clients_per_chunk must be given for {model.name!r}")
   _check_plain_sgd(client_optimizer_fn)
 
   def round_fn(state: server_lib.ServerState, block: dp_fedavg.CohortBlock,
@@ -292,13 +399,19 @@ def build_factored_round(
     if secagg is not None or tree is not None:
       raise ValueError("the factored round adds central Gaussian noise only")
     params = state.params
-    names = dense_layer_names(params)
+    names = dense_layer_names(
+        {n: p for n, p in params.items() if n not in feature_names})
+    features = None
+    if feature_apply is not None:
+      features = _ClientFeatures(
+          feature_apply, {n: params[n] for n in feature_names}, vmap_clients)
     kernels = [params[n]["kernel"].astype(jnp.float32) for n in names]
     biases = [params[n]["bias"].astype(jnp.float32) for n in names]
     lr = hparams.client_lr
     num_clients, num_steps, batch = block.example_mask.shape
-    x = jnp.asarray(block.features["x"], jnp.float32).reshape(
-        num_clients, num_steps, batch, -1)
+    x = jnp.asarray(block.features["x"], jnp.float32)
+    if features is None:
+      x = x.reshape(num_clients, num_steps, batch, -1)
     y = block.features["y"].astype(jnp.int32)
     m = block.example_mask
     valid = block.client_mask
@@ -322,60 +435,63 @@ def build_factored_round(
     num_full = num_clients // k
     rest = num_clients - num_full * k
 
-    def chunk_fn(carry, chunk):
+    def compute_chunk(carry, chunk):
       cx, cy, cm, cvalid, cids = chunk
+      sums, feature_sums, canary_weights = carry
+      factors_a, factors_g, trained_norm, loss, feature_deltas = (
+          _factored_chunk(kernels, biases, cx, cy, cm, lr, features))
+      is_canary = cids >= 0
+      norm = trained_norm
+      if canary_norms is not None:
+        norm = jnp.where(is_canary, canary_norms[jnp.maximum(cids, 0)],
+                         trained_norm)
+      # As in dp_fedavg: a client whose update is NaN or Inf contributes
+      # nothing; whether it is dropped depends only on its own data.
+      finite = jnp.isfinite(norm)
+      scale = jnp.minimum(1.0, hparams.clip_norm / jnp.maximum(norm, 1e-30))
+      keep = cvalid & finite & ~is_canary
+      keep3 = keep[:, None, None]
+      # Excluded clients are selected away, never multiplied by zero.
+      scale3 = jnp.where(keep, scale, 0.0)[:, None, None]
+      scaled_g = [jnp.where(keep3, g * scale3, 0.0) for g in factors_g]
 
-      def compute(carry):
-        sums, canary_weights = carry
-        factors_a, factors_g, trained_norm, loss = _factored_chunk(
-            kernels, biases, cx, cy, cm, lr)
-        is_canary = cids >= 0
-        norm = trained_norm
-        if canary_norms is not None:
-          norm = jnp.where(is_canary, canary_norms[jnp.maximum(cids, 0)],
-                           trained_norm)
-        # As in dp_fedavg: a client whose update is NaN or Inf contributes
-        # nothing; whether it is dropped depends only on its own data.
-        finite = jnp.isfinite(norm)
-        scale = jnp.minimum(1.0, hparams.clip_norm / jnp.maximum(norm, 1e-30))
-        keep = cvalid & finite & ~is_canary
-        keep3 = keep[:, None, None]
-        # Excluded clients are selected away, never multiplied by zero.
-        scale3 = jnp.where(keep, scale, 0.0)[:, None, None]
-        scaled_g = [jnp.where(keep3, g * scale3, 0.0) for g in factors_g]
+      def accumulate(sums, mask_inputs):
+        new_sums = []
+        for (ks, bs), a, sg in zip(sums, factors_a, scaled_g):
+          if mask_inputs:
+            a = jnp.where(keep3, a, 0.0)
+          ks = ks - lr * jnp.einsum("kre,krd->ed", sg, a,
+                                    preferred_element_type=jnp.float32)
+          bs = bs - lr * jnp.sum(sg, axis=(0, 1))
+          new_sums.append((ks, bs))
+        return new_sums
 
-        def accumulate(sums, mask_inputs):
-          new_sums = []
-          for (ks, bs), a, sg in zip(sums, factors_a, scaled_g):
-            if mask_inputs:
-              a = jnp.where(keep3, a, 0.0)
-            ks = ks - lr * jnp.einsum("kre,krd->ed", sg, a,
-                                      preferred_element_type=jnp.float32)
-            bs = bs - lr * jnp.sum(sg, axis=(0, 1))
-            new_sums.append((ks, bs))
-          return new_sums
+      # A finite Gram-based norm implies finite factors (their Gram
+      # diagonals are finite), so only a chunk holding a non-finite
+      # trained norm needs the factors themselves masked.
+      sums = jax.lax.cond(jnp.all(jnp.isfinite(trained_norm)),
+                          lambda s: accumulate(s, False),
+                          lambda s: accumulate(s, True), sums)
+      if features is not None:
+        scaled = jax.tree_util.tree_map(
+            lambda d: d * scale.reshape((-1,) + (1,) * (d.ndim - 1)),
+            feature_deltas)
+        feature_sums = jax.tree_util.tree_map(
+            jnp.add, feature_sums, tree_util.masked_sum(scaled, keep))
+      if num_canaries:
+        weight = jnp.where(cvalid & finite & is_canary, scale, 0.0)
+        canary_weights = canary_weights + jax.ops.segment_sum(
+            weight, jnp.maximum(cids, 0), num_segments=num_canaries)
+      n = jnp.sum(cm.astype(jnp.int32), axis=(1, 2))
+      return (sums, feature_sums, canary_weights), (
+          norm, norm > hparams.clip_norm,
+          cvalid & ~finite, loss, n)
 
-        # A finite Gram-based norm implies finite factors (their Gram
-        # diagonals are finite), so only a chunk holding a non-finite
-        # trained norm needs the factors themselves masked.
-        sums = jax.lax.cond(jnp.all(jnp.isfinite(trained_norm)),
-                            lambda s: accumulate(s, False),
-                            lambda s: accumulate(s, True), sums)
-        if num_canaries:
-          weight = jnp.where(cvalid & finite & is_canary, scale, 0.0)
-          canary_weights = canary_weights + jax.ops.segment_sum(
-              weight, jnp.maximum(cids, 0), num_segments=num_canaries)
-        n = jnp.sum(cm.astype(jnp.int32), axis=(1, 2))
-        return (sums, canary_weights), (norm, norm > hparams.clip_norm,
-                                        cvalid & ~finite, loss, n)
-
-      def skip(carry):
-        c = cvalid.shape[0]
-        return carry, (jnp.zeros((c,), jnp.float32), jnp.zeros((c,), bool),
-                       jnp.zeros((c,), bool), jnp.zeros((c,), jnp.float32),
-                       jnp.zeros((c,), jnp.int32))
-
-      return jax.lax.cond(jnp.any(cvalid), compute, skip, carry)
+    def skip_chunk(carry, chunk):
+      c = chunk[3].shape[0]
+      return carry, (jnp.zeros((c,), jnp.float32), jnp.zeros((c,), bool),
+                     jnp.zeros((c,), bool), jnp.zeros((c,), jnp.float32),
+                     jnp.zeros((c,), jnp.int32))
 
     # Kernel sums are kept transposed, [out, in]: the product (s G)^T A
     # then reads the large factor A (the inputs) in its natural layout
@@ -383,27 +499,40 @@ def build_factored_round(
     sums = [(jnp.zeros(kk.shape[::-1], jnp.float32),
              jnp.zeros(bb.shape, jnp.float32))
             for kk, bb in zip(kernels, biases)]
-    carry = (sums, jnp.zeros((num_canaries,), jnp.float32))
+    feature_sums = jax.tree_util.tree_map(
+        lambda p: jnp.zeros(p.shape, jnp.float32),
+        {n: params[n] for n in feature_names})
+    carry = (sums, feature_sums, jnp.zeros((num_canaries,), jnp.float32))
     data = (x, y, m, valid, canary_ids)
 
-    def scanned(carry, i):
+    def train_chunk(i, loop_carry):
+      carry, per_client = loop_carry
+      index = order[i]
       # Slices of the block itself: no chunked copy of the whole block.
-      chunk = jax.tree_util.tree_map(
-          lambda a: jax.lax.dynamic_slice_in_dim(a, i * k, k), data)
-      return chunk_fn(carry, chunk)
+      carry, outs = compute_chunk(carry, dp_fedavg.chunk_rows(data, index, k))
+      per_client = [jax.lax.dynamic_update_slice_in_dim(acc, o, index * k, 0)
+                    for acc, o in zip(per_client, outs)]
+      return carry, per_client
 
-    carry, outs = jax.lax.scan(scanned, carry, jnp.arange(num_full))
-    outs = [o.reshape(-1) for o in outs]
+    order, num_active = dp_fedavg.active_chunks(valid[:num_full * k], k)
+    per_client = [jnp.zeros((num_full * k,), dtype) for dtype in
+                  (jnp.float32, bool, bool, jnp.float32, jnp.int32)]
+    carry, outs = jax.lax.fori_loop(0, num_active, train_chunk,
+                                    (carry, per_client))
     if rest:
       tail = jax.tree_util.tree_map(lambda a: a[num_full * k:], data)
-      carry, tail_outs = chunk_fn(carry, tail)
+      carry, tail_outs = jax.lax.cond(jnp.any(tail[3]), compute_chunk,
+                                      skip_chunk, carry, tail)
       outs = [jnp.concatenate([o, t]) for o, t in zip(outs, tail_outs)]
     norms, was_clipped, nonfinite, client_loss, num_examples = outs
-    sums, canary_weights = carry
+    sums, feature_sums, canary_weights = carry
 
     clipped_sum = {n: {"kernel": ks.T.astype(params[n]["kernel"].dtype),
                        "bias": bs.astype(params[n]["bias"].dtype)}
                    for n, (ks, bs) in zip(names, sums)}
+    clipped_sum.update(jax.tree_util.tree_map(
+        lambda total, p: total.astype(p.dtype), feature_sums,
+        {n: params[n] for n in feature_names}))
     clipped_sum = jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(params),
         jax.tree_util.tree_leaves(clipped_sum))

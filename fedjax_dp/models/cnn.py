@@ -56,6 +56,25 @@ class _McMahanCNN(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+# The McMahan CNN's layers before its dense head, by parameter name, in order.
+MCMAHAN_FEATURE_LAYERS = ("Conv_0", "Conv_1")
+
+
+def mcmahan_features(params: types.Params, x: jax.Array) -> jax.Array:
+  """The McMahan CNN up to its dense head: [B, H, W(, C)] -> [B, features].
+
+  `params` holds (at least) `MCMAHAN_FEATURE_LAYERS`. Applies the same flax
+  layers `_McMahanCNN` applies, so `Dense_1(relu(Dense_0(features)))` equals
+  the model's logits; `algorithms/factored.py` trains these layers per client
+  and the dense head in factored form.
+  """
+  x = _as_images(x)
+  for name, features in zip(MCMAHAN_FEATURE_LAYERS, (32, 64)):
+    conv = _conv(features, (5, 5))
+    x = _max_pool(nn.relu(conv.apply({"params": params[name]}, x)))
+  return x.reshape((x.shape[0], -1))
+
+
 class _GroupNormCNN(nn.Module):
   """Conv blocks (conv3x3-GroupNorm-ReLU-pool), then dense-ReLU-dense."""
 
