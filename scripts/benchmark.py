@@ -271,8 +271,8 @@ def build_shape_round(shape: str, model, client_opt, server_opt):
     from fedjax_dp.algorithms import factored  # pylint: disable=g-import-not-at-top
     if model.name not in factored.FEATURE_MODELS:
       return factored.build_factored_round(model, client_opt, server_opt)
-    execution = simulation.default_execution(config_lib.Config(),
-                                             capacity=2**31 - 1)
+    execution = simulation.default_execution(
+        config_lib.Config(), capacity=2**31 - 1, factored_features=True)
     return factored.build_factored_round(
         model, client_opt, server_opt,
         clients_per_chunk=execution.clients_per_chunk,
