@@ -163,8 +163,9 @@ class _ClientFeatures:
   """Per-client plain-SGD training of the layers before a dense stack.
 
   Every client starts from the global `params`; `thetas` is None while they
-  all still hold them (the first local step: one forward with shared weights
-  serves the whole chunk), then each client's own params -- stacked [K, ...]
+  all still hold them (the first local step; vmapped, its forward is then
+  one ordinary convolution over the chunk), then each client's own params --
+  stacked [K, ...]
   when vmapped, a list of K trees when traced as independent copies (which
   XLA:CPU runs concurrently with plain convolutions; vmapping clients that
   hold their own weights makes grouped ones).
