@@ -165,10 +165,10 @@ class _ClientFeatures:
   Every client starts from the global `params`; `thetas` is None while they
   all still hold them (the first local step; vmapped, its forward is then
   one ordinary convolution over the chunk), then each client's own params --
-  stacked [K, ...]
-  when vmapped, a list of K trees when traced as independent copies (which
-  XLA:CPU runs concurrently with plain convolutions; vmapping clients that
-  hold their own weights makes grouped ones).
+  stacked [K, ...] when vmapped, a list of K trees when traced as
+  independent copies (which XLA:CPU runs concurrently with plain
+  convolutions; vmapping clients that hold their own weights makes grouped
+  ones).
   """
 
   def __init__(self, apply, params, vmap_clients: bool):
