@@ -229,15 +229,26 @@ def resolve_noise_multiplier(config: config_lib.Config,
       relation=ledger_relation(config, sampler))
 
 
+# Local steps up to which "auto" picks the factored round for a model with
+# per-client feature layers. Its Gram corrections read every earlier step's
+# factors, so its cost per step grows with the step; measured on the CNN
+# (2-core CPU, 20 clients of batch 10) against the plain round: 0.82 vs
+# 0.96 s per round at 10 steps, even at 15, 8% slower at 20.
+_MAX_FACTORED_FEATURE_STEPS = 12
+
+
 def uses_factored_round(config: config_lib.Config,
-                        mesh: jax.sharding.Mesh | None) -> bool:
+                        mesh: jax.sharding.Mesh | None,
+                        num_steps: int | None = None) -> bool:
   """Whether the run computes its rounds with `factored.build_factored_round`.
 
   "auto" picks it wherever it covers the configuration, except for models
-  with per-client feature layers (the CNN) off CPU: it was measured faster
-  on XLA:CPU only (docs/benchmarks.md); accelerators keep the plain
-  vmapped round there. "factored" forces it (an error where it does not
-  cover the configuration). Both rounds compute the same result.
+  with per-client feature layers (the CNN): only on CPU (measured faster
+  there only, docs/benchmarks.md; accelerators keep the plain vmapped round)
+  and only with at most `_MAX_FACTORED_FEATURE_STEPS` local steps
+  (`num_steps`; None: not known, counted as few). "factored" forces it (an
+  error where it does not cover the configuration). Both rounds compute the
+  same result.
   """
   c = config
   eligible = (factored.supports(c.model, c.client_optimizer,
@@ -253,7 +264,8 @@ def uses_factored_round(config: config_lib.Config,
         "(cnn) under plain client SGD on one device with central Gaussian "
         "noise, without per-layer clipping or record-level DP")
   if c.round_shape == "auto" and c.model in factored.FEATURE_MODELS:
-    eligible = eligible and jax.default_backend() == "cpu"
+    eligible = (eligible and jax.default_backend() == "cpu"
+                and (num_steps or 0) <= _MAX_FACTORED_FEATURE_STEPS)
   return c.round_shape == "factored" or (c.round_shape == "auto" and
                                          eligible)
 
@@ -351,7 +363,7 @@ class Simulation:
                                     self.config.accountant)
 
   def uses_factored_round(self) -> bool:
-    return uses_factored_round(self.config, self.mesh)
+    return uses_factored_round(self.config, self.mesh, self.num_steps)
 
   def round_fn(self):
     """The unjitted round (same for every config of this shape)."""
@@ -471,19 +483,19 @@ def build(config: config_lib.Config) -> Simulation:
   if shard is None:
     shard = jax.device_count() > 1
   mesh = dp_fedavg.client_mesh() if shard else None
-  execution = default_execution(
-      config, sampler.capacity,
-      factored_features=(config.model in factored.FEATURE_MODELS
-                         and uses_factored_round(config, mesh)))
-  chunk = execution.clients_per_chunk
-  # Every device gets a whole number of chunks.
-  per_block = chunk * (mesh.size if mesh is not None else 1)
-  slots = -(-sampler.capacity // per_block) * per_block
   max_examples = int(np.max(train.num_examples))
   if config.max_examples_per_client is not None:
     max_examples = min(max_examples, config.max_examples_per_client)
   num_steps = blocks.num_local_steps(max_examples, config.batch_size,
                                      config.local_epochs)
+  execution = default_execution(
+      config, sampler.capacity,
+      factored_features=(config.model in factored.FEATURE_MODELS
+                         and uses_factored_round(config, mesh, num_steps)))
+  chunk = execution.clients_per_chunk
+  # Every device gets a whole number of chunks.
+  per_block = chunk * (mesh.size if mesh is not None else 1)
+  slots = -(-sampler.capacity // per_block) * per_block
   eval_population = dataset.eval
   if not isinstance(eval_population, population_lib.FederatedPopulation):
     # Held-out clients are loaded once (a lazy source reads them here).

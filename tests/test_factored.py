@@ -268,6 +268,13 @@ def test_simulation_picks_the_factored_cnn_round_on_cpu_in_chunks_of_two_per_cor
   on_cpu = jax.default_backend() == "cpu"
   cnn = config_lib.Config(model="cnn")
   assert simulation.uses_factored_round(cnn, None) == on_cpu
+  assert simulation.uses_factored_round(cnn, None, num_steps=10) == on_cpu
+  # Many local steps: the plain round is faster, unless forced.
+  assert not simulation.uses_factored_round(cnn, None, num_steps=30)
+  assert simulation.uses_factored_round(
+      cnn.replace(round_shape="factored"), None, num_steps=30)
+  assert simulation.uses_factored_round(
+      cnn.replace(model="mlp_2nn"), None, num_steps=30)
   assert simulation.uses_factored_round(cnn.replace(round_shape="factored"),
                                         None)
   assert not simulation.uses_factored_round(
