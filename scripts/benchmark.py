@@ -27,7 +27,7 @@ subprocess so that peak memory does not mix between shapes:
                   factored form for the MLP; for the CNN its dense head
                   factored and its convolutions trained per client, in
                   chunks laid out as `simulation.default_execution` picks
-                  for this backend (on CPU: K = cores, independent copies).
+                  for this backend (on CPU: K = 2 x cores, independent copies).
 
 and reports, per shape: seconds per round (median over `--rounds` rounds after
 one warm-up round), client updates per second, compile time, memory, the
