@@ -112,10 +112,10 @@ class Config:
   checkpoint_every: int = 10  # rounds between checkpoints (with a run dir)
   clients_per_chunk: int | None = None  # None: chosen by backend
   # How the round is computed: "auto" uses the factored round for dense
-  # models under plain client SGD on one device, and for the McMahan CNN
-  # there on CPU with up to 12 local steps (docs/benchmarks.md), else the
-  # plain round; "plain" or "factored" force one (both compute the same
-  # round).
+  # models under plain client SGD on one device with up to 16 local steps,
+  # and for the McMahan CNN there on CPU with up to 12 (docs/benchmarks.md),
+  # else the plain round; "plain" or "factored" force one (both compute the
+  # same round).
   round_shape: str = "auto"
   # Shard the cohort over all devices (jax.devices(), every host after
   # jax.distributed.initialize()); None: whenever there is more than one.

@@ -229,12 +229,14 @@ def resolve_noise_multiplier(config: config_lib.Config,
       relation=ledger_relation(config, sampler))
 
 
-# Local steps up to which "auto" picks the factored round for a model with
-# per-client feature layers. Its Gram corrections read every earlier step's
-# factors, so its cost per step grows with the step; measured on the CNN
-# (2-core CPU, 20 clients of batch 10) against the plain round: 0.82 vs
-# 0.96 s per round at 10 steps, even at 15, 8% slower at 20.
+# Local steps up to which "auto" picks the factored round. Its Gram
+# corrections read every earlier step's factors, so its cost per step grows
+# with the step. Measured against the plain round (2-core CPU, batch 10):
+# the CNN (20 clients) 0.82 vs 0.96 s per round at 10 steps, even at 15, 8%
+# slower at 20; the 2NN (200 clients) 0.24 vs 0.39 s at 10 steps, 0.46 vs
+# 0.56 s at 15, even at 20, 2.3x slower at 50.
 _MAX_FACTORED_FEATURE_STEPS = 12
+_MAX_FACTORED_DENSE_STEPS = 16
 
 
 def uses_factored_round(config: config_lib.Config,
@@ -242,13 +244,14 @@ def uses_factored_round(config: config_lib.Config,
                         num_steps: int | None = None) -> bool:
   """Whether the run computes its rounds with `factored.build_factored_round`.
 
-  "auto" picks it wherever it covers the configuration, except for models
-  with per-client feature layers (the CNN): only on CPU (measured faster
-  there only, docs/benchmarks.md; accelerators keep the plain vmapped round)
-  and only with at most `_MAX_FACTORED_FEATURE_STEPS` local steps
-  (`num_steps`; None: not known, counted as few). "factored" forces it (an
-  error where it does not cover the configuration). Both rounds compute the
-  same result.
+  "auto" picks it where it covers the configuration and the clients take
+  few local steps (`num_steps`; None: not known, counted as few): at most
+  `_MAX_FACTORED_DENSE_STEPS` for dense models, at most
+  `_MAX_FACTORED_FEATURE_STEPS` for models with per-client feature layers
+  (the CNN), and for those only on CPU (measured faster there only,
+  docs/benchmarks.md; accelerators keep the plain vmapped round). "factored"
+  forces it (an error where it does not cover the configuration). Both
+  rounds compute the same result.
   """
   c = config
   eligible = (factored.supports(c.model, c.client_optimizer,
@@ -263,11 +266,13 @@ def uses_factored_round(config: config_lib.Config,
         "covers only dense models (logistic, mlp_2nn) and the McMahan CNN "
         "(cnn) under plain client SGD on one device with central Gaussian "
         "noise, without per-layer clipping or record-level DP")
-  if c.round_shape == "auto" and c.model in factored.FEATURE_MODELS:
-    eligible = (eligible and jax.default_backend() == "cpu"
-                and (num_steps or 0) <= _MAX_FACTORED_FEATURE_STEPS)
+  if c.model in factored.FEATURE_MODELS:
+    eligible_auto = (eligible and jax.default_backend() == "cpu"
+                     and (num_steps or 0) <= _MAX_FACTORED_FEATURE_STEPS)
+  else:
+    eligible_auto = eligible and (num_steps or 0) <= _MAX_FACTORED_DENSE_STEPS
   return c.round_shape == "factored" or (c.round_shape == "auto" and
-                                         eligible)
+                                         eligible_auto)
 
 
 @dataclasses.dataclass

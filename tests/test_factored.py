@@ -273,8 +273,11 @@ def test_simulation_picks_the_factored_cnn_round_on_cpu_in_chunks_of_two_per_cor
   assert not simulation.uses_factored_round(cnn, None, num_steps=30)
   assert simulation.uses_factored_round(
       cnn.replace(round_shape="factored"), None, num_steps=30)
-  assert simulation.uses_factored_round(
-      cnn.replace(model="mlp_2nn"), None, num_steps=30)
+  mlp = cnn.replace(model="mlp_2nn")
+  assert simulation.uses_factored_round(mlp, None, num_steps=16)
+  assert not simulation.uses_factored_round(mlp, None, num_steps=30)
+  assert simulation.uses_factored_round(mlp.replace(round_shape="factored"),
+                                        None, num_steps=30)
   assert simulation.uses_factored_round(cnn.replace(round_shape="factored"),
                                         None)
   assert not simulation.uses_factored_round(
