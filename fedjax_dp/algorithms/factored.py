@@ -204,12 +204,8 @@ class _ClientFeatures:
     return [jax.tree_util.tree_map(sgd, theta, pb(d_features[i])[0])
             for i, (theta, pb) in enumerate(zip(thetas, pullbacks))]
 
-  def deltas(self, thetas, num_clients: int):
-    """Stacked [K, ...] trained-minus-global params."""
-    if thetas is None:
-      return jax.tree_util.tree_map(
-          lambda p: jnp.zeros((num_clients,) + p.shape, jnp.float32),
-          self.params)
+  def deltas(self, thetas):
+    """Stacked [K, ...] trained-minus-global params (after >= 1 step)."""
     if not self._vmap:
       thetas = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *thetas)
     return jax.tree_util.tree_map(
@@ -317,7 +313,7 @@ def _factored_chunk(kernels, biases, x, y, m, lr, features=None):
     feature_deltas = None
     norm = jnp.abs(lr) * jnp.sqrt(jnp.maximum(norm_sq, 0.0))
   else:
-    feature_deltas = features.deltas(thetas, k_)
+    feature_deltas = features.deltas(thetas)
     # The feature layers' deltas are plain arrays: their squares add to the
     # factored layers' (whose delta is -lr A^T G).
     norm = jnp.sqrt(jnp.square(lr) * jnp.maximum(norm_sq, 0.0) + sum(
@@ -402,10 +398,10 @@ def build_factored_round(
     params = state.params
     names = dense_layer_names(
         {n: p for n, p in params.items() if n not in feature_names})
+    feature_params = {n: params[n] for n in feature_names}
     features = None
     if feature_apply is not None:
-      features = _ClientFeatures(
-          feature_apply, {n: params[n] for n in feature_names}, vmap_clients)
+      features = _ClientFeatures(feature_apply, feature_params, vmap_clients)
     kernels = [params[n]["kernel"].astype(jnp.float32) for n in names]
     biases = [params[n]["bias"].astype(jnp.float32) for n in names]
     lr = hparams.client_lr
@@ -501,8 +497,7 @@ def build_factored_round(
              jnp.zeros(bb.shape, jnp.float32))
             for kk, bb in zip(kernels, biases)]
     feature_sums = jax.tree_util.tree_map(
-        lambda p: jnp.zeros(p.shape, jnp.float32),
-        {n: params[n] for n in feature_names})
+        lambda p: jnp.zeros(p.shape, jnp.float32), feature_params)
     carry = (sums, feature_sums, jnp.zeros((num_canaries,), jnp.float32))
     data = (x, y, m, valid, canary_ids)
 
@@ -532,8 +527,7 @@ def build_factored_round(
                        "bias": bs.astype(params[n]["bias"].dtype)}
                    for n, (ks, bs) in zip(names, sums)}
     clipped_sum.update(jax.tree_util.tree_map(
-        lambda total, p: total.astype(p.dtype), feature_sums,
-        {n: params[n] for n in feature_names}))
+        lambda total, p: total.astype(p.dtype), feature_sums, feature_params))
     clipped_sum = jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(params),
         jax.tree_util.tree_leaves(clipped_sum))
