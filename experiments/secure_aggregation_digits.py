@@ -1,16 +1,20 @@
 """Distributed DP with simulated secure aggregation (digits task).
 
-Every slot of the cohort block adds a discrete Gaussian share of the noise
-to its fixed-point encoded, clipped update (scale s, stochastic rounding);
-secure aggregation reveals only the sum modulo 2^secagg_bits, which the
-server decodes and divides by s (privacy/secure_aggregation.py). The shares
-sum to the central amount (z C s)^2, accounted by Kairouz, Liu & Steinke
-2021's distributed discrete Gaussian bound as zCDP (RDP accountant, no
-sampling amplification). The block holds all 400 training clients
-(`capacity=400`), so a Poisson draw is never truncated and the sensitivity
-is that of add/remove-one (a truncating block would double it); 32 bits give
-a fine scale, so the sqrt(d) rounding term of the sensitivity is negligible. The scale is the largest power of two whose sum
-fits the bits; each round's metrics report coordinates that wrapped around
+Every client that takes part adds a discrete Gaussian share of the noise to
+its fixed-point encoded, clipped update (scale s, stochastic rounding);
+padding slots and dropped clients add nothing. Secure aggregation reveals
+only the sum modulo 2^secagg_bits, which the server decodes and divides by s
+(privacy/secure_aggregation.py). Shares are sized for a public minimum
+number of participants (`min_participants`, by default the count a round
+falls below with probability <= 1%: about 80 of the 100 expected here), so
+the sum carries at least the central amount (z C s)^2; a round with fewer
+participants is aborted and releases nothing. The ledger holds Kairouz,
+Liu & Steinke 2021's distributed discrete Gaussian bound as zCDP (RDP
+accountant) under zero-out neighbours (the server knows who takes part, so
+no sampling amplification is credited); 32 bits give a fine scale, so the
+sqrt(d) rounding term of the sensitivity is negligible. The scale is the
+largest power of two whose sum over the whole block (400 slots) fits the
+bits; each round's metrics report coordinates that wrapped around
 (`secagg_wrapped`) and those a server would flag (`secagg_near_overflow`).
 Without amplification the per-round cost is much higher than the central
 Poisson round's, hence the larger cohort and noise multiplier here (the

@@ -17,13 +17,17 @@ with the round and the runner:
     whole parameter tree, and a canary client's update;
   * `cosines`: canary directions against a params-shaped vector;
   * `estimate_epsilon`: the paper's estimate epsilon_est from Gaussian fits;
-  * `epsilon_lower_bound`: a high-confidence lower bound epsilon_lo from
-    thresholding with Clopper-Pearson bounds on the error rates.
+  * `epsilon_lower_bound`: thresholding with Clopper-Pearson bounds on the
+    error rates, a lower bound at the stated confidence when its two samples
+    are i.i.d. draws (many independent runs).
 
-Privacy: nothing here is private. epsilon_est is an estimate, not a bound,
-and epsilon_lo is a statistical lower bound on the epsilon of the mechanism
-that produced the cosines (at the stated confidence, if the canaries'
-statistics are independent draws); neither replaces the accountant.
+Privacy: nothing here is private, and nothing here bounds a run's epsilon.
+Both numbers a run reports are estimates (Andrew et al. 2024 call theirs an
+estimate for this reason): the canaries of one run share its model and its
+noise, so their cosines are not independent trials, and the Clopper-Pearson
+confidence of `epsilon_lower_bound` does not hold for them. The run summary
+therefore names that value `epsilon_threshold_est`. Neither replaces the
+accountant.
 """
 
 import functools
@@ -398,7 +402,9 @@ def epsilon_lower_bound(inserted_cosines, held_out_cosines, delta: float,
 
 class AuditResult(NamedTuple):
   epsilon_est: float
-  epsilon_lo: float
+  # `epsilon_lower_bound` of the two groups: a bound only for i.i.d. draws,
+  # an estimate for the canaries of one run.
+  epsilon_threshold_est: float
   fit: GaussianFit
   num_inserted: int
   num_held_out: int
@@ -406,7 +412,7 @@ class AuditResult(NamedTuple):
 
 def audit(inserted_cosines, held_out_cosines, delta: float,
           confidence: float = 0.95) -> AuditResult:
-  """Both epsilon_est and epsilon_lo, with the fit, for a run's report."""
+  """Both estimates (epsilon_est and the thresholding one), with the fit."""
   return AuditResult(
       estimate_epsilon(inserted_cosines, held_out_cosines, delta),
       epsilon_lower_bound(inserted_cosines, held_out_cosines, delta,

@@ -93,8 +93,9 @@ def _cmd_audit(args) -> int:
   print(f"accountant: epsilon = {s['epsilon']:.4g} at delta = {s['delta']:g}")
   for name in ("final_model", "all_iterates"):
     print(f"audit ({name}, {a['canaries']} canaries inserted, as many held "
-          f"out): epsilon_est = {a[name]['epsilon_est']:.4g}, epsilon_lo = "
-          f"{a[name]['epsilon_lo']:.4g} ({a['confidence']:.0%} confidence)")
+          f"out): epsilon_est = {a[name]['epsilon_est']:.4g}, "
+          f"epsilon_threshold_est = {a[name]['epsilon_threshold_est']:.4g} "
+          "(estimates, not bounds)")
   return 0
 
 

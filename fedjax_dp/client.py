@@ -40,12 +40,26 @@ def client_optimizer(name: str, momentum: float = 0.0) -> ClientOptimizerFn:
   raise ValueError(f"client_optimizer must be one of ['sgd', 'adam'], got {name!r}")
 
 
+def select_examples(features, mask):
+  """`features` with every padded example (mask False) replaced by zeros.
+
+  Selected, not multiplied: NaN or Inf in a padded position never reaches
+  the model, so neither the loss nor, through autodiff, the gradient of a
+  real example can see it (a zero cotangent times a NaN partial is NaN).
+  """
+  def select(x):
+    keep = mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+    return jnp.where(keep, x, jnp.zeros((), x.dtype))
+  return jax.tree_util.tree_map(select, features)
+
+
 def masked_mean_loss(model: types.Model, params, features, mask) -> jax.Array:
   """Mean per-example loss over the real examples of one batch (0 if none)."""
+  features = select_examples(features, mask)
   logits = model.apply(params, features["x"])
   per_example = losses.cross_entropy(logits, features["y"])
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  total = jnp.sum(jnp.where(mask, per_example, 0.0))
+  return total / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 
 
 def _single_example_loss(model: types.Model, params, example) -> jax.Array:
@@ -96,7 +110,7 @@ def _train_locally(
       keep = lambda new, old: jnp.where(active, new, old)
       new_p = jax.tree_util.tree_map(keep, new_p, p)
       new_state = jax.tree_util.tree_map(keep, new_state, opt_state)
-    return (new_p, new_state), (loss * active, active)
+    return (new_p, new_state), (jnp.where(active, loss, 0.0), active)
 
   num_steps = example_mask.shape[0]
   (final, _), (step_losses, active) = jax.lax.scan(
@@ -185,9 +199,11 @@ def make_dp_sgd_client_update(
       noisy = dp_sgd.noisy_batch_gradient(
           grads, m, example_clip_norm, example_noise_multiplier,
           m.shape[0], jax.random.fold_in(key, index))
-      # Diagnostic only; where() keeps NaN padding out of it.
-      loss = jnp.sum(jnp.where(m, losses_, 0.0)) / jnp.maximum(
-          jnp.sum(m.astype(jnp.float32)), 1.0)
+      # Diagnostic only, over the examples that count (the noisy gradient
+      # leaves out examples whose gradient is not finite).
+      counted = m & jnp.isfinite(losses_)
+      loss = jnp.sum(jnp.where(counted, losses_, 0.0)) / jnp.maximum(
+          jnp.sum(counted.astype(jnp.float32)), 1.0)
       return loss, noisy.gradient
 
     return _train_locally(

@@ -81,6 +81,12 @@ class Config:
   # picks the largest power of two whose sum fits the bits.
   secagg_bits: int | None = None
   secagg_scale: float | None = None
+  # Distributed noise only: the public minimum number of participants n_min.
+  # Each participant's share is sized so that n_min shares sum to the central
+  # noise z * C; a round with fewer participants is aborted (nothing is
+  # released). None: the largest n_min for which a round aborts with
+  # probability <= 1%, from the sampler's settings and dropout_rate.
+  min_participants: int | None = None
   # DP-FTRL: rounds per tree (None: one tree for the whole run) and whether
   # a client may take part once per tree ("once_per_tree") or once ("once").
   tree_restart_every: int | None = None
@@ -292,6 +298,13 @@ class Config:
       if self.noise_multiplier is None:
         _fail("noise_multiplier", "a number with secagg_bits (calibration to "
               "a target epsilon is not offered for it)", None)
+    if self.min_participants is not None:
+      if self.noise_placement != "distributed":
+        _fail("min_participants", "null unless noise_placement='distributed'",
+              self.min_participants)
+      if not _is_int(self.min_participants) or self.min_participants < 1:
+        _fail("min_participants", "an integer >= 1 (or null)",
+              self.min_participants)
     if self.secagg_scale is not None:
       if self.secagg_bits is None:
         _fail("secagg_scale", "null unless secagg_bits is set",

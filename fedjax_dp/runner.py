@@ -81,7 +81,7 @@ def _audit_summary(config, directions, initial_params, final_params,
   delta = tree_util.tree_sub(final_params, initial_params)
   final = np.asarray(audit.cosines(directions, delta))
   best = np.asarray(canary_max)
-  out = {"canaries": m, "confidence": 0.95}
+  out = {"canaries": m, "nominal_confidence": 0.95}
   for name, cos in (("final_model", final), ("all_iterates", best)):
     inserted, held_out = cos[:m], cos[m:]
     out[name] = {
@@ -90,8 +90,10 @@ def _audit_summary(config, directions, initial_params, final_params,
         # variances inflates the estimate on small samples.
         "epsilon_est": audit.estimate_epsilon(
             inserted, held_out, config.delta, equal_variance=True),
-        # A lower bound that holds with the stated confidence.
-        "epsilon_lo": audit.epsilon_lower_bound(
+        # Thresholding with Clopper-Pearson intervals at a nominal 95%: an
+        # estimate too, since one run's canaries are not independent
+        # trials (they share its model and noise).
+        "epsilon_threshold_est": audit.epsilon_lower_bound(
             inserted, held_out, config.delta, confidence=0.95),
     }
   return out
@@ -109,6 +111,96 @@ def load_run_config(run_dir: str | os.PathLike) -> config_lib.Config:
     raise ValueError(f"--resume: {path} is not valid JSON ({e})") from e
   data.pop("resolved_noise_multiplier", None)
   return config_lib.Config.from_dict(data)
+
+
+# Config fields a resumed run may change: they touch neither what the rounds
+# compute nor their random streams (simulation.OUTSIDE_RELEASE_IDENTITY,
+# without the fields that reach the ledger). `rounds` may grow or shrink; if
+# that changes an event of the rounds already run (a calibrated noise
+# multiplier, one DP-FTRL tree over the whole run), the ledger check refuses.
+RESUMABLE_FIELDS = ("name", "eval_every", "checkpoint_every", "rounds",
+                    "epsilon_budget", "stop_at_budget", "clients_per_chunk",
+                    "vmap_clients", "unroll_local_steps", "shard_clients",
+                    "round_shape")
+
+
+def _canonical(value) -> str:
+  return json.dumps(value, sort_keys=True, default=repr)
+
+
+def check_resume_config(started: dict, config: config_lib.Config) -> None:
+  """Refuses to resume `config` where it differs from the config the run was
+  started with (`started`, as stored in its checkpoint) in anything but
+  `RESUMABLE_FIELDS`.
+
+  Raises:
+    ValueError: naming every changed field with both values.
+  """
+  # Through JSON, as the checkpoint stored it (tuples become lists).
+  now = json.loads(json.dumps(config.to_dict(), default=repr))
+  missing = object()
+  changed = [k for k in sorted(set(started) | set(now))
+             if k not in RESUMABLE_FIELDS and _canonical(
+                 started.get(k, missing)) != _canonical(now.get(k, missing))]
+  if changed:
+    diffs = ", ".join(f"{k}: {started.get(k)!r} -> {now.get(k)!r}"
+                      for k in changed)
+    raise ValueError(
+        f"--resume: the config differs from the one the run was started "
+        f"with ({diffs}); a resumed run must keep every field but "
+        f"{', '.join(RESUMABLE_FIELDS)} (its rounds, random streams and "
+        "privacy ledger depend on them). Start a new run directory instead.")
+
+
+def check_resume_ledger(ledger: accounting.PrivacyLedger,
+                        sim: simulation.Simulation, events: list) -> None:
+  """Refuses a restored ledger that is not what this run would record.
+
+  The ledger is the truth: its relation, delta and accountant must be the
+  run's, and its events those this run records for the same rounds (so the
+  noise multiplier was not recalibrated, and no mechanism changed).
+
+  Raises:
+    ValueError: naming what differs.
+  """
+  want = (sim.relation, sim.config.delta, sim.config.accountant)
+  have = (ledger.relation, ledger.delta, ledger.accountant)
+  if have != want:
+    raise ValueError(
+        f"--resume: the checkpoint's privacy ledger has (relation, delta, "
+        f"accountant) = {have}, this run {want}; resume with the config the "
+        "run was started with")
+  for entry in ledger.entries:
+    if entry.round >= len(events) or entry.event != events[entry.round]:
+      planned = events[entry.round] if entry.round < len(events) else None
+      raise ValueError(
+          f"--resume: round {entry.round} is recorded in the privacy ledger "
+          f"as {entry.event!r}, but this run's round would be {planned!r} "
+          "(a changed noise multiplier, sampler or mechanism); resume with "
+          "the config the run was started with")
+
+
+def _recorded_events(path: pathlib.Path) -> list:
+  """(round, event) of every complete line of a run's ledger.jsonl.
+
+  A line cut short by an interruption (the last one) is ignored.
+  """
+  if not path.is_file():
+    return []
+  entries = []
+  lines = path.read_text(encoding="utf-8").split("\n")
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      data = json.loads(line)
+      entries.append((data["round"], checkpoint.decode_event(data["event"])))
+    except (ValueError, KeyError, TypeError) as e:
+      if i == len(lines) - 1:  # unterminated: written when interrupted
+        break
+      raise checkpoint.CheckpointError(
+          f"{path}: line {i + 1} is not a ledger entry ({e})") from None
+  return entries
 
 
 def _report_secagg(r: int, metrics: dict, totals: dict,
@@ -143,8 +235,12 @@ def run(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    dataset=None,
 ) -> RunResult:
   """Runs DP-FedAvg as configured; writes `run_dir` if given.
+
+  `dataset` (a `data.builtin.FederatedDataset`) trains on in-memory data
+  instead of loading `config.dataset`.
 
   Crash safety: each round's DP event is appended to `ledger.jsonl` (and
   fsync'd) before the round runs, so a result that was computed and logged is
@@ -166,7 +262,7 @@ def run(
     ModelDivergedError: the global model became non-finite; the last good
       checkpoint is kept.
   """
-  sim = simulation.build(config)
+  sim = simulation.build(config, dataset)
   train, sampler, model = sim.train, sim.sampler, sim.model
   noise_multiplier = sim.noise_multiplier
   events = sim.run_events()
@@ -218,7 +314,8 @@ def run(
     canary_max = jnp.full((2 * config.audit_canaries,), -1.0, jnp.float32)
   first_round = 0
   metrics_offset = 0
-  _, noise_key = sim.stream_keys(config.seed)
+  streams = sim.streams()
+  noise_key = streams.noise
 
   if resume:
     restored = None
@@ -233,6 +330,11 @@ def run(
         errors.append(str(e))
         log(f"checkpoint {step} is unusable ({e}); trying an older one")
     if restored is not None:
+      if not isinstance(meta.get("config"), dict):
+        raise checkpoint.CheckpointError(
+            f"{ckpt_dir}: checkpoint {step} does not record the config it "
+            "was written with")
+      check_resume_config(meta["config"], config)
       state = restored["server"]
       canary_max = restored.get("canary_max")
       clip_norm = restored.get("clip_norm")
@@ -241,12 +343,19 @@ def run(
         raise checkpoint.CheckpointError(
             f"{ckpt_dir}: checkpoint {step}'s ledger does not hold rounds "
             f"0..{step - 1} exactly once")
+      check_resume_ledger(ledger, sim, events)
       first_round, metrics_offset = step, int(meta["metrics_offset"])
       log(f"resuming {out} after round {step - 1}")
     elif errors:
       raise checkpoint.CheckpointError(
           "no usable checkpoint to resume from: " + "; ".join(errors))
     else:
+      # Rounds that started before the interruption were recorded in
+      # ledger.jsonl; the run replays them, so they must be this run's.
+      recorded = sim.new_ledger()
+      for entry in _recorded_events(out / "ledger.jsonl"):
+        recorded.record(*entry)
+      check_resume_ledger(recorded, sim, events)
       log(f"resuming {out}: no complete checkpoint, starting from round 0")
 
   metrics_file = ledger_file = None
@@ -276,7 +385,7 @@ def run(
 
   def prepare(r: int):
     # Runs ahead on a background thread while the previous round computes.
-    return (r,) + sim.prepare(r, config.seed, sample_fn)
+    return (r,) + sim.prepare(r, streams, sample_fn)
 
   def save_checkpoint(rounds_completed: int) -> None:
     if ckpt_dir is None:
@@ -330,7 +439,7 @@ def run(
     nonlocal state, clip_norm, rounds_done, stopped_for_budget
     # The longest call that can occur: the compiled scan's static length.
     max_rounds = min(config.rounds_per_call, config.eval_every, config.rounds)
-    keys = on_device.multi_round_keys(config.seed)
+    keys = on_device.multi_round_keys(streams)
     log(f"rounds_per_call={config.rounds_per_call}: population on the device, "
         f"calls of up to {max_rounds} rounds (a call ends at an eval round)")
     r = first_round
@@ -435,7 +544,7 @@ def run(
           state, dp_fedavg.CohortBlock(block.features, block.example_mask,
                                        block.client_mask),
           round_hparams, jax.random.fold_in(noise_key, r), canaries, adaptive,
-          secagg, sim.tree_state(config.seed, r))
+          secagg, sim.tree_state(streams, r))
       # The round runs asynchronously: accounting on the host overlaps it.
       epsilon = ledger.epsilon()
       example_epsilon = sim.example_epsilon(ledger.num_rounds)

@@ -7,6 +7,8 @@ configurations of the same shape with one compiled, vmapped round.
 """
 
 import dataclasses
+import hashlib
+import json
 import os
 from typing import NamedTuple
 
@@ -42,6 +44,73 @@ from fedjax_dp.privacy import tree_aggregation
  CANARY_STREAM) = range(6)
 # Folded into the noise stream: the root of every DP-FTRL tree node's key.
 TREE_STREAM = 1 << 30
+
+# Config fields that change nothing a run computes once its noise multiplier
+# is resolved: names, evaluation and checkpoint cadence, when to stop (the
+# number of rounds or a budget: runs that differ only there compute the same
+# rounds as far as both go, with the same cohorts and noise, so they release
+# the same values), how epsilon is reported (delta and the accountant reach
+# the computation only through the resolved multiplier), and the round's
+# layout (chunking, vmapping, unrolling, sharding and the factored form
+# compute the same release up to float32 rounding).
+OUTSIDE_RELEASE_IDENTITY = (
+    "name", "eval_every", "checkpoint_every", "rounds", "epsilon_budget",
+    "stop_at_budget", "accountant", "delta", "target_epsilon",
+    "noise_multiplier", "clients_per_chunk", "vmap_clients",
+    "unroll_local_steps", "shard_clients", "round_shape")
+
+
+def release_identity(config: config_lib.Config,
+                     noise_multiplier: float) -> tuple[int, int]:
+  """Two 32-bit words that name what a run computes and releases.
+
+  A hash of every config field except `OUTSIDE_RELEASE_IDENTITY`, with the
+  resolved noise multiplier. Runs (or sweep lanes) that differ in anything
+  they compute -- noise multiplier, clip norm, learning rates, data, model,
+  sampling, mechanism, seed, ... -- get different identities and so draw
+  independent randomness (`stream_keys`); runs that compute the same thing
+  get the same identity and release the same values.
+  """
+  fields = {k: v for k, v in config.to_dict().items()
+            if k not in OUTSIDE_RELEASE_IDENTITY}
+  fields["resolved_noise_multiplier"] = float(noise_multiplier)
+  digest = hashlib.sha256(json.dumps(
+      fields, sort_keys=True, default=repr).encode("utf-8")).digest()
+  return (int.from_bytes(digest[:4], "little"),
+          int.from_bytes(digest[4:8], "little"))
+
+
+class StreamKeys(NamedTuple):
+  """A run's random streams (see `stream_keys`)."""
+
+  sample: types.PRNGKey  # round r's cohort: sampler.sample_round(sample, r)
+  noise: types.PRNGKey  # round r's noise key: fold_in(noise, r)
+  data: types.PRNGKey  # on the device, round r's example order
+  # Seed words of the host's NumPy streams (example order, dropout).
+  host_words: tuple[int, ...]
+
+
+def stream_keys(config: config_lib.Config,
+                noise_multiplier: float) -> StreamKeys:
+  """The random streams of a run of `config` with this noise multiplier.
+
+  Derived from the seed and the run's `release_identity`, so two
+  configurations never share noise, cohorts or example orders, even with
+  the same seed: releasing both is then the composition of two independent
+  mechanisms, as the sweep's accounting assumes. (With shared noise, two
+  releases that differ in a clip norm or a learning rate would give their
+  noiseless difference away.) The model's initialisation and audit canary
+  directions depend on the seed alone, so configurations of one seed start
+  from the same model.
+  """
+  words = release_identity(config, noise_multiplier)
+  root = jax.random.key(config.seed)
+  for word in words:
+    root = jax.random.fold_in(root, word)
+  return StreamKeys(jax.random.fold_in(root, SAMPLE_STREAM),
+                    jax.random.fold_in(root, NOISE_STREAM),
+                    jax.random.fold_in(root, DATA_STREAM),
+                    (int(config.seed),) + words)
 
 
 def _cpu_cores() -> int:
@@ -118,13 +187,56 @@ def build_sampler(config: config_lib.Config,
       capacity=capacity)
 
 
+# Default bound on the probability that a round of distributed noise has
+# fewer participants than the public minimum (and so aborts).
+DEFAULT_ABORT_PROBABILITY = 0.01
+
+
+def resolve_min_participants(config: config_lib.Config,
+                             sampler: sampling.Sampler) -> int:
+  """Distributed noise's public minimum number of participants n_min.
+
+  `config.min_participants`, or the largest n_min with which a round aborts
+  with probability <= DEFAULT_ABORT_PROBABILITY: participants are the
+  sampled clients that do not drop out, Binomial(N, q (1 - dropout_rate))
+  under Poisson sampling (at most the block's capacity), Binomial(M, 1 -
+  dropout_rate) under fixed-size sampling. Public settings only.
+
+  Raises:
+    ValueError: naming `min_participants`, above the block's capacity.
+  """
+  if config.min_participants is not None:
+    n_min = config.min_participants
+  else:
+    stays = 1.0 - config.dropout_rate
+    if isinstance(sampler, sampling.PoissonSampler):
+      n_min = placement.min_participants_for(
+          sampler.population_size, sampler.sampling_probability * stays,
+          DEFAULT_ABORT_PROBABILITY)
+    else:
+      n_min = placement.min_participants_for(
+          int(sampler.capacity), stays, DEFAULT_ABORT_PROBABILITY)
+    n_min = min(n_min, sampler.capacity)
+  if n_min > sampler.capacity:
+    raise ValueError(
+        f"config field 'min_participants' must be in [1, {sampler.capacity}] "
+        f"(the most clients a round can have); got {n_min}")
+  return int(n_min)
+
+
 class SecAggSetup(NamedTuple):
-  """Public settings of the secure-aggregation simulation (host floats)."""
+  """Public settings of the secure-aggregation simulation (host floats).
+
+  `min_shares` is the public minimum number of participants the shares are
+  sized for (a round with fewer aborts), `max_shares` the most a round can
+  have (the block's slots).
+  """
 
   scale: float
   share_stddev: float
   bits: int
-  num_shares: int
+  min_shares: int
+  max_shares: int
   dim: int
 
   def params(self) -> secure_aggregation.SecAggParams:
@@ -133,7 +245,7 @@ class SecAggSetup(NamedTuple):
 
 
 def secagg_setup(config: config_lib.Config, noise_multiplier: float,
-                 num_shares: int, dim: int) -> SecAggSetup:
+                 min_shares: int, max_shares: int, dim: int) -> SecAggSetup:
   """Chooses (or checks) the fixed-point scale for `secagg_bits`.
 
   Without `secagg_scale`, the largest power of two s whose public bound on
@@ -147,14 +259,14 @@ def secagg_setup(config: config_lib.Config, noise_multiplier: float,
   c, bits, z = config.clip_norm, config.secagg_bits, noise_multiplier
 
   def share(s):
-    return secure_aggregation.share_stddev(z, c, s, num_shares)
+    return secure_aggregation.share_stddev(z, c, s, min_shares)
 
   def fits(s):
     try:
-      secure_aggregation.check_params(num_shares, c, s, share(s), 32)
+      secure_aggregation.check_params(max_shares, c, s, share(s), 32)
     except ValueError:
       return False
-    return secure_aggregation.required_bits(num_shares, c, s,
+    return secure_aggregation.required_bits(max_shares, c, s,
                                             share(s)) <= bits
 
   scale = config.secagg_scale
@@ -163,16 +275,16 @@ def secagg_setup(config: config_lib.Config, noise_multiplier: float,
     if not candidates:
       raise ValueError(
           f"config field 'secagg_bits' = {bits} is too small for "
-          f"{num_shares} shares of updates clipped to {c:g}; raise it")
+          f"{max_shares} shares of updates clipped to {c:g}; raise it")
     scale = candidates[0]
-  secure_aggregation.check_params(num_shares, c, scale, share(scale), bits)
+  secure_aggregation.check_params(max_shares, c, scale, share(scale), bits)
   if z > 0 and share(scale) < 0.5:
     raise ValueError(
         f"secure aggregation shares of std {share(scale):.3g} (integer units) "
         "are below 1/2, outside the discrete Gaussian guarantee; raise "
         "noise_multiplier, secagg_bits or secagg_scale")
-  return SecAggSetup(float(scale), share(scale), int(bits), int(num_shares),
-                     int(dim))
+  return SecAggSetup(float(scale), share(scale), int(bits), int(min_shares),
+                     int(max_shares), int(dim))
 
 
 def round_event(config: config_lib.Config, sampler: sampling.Sampler,
@@ -193,9 +305,11 @@ def round_event(config: config_lib.Config, sampler: sampling.Sampler,
     if z == 0:
       return dp_accounting.NonPrivateDpEvent()
     return secure_aggregation.dp_event(
-        sampler, clip_norm=config.clip_norm, scale=secagg.scale,
-        share_stddev_=secagg.share_stddev, num_shares=secagg.num_shares,
-        dim=secagg.dim)
+        clip_norm=config.clip_norm, scale=secagg.scale,
+        share_stddev_=secagg.share_stddev, min_shares=secagg.min_shares,
+        max_shares=secagg.max_shares, dim=secagg.dim)
+  if config.noise_placement == "distributed":
+    return placement.distributed_dp_event(z)
   if config.mechanism == "laplace":
     return laplace.central_dp_event(sampler, z)
   if config.adaptive_clipping and count_stddev is not None:
@@ -205,10 +319,13 @@ def round_event(config: config_lib.Config, sampler: sampling.Sampler,
 
 def ledger_relation(config: config_lib.Config,
                     sampler: sampling.Sampler) -> clipping.NeighbouringRelation:
-  """The relation of the run's ledger: local for local noise, else the
-  sampler's."""
+  """The relation of the run's ledger: local for local noise, zero-out
+  (REPLACE_SPECIAL) for distributed noise (the server sees who takes part),
+  else the sampler's."""
   if config.noise_placement == "local":
     return clipping.NeighbouringRelation.LOCAL
+  if config.noise_placement == "distributed":
+    return clipping.NeighbouringRelation.REPLACE_SPECIAL
   return sampler.relation
 
 
@@ -291,6 +408,8 @@ class Simulation:
   server_optimizer: optax.GradientTransformation
   mesh: jax.sharding.Mesh | None = None
   secagg: SecAggSetup | None = None
+  # Distributed noise: the public minimum number of participants (1 else).
+  min_participants: int = 1
 
   @property
   def train(self):
@@ -341,13 +460,16 @@ class Simulation:
         accountant=self.config.accountant,
         relation=clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE)
 
-  def tree_state(self, seed: int, round_index: int):
+  def streams(self) -> StreamKeys:
+    """This run's random streams (`stream_keys` of its config and z)."""
+    return stream_keys(self.config, self.noise_multiplier)
+
+  def tree_state(self, streams: StreamKeys, round_index: int):
     """DP-FTRL's tree state before round r (None for other mechanisms)."""
     if self.config.mechanism != "tree":
       return None
-    _, noise_key = self.stream_keys(seed)
     return tree_aggregation.state_before_round(
-        jax.random.fold_in(noise_key, TREE_STREAM), round_index,
+        jax.random.fold_in(streams.noise, TREE_STREAM), round_index,
         self.sampler.restart_every)
 
   def secagg_params(self):
@@ -408,19 +530,13 @@ class Simulation:
         denominator=self.sampler.expected_cohort_size,
         example_clip_norm=(float("inf") if config.example_clip_norm is None
                            else config.example_clip_norm),
-        example_noise_multiplier=config.example_noise_multiplier)
+        example_noise_multiplier=config.example_noise_multiplier,
+        min_participants=self.min_participants)
 
   def initial_state(self, seed: int) -> server_lib.ServerState:
     root = jax.random.key(seed)
     params = self.model.init(jax.random.fold_in(root, INIT_STREAM))
     return server_lib.init(params, self.server_optimizer)
-
-  @staticmethod
-  def stream_keys(seed: int) -> tuple[types.PRNGKey, types.PRNGKey]:
-    """(sampling key, noise key) of a run with this seed."""
-    root = jax.random.key(seed)
-    return (jax.random.fold_in(root, SAMPLE_STREAM),
-            jax.random.fold_in(root, NOISE_STREAM))
 
   def canary_directions(self, seed: int, params_like) -> types.Params:
     """2 * audit_canaries unit directions: the first half are inserted."""
@@ -428,9 +544,9 @@ class Simulation:
         jax.random.fold_in(jax.random.key(seed), CANARY_STREAM),
         2 * self.config.audit_canaries, params_like)
 
-  def prepare(self, r: int, seed: int,
+  def prepare(self, r: int, streams: StreamKeys,
               sample_fn) -> tuple[blocks.ClientBlock, int, int, np.ndarray]:
-    """Samples round r's cohort (seed's stream) and lays out its block.
+    """Samples round r's cohort (from `streams`) and lays out its block.
 
     Simulated dropout removes each sampled client independently with
     probability `dropout_rate` before it reports. Privacy: dropout is
@@ -446,12 +562,12 @@ class Simulation:
       number of sampled clients that dropped out, canary id per slot (-1 for
       real clients and padding)).
     """
-    sample_key, _ = self.stream_keys(seed)
-    indices, valid, num_drawn = jax.device_get(sample_fn(sample_key, r))
+    indices, valid, num_drawn = jax.device_get(sample_fn(streams.sample, r))
     chosen = indices[valid]
     num_dropped = 0
     if self.config.dropout_rate > 0:
-      stays = np.random.default_rng([seed, DROPOUT_STREAM, r]).random(
+      stays = np.random.default_rng(
+          [*streams.host_words, DROPOUT_STREAM, r]).random(
           chosen.shape[0]) >= self.config.dropout_rate
       num_dropped = int(np.sum(~stays))
       chosen = chosen[stays]
@@ -463,7 +579,7 @@ class Simulation:
     block = blocks.make_block(
         cohort, local, local_valid, batch_size=self.config.batch_size,
         epochs=self.config.local_epochs, num_steps=self.num_steps,
-        rng=np.random.default_rng([seed, DATA_STREAM, r]),
+        rng=np.random.default_rng([*streams.host_words, DATA_STREAM, r]),
         max_examples_per_client=self.config.max_examples_per_client)
     canary_ids = np.full((self.slots,), -1, np.int32)
     first = cohort.num_clients
@@ -472,11 +588,19 @@ class Simulation:
     return block, int(num_drawn), num_dropped, canary_ids
 
 
-def build(config: config_lib.Config) -> Simulation:
-  """Validates `config` and builds its Simulation (loads data, no compiling)."""
+def build(config: config_lib.Config,
+          dataset: builtin.FederatedDataset | None = None) -> Simulation:
+  """Validates `config` and builds its Simulation (loads data, no compiling).
+
+  Args:
+    config: the run's settings.
+    dataset: an in-memory federated dataset to train on instead of loading
+      `config.dataset` (which then only names it).
+  """
   config.validate()
-  dataset = builtin.load(config.dataset, seed=config.seed,
-                         **config.dataset_kwargs)
+  if dataset is None:
+    dataset = builtin.load(config.dataset, seed=config.seed,
+                           **config.dataset_kwargs)
   train = dataset.train
   # Audit canaries are clients too: the sampler (and so the accounting) runs
   # over the real clients plus the inserted canaries.
@@ -505,10 +629,14 @@ def build(config: config_lib.Config) -> Simulation:
   if not isinstance(eval_population, population_lib.FederatedPopulation):
     # Held-out clients are loaded once (a lazy source reads them here).
     eval_population = eval_population.subset(range(eval_population.num_clients))
+  min_participants = 1
+  if config.noise_placement == "distributed":
+    min_participants = resolve_min_participants(config, sampler)
   secagg = None
   if config.secagg_bits is not None:
     dim = tree_util.tree_size(jax.eval_shape(model.init, jax.random.key(0)))
-    secagg = secagg_setup(config, noise_multiplier, slots, dim)
+    secagg = secagg_setup(config, noise_multiplier, min_participants, slots,
+                          dim)
   return Simulation(
       config=config, dataset=dataset, eval_population=eval_population,
       model=model, sampler=sampler, noise_multiplier=noise_multiplier,
@@ -516,4 +644,4 @@ def build(config: config_lib.Config) -> Simulation:
       num_steps=num_steps,
       server_optimizer=server_lib.server_optimizer(
           config.server_optimizer, momentum=config.server_momentum),
-      mesh=mesh, secagg=secagg)
+      mesh=mesh, secagg=secagg, min_participants=min_participants)

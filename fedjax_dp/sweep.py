@@ -11,17 +11,21 @@ hparams, noise key) runs every round of all of them at once. Any other
 difference (model, cohort size, dataset, local epochs, ...) changes the
 program, so such configurations form separate groups, run one after another.
 
-Each configuration keeps what a single run keeps: its own seed's streams
-(init, cohort sampling, example order, noise), its own `PrivacyLedger` with
-its own per-round DP event, its own metrics and evaluation. A configuration
-therefore ends with the same parameters and epsilon (within float tolerance)
-as `runner.run` of that configuration alone (tested).
+Each configuration keeps what a single run keeps: its own random streams
+(cohort sampling, example order and noise from its seed and its own
+configuration, `simulation.stream_keys`; the initial model from its seed),
+its own `PrivacyLedger` with its own per-round DP event, its own metrics and
+evaluation. A configuration therefore ends with the same parameters and
+epsilon (within float tolerance) as `runner.run` of that configuration alone
+(tested).
 
-Privacy: nothing is shared between configurations except compute; each
-configuration's epsilon is that of its own run. Releasing the best of many
-configurations costs more privacy than any one of them: see
-`privacy.tuning.tuning_epsilon`, which `run_sweep` reports beside the per-config
-epsilons.
+Privacy: nothing is shared between configurations except compute: two
+configurations never share noise (nor cohorts), even with one seed, so
+releasing several of them is the composition of independent mechanisms
+(`tuning.TuningPrivacy.all_released_epsilon`). Each configuration's epsilon
+is that of its own run. Releasing the best of many configurations costs more
+privacy than any one of them: see `privacy.tuning.tuning_epsilon`, which
+`run_sweep` reports beside the per-config epsilons.
 
 Cost notes:
   * The single-run round skips chunks of padding clients with `lax.cond`.
@@ -275,6 +279,8 @@ class _Member:
   noise_multiplier: float
   event: Any
   ledger: accounting.PrivacyLedger
+  # The configuration's own random streams (as its single run's).
+  streams: simulation.StreamKeys
   history: list = dataclasses.field(default_factory=list)
   eval_metrics: dict = dataclasses.field(default_factory=dict)
   stopped: bool = False
@@ -340,28 +346,7 @@ def run_sweep(
   sims: dict[str, simulation.Simulation] = {}
   groups: dict[tuple, list[int]] = collections.OrderedDict()
   for i, config in enumerate(configs):
-    if getattr(config, "adaptive_clipping", False):
-      raise ValueError(
-          "config field 'adaptive_clipping' must be false in a sweep (its "
-          "clip norm is per-run state; run adaptive configurations with "
-          "`fedjax-dp train`)")
-    unsupported = {
-        "noise_placement": config.noise_placement != "central",
-        "mechanism": config.mechanism == "tree",
-        "example_clip_norm": config.example_clip_norm is not None,
-    }
-    for name, bad in unsupported.items():
-      if bad:
-        raise ValueError(
-            f"config field {name!r} is {getattr(config, name)!r}: sweeps run "
-            "central Gaussian or Laplace noise only (DP-FTRL's trees, "
-            "client-side noise and record-level DP keep per-run state or "
-            "ledgers); run this configuration with `fedjax-dp train`")
-    if getattr(config, "audit_canaries", 0):
-      raise ValueError(
-          "config field 'audit_canaries' must be 0 in a sweep (audits run "
-          f"with runner.run); configuration {ids[i]} has "
-          f"{config.audit_canaries}")
+    check_sweepable(config, ids[i])
     skey = _key(config, ARRAY_FIELDS[:-1] + HOST_FIELDS)
     if skey not in sims:
       sims[skey] = simulation.build(_structural(config))
@@ -394,7 +379,8 @@ def run_sweep(
           i, config.replace(name=f"{config.name}-{ids[i]}"), sim, z,
           sim.event(z),
           accounting.PrivacyLedger(sim.relation, config.delta,
-                                   config.accountant)))
+                                   config.accountant),
+          simulation.stream_keys(config, z)))
     info = _run_group(g, len(groups), group, sim0, max_configs_per_group,
                       progress, epsilons, log)
     info.config_ids = [ids[i] for i in members]
@@ -420,6 +406,37 @@ def run_sweep(
   return result
 
 
+def check_sweepable(config: config_lib.Config, config_id: str = "") -> None:
+  """Raises ValueError, naming the field, for what a sweep does not run.
+
+  Sweeps run central Gaussian or Laplace noise with a fixed clip norm and
+  no audit canaries; the other mechanisms keep per-run state or ledgers
+  and run with `fedjax-dp train`.
+  """
+  if config.adaptive_clipping:
+    raise ValueError(
+        "config field 'adaptive_clipping' must be false in a sweep (its "
+        "clip norm is per-run state; run adaptive configurations with "
+        "`fedjax-dp train`)")
+  unsupported = {
+      "noise_placement": config.noise_placement != "central",
+      "mechanism": config.mechanism == "tree",
+      "example_clip_norm": config.example_clip_norm is not None,
+  }
+  for name, bad in unsupported.items():
+    if bad:
+      raise ValueError(
+          f"config field {name!r} is {getattr(config, name)!r}: sweeps run "
+          "central Gaussian or Laplace noise only (DP-FTRL's trees, "
+          "client-side noise and record-level DP keep per-run state or "
+          "ledgers); run this configuration with `fedjax-dp train`")
+  if config.audit_canaries:
+    raise ValueError(
+        "config field 'audit_canaries' must be 0 in a sweep (audits run "
+        f"with runner.run); configuration {config_id} has "
+        f"{config.audit_canaries}")
+
+
 def _check_budget(config: config_lib.Config, sim: simulation.Simulation,
                   z: float) -> None:
   """Refuses a configuration planned past its budget (as runner.run does)."""
@@ -441,9 +458,8 @@ def _cohort_sizes(sim, members, sample_fn, rounds: int) -> int:
   """Largest cohort any member draws in any round (same draws as prepare)."""
   largest = 0
   for m in members:
-    sample_key, _ = sim.stream_keys(m.config.seed)
     for r in range(rounds):
-      _, valid, _ = sample_fn(sample_key, r)
+      _, valid, _ = sample_fn(m.streams.sample, r)
       largest = max(largest, int(jnp.sum(valid)))
   return largest
 
@@ -502,8 +518,9 @@ def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, init,
   states = place(init(jnp.asarray([m.config.seed for m in lanes], jnp.int32)))
   hparams = place(_stack([m.sim.hparams(m.config, m.noise_multiplier)
                           for m in lanes]))
-  noise_keys = place(
-      jnp.stack([m.sim.stream_keys(m.config.seed)[1] for m in lanes]))
+  # Every configuration draws its own noise (`simulation.stream_keys`):
+  # lanes with one seed but different settings never share it.
+  noise_keys = place(jnp.stack([m.streams.noise for m in lanes]))
   capacity = sim0.sampler.capacity
 
   def prepare(r: int):
@@ -511,7 +528,7 @@ def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, init,
     for m in lanes:
       # (block, drawn, dropped, ...): later fields serve features a sweep
       # refuses (audit canaries).
-      block, num_drawn, num_dropped = m.sim.prepare(r, m.config.seed,
+      block, num_drawn, num_dropped = m.sim.prepare(r, m.streams,
                                                     sample_fn)[:3]
       if block.client_mask[slots:].any():
         raise AssertionError("a cohort outgrew the sweep's trimmed block")

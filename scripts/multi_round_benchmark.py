@@ -46,14 +46,14 @@ def rounds_only(config: config_lib.Config, k: int, repeats: int
   """Seconds per round of the two loops without accounting, per repeat."""
   sim = simulation.build(config)
   hparams = sim.hparams()
-  sample_key, noise_key = sim.stream_keys(config.seed)
-  del sample_key
+  streams = sim.streams()
+  noise_key = streams.noise
   round_fn = jax.jit(sim.round_fn(), donate_argnums=(0,))
   sample_fn = jax.jit(sim.sampler.sample_round)
 
   def host_rounds(state, rounds):
     blocks = prefetch.Prefetcher(
-        lambda r: sim.prepare(r, config.seed, sample_fn)[0], rounds, depth=2)
+        lambda r: sim.prepare(r, streams, sample_fn)[0], rounds, depth=2)
     with blocks:
       for r, block in zip(rounds, blocks):
         state, metrics = round_fn(
@@ -66,7 +66,7 @@ def rounds_only(config: config_lib.Config, k: int, repeats: int
   multi_round = jax.jit(on_device.build_multi_round(sim),
                         static_argnames="num_rounds", donate_argnums=(0,))
   population = on_device.device_population(sim)
-  keys = on_device.multi_round_keys(config.seed)
+  keys = on_device.multi_round_keys(streams)
 
   def device_rounds(state, first, num_calls):
     for c in range(num_calls):

@@ -20,6 +20,7 @@ def _config(**changes):
       clip_learning_rate=0.2).replace(**changes)
 
 
+@pytest.mark.slow
 def test_clip_norm_moves_to_the_target_quantile_and_is_accounted_as_z():
   result = runner.run(_config(rounds=60, clip_norm=0.05), progress=False,
                       log=lambda s: None)

@@ -75,14 +75,40 @@ def _state(name, seed=0):
                          server_lib.server_optimizer("sgd"))
 
 
-def _assert_rounds_close(out_ref, out_fac, atol=2e-6, rtol=2e-5):
+# The factored round clips with a certified upper bound of each client's
+# norm (clipping.gram_norm_sq_upper_bound), above the exact norm by a
+# relative K T^2 / (2 S): here K ~ 1.2e-5 (inner dimensions <= 37, 12 rows)
+# and T^2 / S, the triangle bound over the true norm, squared, stays below
+# ~10 on these random clients. So pre-clip norms may exceed the reference's
+# by up to this, and clipped updates (and everything after them) be smaller
+# by as much.
+NORM_SLACK = 1e-3
+NORM_KEYS = ("update_norm_p10", "update_norm_p50", "update_norm_p90",
+             "update_norm_max")
+
+
+def _assert_rounds_close(out_ref, out_fac, atol=2e-6, rtol=2e-5,
+                         clipped=True):
+  """`clipped`: some client may be clipped, so the certified bound's slack
+  reaches the parameters."""
   (s_ref, m_ref), (s_fac, m_fac) = out_ref, out_fac
-  chex.assert_trees_all_close(s_fac.params, s_ref.params, atol=atol, rtol=rtol)
+  slack = max(rtol, NORM_SLACK) if clipped else rtol
+  chex.assert_trees_all_close(s_fac.params, s_ref.params, atol=atol,
+                              rtol=slack)
   assert set(m_fac) == set(m_ref)
   assert set(METRIC_KEYS) <= set(m_ref)
   for k in m_ref:
-    np.testing.assert_allclose(np.asarray(m_fac[k]), np.asarray(m_ref[k]),
-                               rtol=rtol, atol=atol, err_msg=k)
+    got, want = np.asarray(m_fac[k]), np.asarray(m_ref[k])
+    if k in NORM_KEYS:
+      # An upper bound of the exact norm, and a tight one.
+      assert np.all(got >= want * (1 - rtol) - atol), k
+      np.testing.assert_allclose(got, want, rtol=NORM_SLACK, atol=atol,
+                                 err_msg=k)
+    elif k in ("clipped_sum_norm", "signal_to_noise", "canary_cosines",
+               "fraction_clipped"):
+      np.testing.assert_allclose(got, want, rtol=slack, atol=atol, err_msg=k)
+    else:
+      np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=k)
   assert int(s_fac.round) == int(s_ref.round)
 
 
@@ -100,7 +126,7 @@ def test_factored_round_equals_reference(name, clip, z, chunk, vmap):
   key = jax.random.key(7)
   out_ref = ref(state, block, _hparams(clip, z), key)
   out_fac = fac(state, block, _hparams(clip, z), key)
-  _assert_rounds_close(out_ref, out_fac)
+  _assert_rounds_close(out_ref, out_fac, clipped=clip < np.inf)
   if clip == 1e-4:  # every client with examples is clipped
     n = int(out_ref[1]["num_clients"])
     assert float(out_fac[1]["fraction_clipped"]) == pytest.approx((n - 1) / n)

@@ -17,6 +17,22 @@ from fedjax_dp.privacy import tree_aggregation
 QUIET = {"progress": False, "log": lambda s: None}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def same_streams_for_both_paths():
+  """Runs that differ only in rounds_per_call share their random streams.
+
+  In use they do not: the on-device path orders each client's examples
+  differently, so `rounds_per_call` is part of a run's release identity and
+  the two paths draw independent cohorts and noise (shared noise would give
+  away the noiseless difference of the two computations). To compare what
+  the two paths compute, these tests give both the same streams.
+  """
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(simulation, "OUTSIDE_RELEASE_IDENTITY",
+                  simulation.OUTSIDE_RELEASE_IDENTITY + ("rounds_per_call",))
+    yield
+
+
 def _config(**changes):
   # batch_size >= the largest client (40) and one local epoch: each client's
   # single batch holds all its examples, so their order (the one thing the
@@ -89,13 +105,14 @@ def test_cohorts_and_blocks_equal_the_host_path():
                 adaptive_clipping=False)
   sim = simulation.build(cfg)
   population = on_device.device_population(sim)
-  keys = on_device.multi_round_keys(cfg.seed)
+  streams = sim.streams()
+  keys = on_device.multi_round_keys(streams)
   cohort_block = jax.jit(on_device.build_cohort_block(sim))
   sample_fn = jax.jit(sim.sampler.sample_round)
   sizes = sim.train.num_examples
   assert sizes.min() <= cap < sizes.max(), sizes
   for r in range(3):
-    host, num_drawn, _, _ = sim.prepare(r, cfg.seed, sample_fn)
+    host, num_drawn, _, _ = sim.prepare(r, streams, sample_fn)
     indices, valid, _ = jax.device_get(sample_fn(keys.sample, r))
     device, device_drawn = jax.device_get(cohort_block(population, keys, r))
     assert int(device_drawn) == num_drawn

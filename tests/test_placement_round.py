@@ -40,14 +40,15 @@ def _compiled_round(chunk, round_kwargs):
 
 
 def _released_sum(block, *, client_lr=0.5, clip=1.0, z=0.0, denominator=4.0,
-                  key=1, chunk=2, secagg=None, **round_kwargs):
+                  key=1, chunk=2, secagg=None, min_participants=1,
+                  **round_kwargs):
   """The round's released (noisy) sum, read off the server step (SGD, lr 1)."""
   opt = server_lib.server_optimizer("sgd")
   params = _MODEL.init(jax.random.key(0))
   fn = _compiled_round(chunk, tuple(sorted(round_kwargs.items())))
   hp = dp_fedavg.RoundHparams.create(
       client_lr=client_lr, server_lr=1.0, clip_norm=clip, noise_multiplier=z,
-      denominator=denominator)
+      denominator=denominator, min_participants=min_participants)
   state, metrics = fn(server_lib.init(params, opt), block, hp,
                       jax.random.key(key), secagg=secagg)
   flat = np.concatenate([
@@ -119,23 +120,46 @@ def test_local_laplace_messages_carry_laplace_noise_of_scale_z_c():
   assert stats.kstest(noise / math.sqrt(2), "norm").pvalue < 1e-4
 
 
-def test_distributed_shares_sum_to_the_central_noise_whatever_the_cohort():
+def test_distributed_shares_come_from_participants_sized_for_the_minimum():
   z, clip = 1.5, 0.5
-  for valid in ([1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]):
+  # n participants with shares of variance (z C)^2 / n_min: the sum has
+  # (n / n_min) (z C)^2, the central amount when n = n_min.
+  for valid, n_min in (([1, 0, 0, 0, 0, 0], 1), ([1, 1, 1, 1, 1, 1], 6),
+                       ([1, 1, 1, 1, 1, 1], 3)):
     block = _block(valid=valid)
     clean, _ = _released_sum(block, client_lr=1e-30, clip=clip)
-    noisy, _ = _released_sum(block, client_lr=1e-30, clip=clip, z=z,
-                             noise_placement="distributed")
+    noisy, metrics = _released_sum(block, client_lr=1e-30, clip=clip, z=z,
+                                   noise_placement="distributed",
+                                   min_participants=n_min)
     noise = noisy - clean
-    lo, hi = _variance_interval(noise.size, (z * clip) ** 2)
+    n = sum(valid)
+    lo, hi = _variance_interval(noise.size, (z * clip) ** 2 * n / n_min)
     assert lo < np.mean(noise ** 2) < hi
-  # Each slot's share is a sixth of the variance: one share alone is not
-  # the central amount.
+    assert int(metrics["num_participants"]) == n
+    assert not bool(metrics["aggregation_aborted"])
+    assert float(metrics["noise_stddev"]) == pytest.approx(
+        z * clip * math.sqrt(n / n_min), rel=1e-6)
+  # One share alone is a sixth of the central variance.
   one = placement.with_gaussian_share(
-      {"w": np.zeros(20000, np.float32)}, False,
+      {"w": np.zeros(20000, np.float32)}, True, True,
       placement.share_stddev(z, clip, 6), jax.random.key(3))["w"]
   lo, hi = _variance_interval(one.size, (z * clip) ** 2 / 6)
   assert lo < float(np.mean(np.square(one))) < hi
+
+
+def test_below_the_minimum_the_aggregation_aborts_and_releases_nothing():
+  block = _block(valid=[1, 1, 0, 0, 0, 0])
+  for bits in (None, 24):
+    kwargs = {}
+    if bits:
+      kwargs = dict(secure_aggregation_encoding=True,
+                    secagg=_secagg(2.0 ** 8, 1.0, 0.5, 3, bits))
+    released, metrics = _released_sum(
+        block, clip=0.5, z=1.0, noise_placement="distributed",
+        min_participants=3, **kwargs)
+    assert bool(metrics["aggregation_aborted"])
+    assert int(metrics["num_participants"]) == 2
+    np.testing.assert_array_equal(released, 0.0)
 
 
 @pytest.mark.parametrize("placement_name", ["distributed", "local"])
@@ -163,14 +187,21 @@ def test_unrolled_clients_secure_aggregation_sum_is_exactly_the_same():
   np.testing.assert_array_equal(unrolled, vmapped)
 
 
-def test_padding_slots_add_shares_but_never_their_updates():
+def test_padding_slots_send_nothing_under_client_side_noise():
+  z, clip = 1.0, 0.5
   block = _block(valid=[1, 1, 1, 0, 0, 0])
   # NaN data in padding slots must not reach the sum.
   block.features["x"][3:] = np.nan
   got, _ = _released_sum(block, z=0.0, noise_placement="distributed")
   assert np.all(np.isfinite(got))
-  noisy, _ = _released_sum(block, z=1.0, noise_placement="distributed")
-  assert np.all(np.isfinite(noisy))
+  clean, _ = _released_sum(block, client_lr=1e-30, clip=clip)
+  for name, n_min, variance in (("distributed", 3, 1.0), ("local", 1, 3.0)):
+    noisy, _ = _released_sum(block, client_lr=1e-30, clip=clip, z=z,
+                             noise_placement=name, min_participants=n_min)
+    # Three participants' noise only: padding slots add no share.
+    noise = noisy - clean
+    lo, hi = _variance_interval(noise.size, variance * (z * clip) ** 2)
+    assert lo < np.mean(noise ** 2) < hi, name
 
 
 def _secagg(scale, z, clip, slots, bits):
@@ -195,16 +226,17 @@ def test_secure_aggregation_with_enough_bits_is_the_sum_within_quantisation():
 
 
 def test_secure_aggregation_noise_has_the_central_variance():
-  z, clip, scale, slots = 1.0, 0.5, 2.0 ** 6, 6
+  z, clip, scale = 1.0, 0.5, 2.0 ** 6
   block = _block(valid=[1, 1, 0, 0, 0, 0])
   clean, _ = _released_sum(block, client_lr=1e-30, clip=clip)
   noisy, metrics = _released_sum(
       block, client_lr=1e-30, clip=clip, z=z, noise_placement="distributed",
-      secure_aggregation_encoding=True,
-      secagg=_secagg(scale, z, clip, slots, 24))
+      secure_aggregation_encoding=True, min_participants=2,
+      secagg=_secagg(scale, z, clip, 2, 24))
   noise = noisy - clean
-  # Six discrete Gaussian shares of variance ~ (z C s)^2 / 6 each, plus
-  # rounding (variance < 1/4 per client, in integer units).
+  # Two participants' discrete Gaussian shares, each sized for a minimum of
+  # two participants (variance ~ (z C s)^2 / 2), plus rounding (variance <
+  # 1/4 per client, in integer units); the padding slots send nothing.
   sigma2 = (z * clip) ** 2
   lo, _ = _variance_interval(noise.size, sigma2)
   _, hi = _variance_interval(noise.size, sigma2 + 2 * 0.25 / scale ** 2)
@@ -263,27 +295,50 @@ def test_secure_aggregation_run_fits_its_bits_and_records_the_ddg_event():
   summary = result.summary
   assert summary["secagg_wrapped"] == 0
   assert summary["secagg_near_overflow"] == 0
-  # The scale is the largest power of two that fits: twice it would not.
+  # The scale is the largest power of two that fits the most shares a
+  # round can have (the block): twice it would not.
   sim = simulation.build(config)
   assert sim.secagg.scale == summary["secagg_scale"]
   assert math.log2(sim.secagg.scale).is_integer()
-  n, c = sim.secagg.num_shares, config.clip_norm
+  n_max, n_min, c = sim.secagg.max_shares, sim.secagg.min_shares, \
+      config.clip_norm
+  assert n_max == sim.slots and n_min == sim.min_participants
   twice = 2 * sim.secagg.scale
   assert secure_aggregation.required_bits(
-      n, c, twice, secure_aggregation.share_stddev(1.0, c, twice, n)) > 20
+      n_max, c, twice,
+      secure_aggregation.share_stddev(1.0, c, twice, n_min)) > 20
   (event,) = set(result.ledger.events)
   assert isinstance(event, dp_accounting.ZCDpEvent)
+  assert result.ledger.relation is clipping.NeighbouringRelation.REPLACE_SPECIAL
   acc = rdp.RdpAccountant(
-      neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+      neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
   acc.compose(event, 2)
   assert result.summary["epsilon"] == pytest.approx(
       acc.get_epsilon(config.delta), rel=1e-6)
-  # Kairouz et al. 2021's rho, by hand: D = 2 (s C + sqrt(d)) (doubled: the
-  # digits cohort of 10 lives in a block that can truncate), n sigma_c^2 =
-  # (z C s)^2, and tau negligible at these sigma_c.
-  assert sim.sampler.truncates
+  # Kairouz et al. 2021's rho, by hand: D = s C + sqrt(d) (zero-out
+  # neighbours: the participants are known, whatever the sampler), shares
+  # sized for n_min participants (n_min sigma_c^2 = (z C s)^2), the worst
+  # case at the fewest participants, tau negligible at these sigma_c.
   d = sum(x.size for x in jax.tree_util.tree_leaves(
       sim.model.init(jax.random.key(0))))
   s, c = result.summary["secagg_scale"], config.clip_norm
   assert event.rho == pytest.approx(
-      0.5 * (2 * (s * c + math.sqrt(d)) / (1.0 * c * s)) ** 2, rel=1e-6)
+      0.5 * ((s * c + math.sqrt(d)) / (1.0 * c * s)) ** 2, rel=1e-6)
+
+
+def test_distributed_run_records_the_zero_out_gaussian_without_amplification():
+  config = config_lib.Config(rounds=3, cohort_size=10, eval_every=3,
+                             noise_placement="distributed",
+                             noise_multiplier=2.0)
+  result = runner.run(config, progress=False, log=lambda s: None)
+  assert result.ledger.relation is clipping.NeighbouringRelation.REPLACE_SPECIAL
+  assert set(result.ledger.events) == {dp_accounting.GaussianDpEvent(2.0)}
+  # The default minimum: a round aborts with probability <= 1% (Poisson
+  # cohort of 10 expected: Binomial(N, q)'s 1% quantile).
+  sim = simulation.build(config)
+  n, q = sim.sampler.population_size, sim.sampler.sampling_probability
+  assert stats.binom.cdf(sim.min_participants - 1, n, q) <= 0.01
+  assert stats.binom.cdf(sim.min_participants, n, q) > 0.01
+  for m in result.history:
+    assert m["aggregation_aborted"] == (m["num_participants"] <
+                                        sim.min_participants)

@@ -173,3 +173,67 @@ def test_a_new_run_never_overwrites_an_existing_run_directory(tmp_path):
   with pytest.raises(ValueError, match="already holds a run"):
     runner.run(cfg, run_dir=tmp_path, progress=False, log=lambda s: None)
   assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def _resumable_run(tmp_path, **changes):
+  from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.Config(
+      name="r", dataset="synthetic",
+      dataset_kwargs={"num_clients": 40, "max_examples": 20}, model="logistic",
+      rounds=4, cohort_size=8, eval_every=2, checkpoint_every=2, delta=1e-3,
+      **changes)
+  runner.run(cfg.replace(rounds=2), run_dir=tmp_path, progress=False,
+             log=lambda s: None)
+  return cfg
+
+
+def _files(run_dir):
+  return {p.name: p.read_bytes() for p in pathlib.Path(run_dir).iterdir()
+          if p.is_file()}
+
+
+@pytest.mark.parametrize("field,value", [
+    ("delta", 1e-4), ("noise_multiplier", 2.0),
+    *(pytest.param(f, v, marks=pytest.mark.slow) for f, v in (
+        ("seed", 3), ("sampling", "fixed"), ("cohort_size", 9),
+        ("clip_norm", 2.0),
+        ("dataset_kwargs", {"num_clients": 41, "max_examples": 20})))])
+def test_resume_refuses_a_changed_privacy_setting(tmp_path, field, value):
+  cfg = _resumable_run(tmp_path)
+  extra = {"accountant": "rdp"} if field == "sampling" else {}
+  changed = cfg.replace(**{field: value}, **extra)
+  before = _files(tmp_path)
+  with pytest.raises(ValueError, match=f"--resume.*{field}"):
+    runner.run(changed, run_dir=tmp_path, resume=True, progress=False,
+               log=lambda s: None)
+  assert _files(tmp_path) == before  # nothing written
+
+
+@pytest.mark.slow
+def test_resume_extends_a_run_but_refuses_a_recalibrated_one(tmp_path):
+  cfg = _resumable_run(tmp_path / "a")
+  # More rounds of the same mechanism: allowed, the ledger is unchanged.
+  result = runner.run(cfg, run_dir=tmp_path / "a", resume=True,
+                      progress=False, log=lambda s: None)
+  assert result.rounds_completed == 4
+  # A noise multiplier calibrated to a target epsilon depends on the number
+  # of rounds: resuming with more rounds would recalibrate it, and the
+  # ledger's recorded rounds would no longer be this run's. Refused.
+  cfg = _resumable_run(tmp_path / "b", noise_multiplier=None,
+                       target_epsilon=5.0)
+  with pytest.raises(ValueError, match="--resume.*(ledger|noise)"):
+    runner.run(cfg, run_dir=tmp_path / "b", resume=True, progress=False,
+               log=lambda s: None)
+
+
+def test_cli_resume_after_config_json_was_edited_is_one_line_exit_2(
+    tmp_path, capsys):
+  from fedjax_dp import cli  # pylint: disable=g-import-not-at-top
+  _resumable_run(tmp_path)
+  path = tmp_path / "config.json"
+  data = json.loads(path.read_text())
+  data["delta"] = 1e-6
+  path.write_text(json.dumps(data))
+  assert cli.main(["train", "--resume", str(tmp_path), "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert "delta" in err and "Traceback" not in err

@@ -13,10 +13,9 @@ from scipy import stats
 
 from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import clipping
-from fedjax_dp.privacy import sampling
 from fedjax_dp.privacy import secure_aggregation as sa
 
-ADD_REMOVE = clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE
+ZERO_OUT = clipping.NeighbouringRelation.REPLACE_SPECIAL
 # Compiled once per shape: the eager while_loop is slow.
 _aggregate = jax.jit(sa.aggregate, static_argnames=("max_trials",))
 _sample_dg = jax.jit(sa.sample_discrete_gaussian,
@@ -126,14 +125,21 @@ def test_enough_bits_recovers_sum_within_quantisation_bound():
   assert int(failures) == 0
 
 
-def test_padding_slots_send_zero_updates():
-  n, d, s = 6, 16, 2.0 ** 8
+def test_padding_slots_send_nothing():
+  n, d, s = 6, 20_000, 2.0 ** 8
   u = jnp.ones((n, d)) * 0.1
   valid = jnp.array([True, True, True, False, False, False])
   u = u.at[3:].set(jnp.nan)
   params = sa.SecAggParams.create(scale=s, share_stddev=0.0, bits=20)
   res, _ = _aggregate({"w": u}, valid, params, jax.random.key(6))
   np.testing.assert_allclose(res.sum["w"], 0.3, atol=3 / s)
+  # With noise: three participants' shares only (padding adds none).
+  sigma_c = 4.0
+  noisy = sa.SecAggParams.create(scale=s, share_stddev=sigma_c, bits=24)
+  res, _ = _aggregate({"w": u}, valid, noisy, jax.random.key(6))
+  noise = (np.asarray(res.sum["w"], np.float64) - 0.3) * s
+  # Variance 3 sigma_c^2 plus rounding (< 3/4): six shares would be twice.
+  assert np.var(noise) == pytest.approx(3 * sigma_c ** 2, rel=0.1)
 
 
 def test_noise_shares_sum_to_the_central_noise():
@@ -224,9 +230,8 @@ def _rdp_eps(event, count=100, delta=1e-5):
 def test_event_is_the_ddg_bound_and_close_to_central_for_large_shares():
   n, c, s, z, d = 100, 1.0, 2.0 ** 14, 1.2, 10_000
   sigma_c = sa.share_stddev(z, c, s, n)
-  sampler = sampling.PoissonSampler(10_000, 0.01, capacity=10_000)
-  event = sa.dp_event(sampler, clip_norm=c, scale=s, share_stddev_=sigma_c,
-                      num_shares=n, dim=d)
+  event = sa.dp_event(clip_norm=c, scale=s, share_stddev_=sigma_c,
+                      min_shares=n, max_shares=n, dim=d)
   sens = s * c + math.sqrt(d)
   # tau underflows for sigma_c this large: rho = D^2 / (2 n sigma_c^2).
   assert event.rho == pytest.approx(sens ** 2 / (2 * n * sigma_c ** 2),
@@ -238,31 +243,56 @@ def test_event_is_the_ddg_bound_and_close_to_central_for_large_shares():
       _rdp_eps(dp_accounting.GaussianDpEvent(z_eff)), rel=1e-9)
   # The project's ledger takes it with the RDP accountant, not with PLD.
   eps = accounting.epsilon_of([event] * 100, 1e-5, accountant="rdp",
-                              relation=ADD_REMOVE)
+                              relation=ZERO_OUT)
   assert eps == pytest.approx(_rdp_eps(event), rel=1e-9)
   with pytest.raises(accounting.UnsupportedAccountingError):
     accounting.epsilon_of([event], 1e-5, accountant="pld",
-                          relation=ADD_REMOVE)
+                          relation=ZERO_OUT)
 
 
-def test_event_small_shares_pay_tau_and_replacement_doubles_d():
+def test_event_small_shares_pay_tau_and_take_the_worst_participant_count():
   n, d = 100, 10_000
   rho_small = sa.ddg_rho(10.0, 0.5, n, d)
   assert rho_small > 0.5 * (10.0 / (math.sqrt(n) * 0.5)) ** 2 * 1.5
   with pytest.raises(ValueError, match="1/2"):
     sa.ddg_rho(10.0, 0.4, n, d)
-  kw = dict(clip_norm=1.0, scale=2.0 ** 12, share_stddev_=500.0,
-            num_shares=n, dim=d)
-  poisson = sa.dp_event(sampling.PoissonSampler(1000, 0.1, capacity=1000),
-                        **kw)
-  fixed = sa.dp_event(sampling.FixedSizeSampler(1000, 100), **kw)
-  truncating = sa.dp_event(sampling.PoissonSampler(1000, 0.1), **kw)
-  assert fixed.rho == pytest.approx(4 * poisson.rho, rel=1e-12)
-  assert truncating.rho == pytest.approx(4 * poisson.rho, rel=1e-12)
-  # Fewer shares (dropouts, colluders) means less privacy.
-  fewer = sa.dp_event(sampling.PoissonSampler(1000, 0.1, capacity=1000),
-                      **(kw | {"num_shares": 50}))
-  assert fewer.rho == pytest.approx(2 * poisson.rho, rel=1e-12)
+  kw = dict(clip_norm=1.0, scale=2.0 ** 12, dim=d)
+  sens = 2.0 ** 12 + math.sqrt(d)
+  # Large shares: rho falls with the number of participants, so the bound
+  # over [n_min, max] is the one at n_min, whatever the sampler.
+  exact = sa.dp_event(share_stddev_=500.0, min_shares=n, max_shares=n, **kw)
+  ranged = sa.dp_event(share_stddev_=500.0, min_shares=n, max_shares=400,
+                       **kw)
+  assert ranged.rho == pytest.approx(exact.rho, rel=1e-12)
+  assert exact.rho == pytest.approx(sa.ddg_rho(sens, 500.0, n, d), rel=1e-12)
+  # Small shares: tau grows with the number of shares, and can make more
+  # participants worse; the event takes the largest rho over the range.
+  per_n = [sa.ddg_rho(sens, 0.5, k, d) for k in range(n, 401)]
+  small = sa.dp_event(share_stddev_=0.5, min_shares=n, max_shares=400, **kw)
+  assert small.rho == pytest.approx(max(per_n), rel=1e-12)
+  assert max(per_n) > per_n[0]
+  # Fewer participants (colluders subtracting their shares) mean less
+  # privacy: half the shares, twice rho.
+  fewer = sa.dp_event(share_stddev_=500.0, min_shares=n // 2,
+                      max_shares=n // 2, **kw)
+  assert fewer.rho == pytest.approx(2 * exact.rho, rel=1e-12)
+  with pytest.raises(ValueError, match="min_shares"):
+    sa.dp_event(share_stddev_=500.0, min_shares=0, max_shares=4, **kw)
+
+
+def test_encode_sends_noise_for_a_non_finite_participant_and_nothing_for_padding():
+  params = sa.SecAggParams.create(scale=2.0 ** 8, share_stddev=3.0, bits=24)
+  u = {"w": jnp.full((5000,), jnp.nan)}
+  msg, _ = sa.encode(u, jnp.bool_(True), jnp.bool_(False), params,
+                     jax.random.key(0))
+  value = np.asarray(jax.lax.bitcast_convert_type(msg["w"], jnp.int32),
+                     np.float64)
+  # The update is replaced by 0; the share remains (discrete Gaussian, std 3).
+  assert np.all(np.isfinite(value)) and np.any(value != 0)
+  assert np.std(value) == pytest.approx(3.0, rel=0.1)
+  pad, fails = sa.encode(u, jnp.bool_(False), jnp.bool_(False), params,
+                         jax.random.key(0))
+  assert not np.any(np.asarray(pad["w"])) and int(fails) == 0
 
 
 def test_aggregate_compiles_once_for_all_encoding_params():

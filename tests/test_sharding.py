@@ -14,6 +14,8 @@ from fedjax_dp import runner
 from helpers import cpu_devices
 
 
+# 8 simulated devices in a subprocess (~30 s); CI runs the slow selection.
+@pytest.mark.slow
 def test_sharded_round_equals_single_device():
   result = cpu_devices.run_json("sharded_round.py", 8)
   assert result["max_param_diff"] < 1e-5

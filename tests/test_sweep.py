@@ -79,6 +79,7 @@ def test_compiles_once_per_shape_group(grid_sweep):
   assert grid_sweep.groups[0].slots <= grid_sweep.groups[0].full_slots
 
 
+@pytest.mark.slow
 def test_model_in_grid_forms_two_groups():
   result = sweep.run_sweep(
       _tiny(rounds=1, model_kwargs={}),
@@ -114,6 +115,7 @@ def test_reports_are_written(grid_sweep):
     assert np.std(img) > 0  # not blank
 
 
+@pytest.mark.slow
 def test_budget_stops_each_configuration_separately_in_chunks():
   # z=0.5 exceeds the budget after one round, z=4 never does. Four configs
   # in chunks of three: the padded second chunk reuses the compilation.
@@ -189,3 +191,25 @@ def test_sweep_sharded_over_devices_equals_one_device():
                            jax.tree_util.tree_leaves(run.params)])
     np.testing.assert_allclose(flat, params, atol=1e-5, rtol=0)
     assert run.summary["epsilon"] == pytest.approx(eps, rel=1e-9)
+
+
+def test_configurations_of_one_seed_never_share_noise():
+  # A learning rate of 1e-30 leaves only the noise in each model's change.
+  base = _tiny(rounds=1, client_lr=1e-30, model="mlp_2nn",
+               model_kwargs={"hidden": [64]}, eval_every=1)
+  result = sweep.run_sweep(
+      base, {"clip_norm": [0.5, 1.0], "server_lr": [1.0, 0.5]}, tuning=False,
+      **_QUIET)
+  init = runner.run(base.replace(noise_multiplier=0.0), **_QUIET).params
+  changes = [np.concatenate([np.ravel(np.asarray(a) - np.asarray(b))
+                             for a, b in zip(jax.tree_util.tree_leaves(
+                                 r.params), jax.tree_util.tree_leaves(init))])
+             for r in result.runs]
+  d = changes[0].size
+  for i in range(4):
+    for j in range(i):
+      # Independent N(0, 1/d) correlations; shared noise would give ~1.
+      assert abs(np.corrcoef(changes[i], changes[j])[0, 1]) < 6 / math.sqrt(
+          d), (i, j)
+  # Each lane is still its single run.
+  _assert_same_as_single_run(result.runs[3], result.configs[3])

@@ -53,15 +53,19 @@ class RoundHparams(NamedTuple):
   # Record-level DP-SGD inside each client (used with example_dp only).
   example_clip_norm: jax.Array
   example_noise_multiplier: jax.Array
+  # Distributed noise: the public minimum number of participants n_min that
+  # shares are sized for; a round with fewer participants is aborted.
+  min_participants: jax.Array
 
   @classmethod
   def create(cls, *, client_lr, server_lr, clip_norm, noise_multiplier,
              denominator, example_clip_norm=float("inf"),
-             example_noise_multiplier=0.0) -> "RoundHparams":
+             example_noise_multiplier=0.0,
+             min_participants=1.0) -> "RoundHparams":
     f = lambda v: jnp.asarray(v, jnp.float32)
     return cls(f(client_lr), f(server_lr), f(clip_norm), f(noise_multiplier),
                f(denominator), f(example_clip_norm),
-               f(example_noise_multiplier))
+               f(example_noise_multiplier), f(min_participants))
 
 
 class CohortBlock(NamedTuple):
@@ -239,27 +243,33 @@ def build_round(
         groups.clipped, tree_util.global_l2_norm(delta),
         functools.reduce(jnp.logical_or, groups.was_clipped.values()))
 
-  def message(clipped, include, slot_id, hparams, noise_key, secagg,
-              num_slots):
+  def message(clipped, participates, finite, slot_id, hparams, noise_key,
+              secagg):
     """What one slot sends to the sum under client-side noise, and its
-    sampler failures (central noise sums the clipped deltas themselves)."""
+    sampler failures (central noise sums the clipped deltas themselves).
+
+    A participant's message carries its noise whatever its data (a
+    non-finite update is replaced by zero first); a slot that takes no part
+    sends exactly zero.
+    """
     key = jax.random.fold_in(jax.random.fold_in(noise_key, _CLIENT_NOISE),
                              slot_id)
     no_failures = jnp.zeros((), jnp.int32)
     if noise_placement == "local":
       return placement.with_local_noise(
-          clipped, include, mechanism, hparams.noise_multiplier,
+          clipped, participates, finite, mechanism, hparams.noise_multiplier,
           hparams.clip_norm, key), no_failures
     if noise_placement == "distributed" and encoded:
-      return secure_aggregation.encode(clipped, include, secagg, key)
+      return secure_aggregation.encode(clipped, participates, finite, secagg,
+                                       key)
     stddev = placement.share_stddev(hparams.noise_multiplier,
-                                    hparams.clip_norm, num_slots)
-    return placement.with_gaussian_share(clipped, include, stddev,
-                                         key), no_failures
+                                    hparams.clip_norm,
+                                    hparams.min_participants)
+    return placement.with_gaussian_share(clipped, participates, finite,
+                                         stddev, key), no_failures
 
   def clipped_client(params, features, example_mask, valid, canary_id,
-                     slot_id, hparams, canaries, noise_key, secagg,
-                     num_slots):
+                     slot_id, hparams, canaries, noise_key, secagg):
     if example_dp:
       key = jax.random.fold_in(jax.random.fold_in(noise_key, _EXAMPLE_NOISE),
                                slot_id)
@@ -283,8 +293,8 @@ def build_round(
     finite = jnp.isfinite(clip.norm)
     msg, failures = None, jnp.zeros((), jnp.int32)
     if noise_placement != "central":
-      msg, failures = message(clip.clipped, valid & finite, slot_id, hparams,
-                              noise_key, secagg, num_slots)
+      msg, failures = message(clip.clipped, valid, finite, slot_id, hparams,
+                              noise_key, secagg)
     return clip, msg, failures, finite, out.loss, out.num_examples
 
   def sum_messages(msgs):
@@ -292,22 +302,18 @@ def build_round(
     return tree_util.masked_sum(msgs, None)
 
   def clipped_sum_of(params, features, example_mask, client_mask, canary_ids,
-                     slot_ids, hparams, canaries, noise_key, secagg,
-                     num_slots):
+                     slot_ids, hparams, canaries, noise_key, secagg):
     """Sums of the block's messages (and clipped deltas), and diagnostics."""
     num_clients = client_mask.shape[0]
     if num_clients % clients_per_chunk:
       raise ValueError(
           f"block holds {num_clients} clients (per device), not a multiple "
           f"of clients_per_chunk={clients_per_chunk}")
-    num_chunks = num_clients // clients_per_chunk
     block = (features, example_mask, client_mask, canary_ids, slot_ids)
     batch = jax.vmap if vmap_clients else _unrolled_map
     vmapped = batch(
         clipped_client,
-        in_axes=(None, 0, 0, 0, 0, 0, None, None, None, None, None))
-    messages_only = batch(
-        message, in_axes=(0, 0, 0, None, None, None, None))
+        in_axes=(None, 0, 0, 0, 0, 0, None, None, None, None))
     zeros = tree_util.tree_zeros_like(params)
     separate = noise_placement != "central"
     msg_zeros = jax.tree_util.tree_map(
@@ -322,7 +328,7 @@ def build_round(
           block, index, clients_per_chunk)
       clip, msgs, fails, finite, loss, n = vmapped(
           params, features, example_mask, valid, ids, slots, hparams,
-          canaries, noise_key, secagg, num_slots)
+          canaries, noise_key, secagg)
       chunk_sums = (tree_util.masked_sum(clip.clipped, valid & finite),
                     sum_messages(msgs) if separate else None, jnp.sum(fails))
       outputs = (clip.norm, clip.was_clipped, valid & ~finite, loss, n)
@@ -333,37 +339,16 @@ def build_round(
               acc, x, index * clients_per_chunk, 0), per_client, outputs)
       return sums, per_client
 
-    def shares_only_chunk(i, carry):
-      # A chunk of padding slots: no training, but under distributed noise
-      # every slot still adds its share.
-      (total, msg_total, failures), per_client = carry
-      index = order[i]
-      slots = jax.lax.dynamic_slice_in_dim(
-          slot_ids, index * clients_per_chunk, clients_per_chunk)
-      stacked = jax.tree_util.tree_map(
-          lambda x: jnp.zeros((clients_per_chunk,) + x.shape, x.dtype),
-          params)
-      msgs, fails = messages_only(
-          stacked, jnp.zeros((clients_per_chunk,), bool), slots, hparams,
-          noise_key, secagg, num_slots)
-      msg_total = jax.tree_util.tree_map(jnp.add, msg_total,
-                                         sum_messages(msgs))
-      return (total, msg_total, failures + jnp.sum(fails)), per_client
-
     # Only chunks holding a valid client are trained (their per-client
-    # outputs stay zero); under distributed noise the others' slots still
-    # add their shares below.
+    # outputs stay zero). Padding slots send nothing under any placement,
+    # so skipping their chunks changes nothing.
     order, num_active = active_chunks(client_mask, clients_per_chunk)
     per_client = (jnp.zeros((num_clients,), jnp.float32),
                   jnp.zeros((num_clients,), bool),
                   jnp.zeros((num_clients,), bool),
                   jnp.zeros((num_clients,), jnp.float32),
                   jnp.zeros((num_clients,), jnp.int32))
-    carry = jax.lax.fori_loop(0, num_active, train_chunk, (init, per_client))
-    if noise_placement == "distributed":
-      carry = jax.lax.fori_loop(num_active, num_chunks, shares_only_chunk,
-                                carry)
-    return carry
+    return jax.lax.fori_loop(0, num_active, train_chunk, (init, per_client))
 
   def round_fn(state: server_lib.ServerState, block: CohortBlock,
                hparams: RoundHparams, noise_key: types.PRNGKey,
@@ -387,13 +372,13 @@ def build_round(
     args = (params, block.features, block.example_mask, block.client_mask,
             canary_ids, slot_ids, hparams, canaries, noise_key, secagg)
     if mesh is None:
-      sums, per_client = clipped_sum_of(*args, num_clients)
+      sums, per_client = clipped_sum_of(*args)
     else:
       # Each device sums the messages of its share of the cohort; one
       # reduction across devices gives the same sums (uint32 wraps, like the
       # modular sum), and central noise is added once, after it.
       def sharded(*args):
-        local_sums, local_clients = clipped_sum_of(*args, num_clients)
+        local_sums, local_clients = clipped_sum_of(*args)
         return jax.lax.psum(local_sums, CLIENTS_AXIS), local_clients
 
       by_client, replicated = P(CLIENTS_AXIS), P()
@@ -421,19 +406,34 @@ def build_round(
         server_optimizer, canaries, adaptive, mechanism,
         noisy_sum=released, noise_placement=noise_placement, tree=tree,
         tree_restart_every=tree_restart_every)
+    if noise_placement == "distributed":
+      # Fewer participants than the public minimum the shares are sized for:
+      # the aggregation aborts and nothing is released (the state, and so the
+      # model, does not move). Whether it aborts depends on the number of
+      # participants only, which the server knows anyway.
+      participants = jnp.sum(block.client_mask.astype(jnp.int32))
+      aborted = participants.astype(jnp.float32) < hparams.min_participants
+      new_state = jax.tree_util.tree_map(
+          lambda new, old: jnp.where(aborted, old, new), new_state, state)
+      extra["num_participants"] = participants
+      extra["aggregation_aborted"] = aborted
     metrics.update(extra)
     return new_state, metrics
 
   return round_fn
 
 
-def _noise_stddev_of_sum(mechanism, noise_placement, hparams, num_valid):
-  """Std of the noise in one coordinate of the released sum (diagnostic)."""
+def _noise_stddev_of_sum(mechanism, noise_placement, hparams,
+                         num_participants):
+  """Std of the noise in one coordinate of the released sum."""
   per_message = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
   if mechanism == "laplace":
     per_message = jnp.sqrt(2.0) * per_message  # Laplace(0, b): std sqrt(2) b
   if noise_placement == "local":
-    return per_message * jnp.sqrt(num_valid.astype(jnp.float32))
+    return per_message * jnp.sqrt(num_participants.astype(jnp.float32))
+  if noise_placement == "distributed":
+    return per_message * jnp.sqrt(
+        num_participants.astype(jnp.float32) / hparams.min_participants)
   return per_message
 
 
@@ -486,8 +486,9 @@ def noise_and_step(
   norms, was_clipped, nonfinite, client_loss, num_examples = per_client
   valid = client_mask & ~nonfinite
   num_valid = jnp.sum(valid.astype(jnp.int32))
+  # Client-side noise comes from every participant, finite or not.
   stddev = _noise_stddev_of_sum(mechanism, noise_placement, hparams,
-                                num_valid)
+                                jnp.sum(client_mask.astype(jnp.int32)))
   tree_metrics = {}
   if noisy_sum is None and mechanism == "laplace":
     scale = laplace.noise_scale(hparams.noise_multiplier, hparams.clip_norm)

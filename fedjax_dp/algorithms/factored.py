@@ -25,7 +25,9 @@ The client's delta is -lr A_c^T G_c (A_c, G_c: the factors of all its steps
 stacked), never materialised:
 
   * its squared Frobenius norm is lr^2 * sum((A_c A_c^T + 1) * (G_c G_c^T)),
-    from two [steps*batch]^2 Gram matrices per layer;
+    from two [steps*batch]^2 Gram matrices per layer; computed in float32
+    that sum can cancel to far below its true value, so clipping uses a
+    certified upper bound of it (`clipping.gram_norm_sq_upper_bound`);
   * the clipped sum over clients is -lr [A_1; ...; A_n]^T [s_1 G_1; ...;
     s_n G_n] with s_c the client's clip scale: one large product of stacked,
     scaled factors (and a column sum for the bias).
@@ -37,14 +39,21 @@ Everything else -- noise, the public denominator, the server step, metrics --
 is the same code path as `dp_fedavg.build_round`, and `round_fn` has the same
 signature, inputs and outputs; tests/test_factored.py checks the two agree.
 
-Privacy: identical to `dp_fedavg.build_round` (same clip bound, same noise,
-same sum of the valid clients' clipped updates; padded clients and clients
-whose update is NaN or Inf are selected away with `jnp.where`, and whether a
+Privacy: as `dp_fedavg.build_round` (same clip bound C on each client's
+update under the sampler's relation, same noise, same sum of the valid
+clients' clipped updates; padded examples and clients, and clients whose
+update is NaN or Inf, are selected away with `jnp.where`, and whether a
 client is dropped depends only on its own data; audit canaries replace a
 slot's update by norm * direction, as there). Only the arithmetic that
-produces each client's delta and its norm is reorganised; the norm used for
-clipping is the Frobenius norm of the delta up to float32 rounding, as in the
-reference.
+produces each client's delta and its norm is reorganised. The norm a client
+is clipped with is a proven upper bound of the norm of its exact update
+-lr A^T G (the factors as computed), whatever the data: Gram-matrix sums
+plus a rigorous bound of their float32 error, never less than the truth
+(`clipping.gram_norm_sq_upper_bound`). On ordinary data it exceeds the true
+norm by a relative 1e-5..1e-4, so a clipped client's update is that much
+smaller than in the reference round; the clipped sum is then assembled by
+float32 products, whose rounding (as the reference's float32 sum) is not
+part of the bound.
 
 Models with a dense head (FEATURE_MODELS: the McMahan CNN): the layers
 before the dense stack (the convolutions) are not low-rank updates of shared
@@ -73,6 +82,7 @@ from fedjax_dp import types
 from fedjax_dp import tree_util
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.models import cnn
+from fedjax_dp.privacy import clipping
 
 # Models built only of flatten -> (dense -> ReLU)* -> dense.
 DENSE_MODELS = ("mlp_2nn", "2nn", "logistic")
@@ -143,8 +153,14 @@ def dense_layer_names(params: types.Params) -> list[str]:
 
 
 def _bdot(a, b):
-  """[K, m, d] x [K, n, d] -> [K, m, n] (per-client a @ b^T)."""
-  return jnp.einsum("kmd,knd->kmn", a, b, preferred_element_type=jnp.float32)
+  """[K, m, d] x [K, n, d] -> [K, m, n] (per-client a @ b^T).
+
+  Full float32 precision: the Gram matrices feed the certified bound of the
+  update norm (`clipping.gram_norm_sq_upper_bound`), whose error analysis
+  assumes float32 products (TF32 on a GPU would void it).
+  """
+  return jnp.einsum("kmd,knd->kmn", a, b, preferred_element_type=jnp.float32,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def _bmm(a, b):
@@ -228,14 +244,15 @@ def _factored_chunk(kernels, biases, x, y, m, lr, features=None):
   Returns:
     (A, G, norm, loss, feature_deltas): per layer the stacked factors A [K,
     T*B, in] and G [K, T*B, out] with delta_kernel = -lr A^T G, delta_bias =
-    -lr 1^T G; the whole delta's L2 norm [K]; the client's mean step loss
+    -lr 1^T G; a certified upper bound of the whole delta's L2 norm [K]
+    (see `clipping.gram_norm_sq_upper_bound`; inf or NaN where the client's
+    factors are not finite); the client's mean step loss
     [K]; the feature layers' deltas stacked [K, ...] (None without
     `features`).
   """
   num_layers = len(kernels)
   k_, t_, b_ = m.shape
-  mf = m.astype(jnp.float32)
-  count = jnp.maximum(jnp.sum(mf, axis=2), 1.0)  # [K, T]
+  count = jnp.maximum(jnp.sum(m.astype(jnp.float32), axis=2), 1.0)  # [K, T]
   num_classes = kernels[-1].shape[1]
   if features is None:
     # Layer 0 sees the raw inputs: one product with the shared kernel for
@@ -246,7 +263,8 @@ def _factored_chunk(kernels, biases, x, y, m, lr, features=None):
     # axis in the middle, the transposition included (measured).
     xt = jnp.swapaxes(x_rows, 1, 2)
     first_gram = jnp.einsum("kdm,kdn->kmn", xt, xt,
-                            preferred_element_type=jnp.float32) + 1.0
+                            preferred_element_type=jnp.float32,
+                            precision=jax.lax.Precision.HIGHEST) + 1.0
   thetas = None  # the feature layers' per-client params (None: global)
 
   inputs = [[None] * t_ for _ in range(num_layers)]  # A[l][t]: [K, B, in]
@@ -278,13 +296,16 @@ def _factored_chunk(kernels, biases, x, y, m, lr, features=None):
     labels = y[:, t]
     log_norm = jax.nn.logsumexp(logits, axis=-1)
     label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    weight = mf[:, t] / count[:, t][:, None]  # [K, B]
-    step_loss = jnp.sum((log_norm - label_logit) * weight, axis=1)
+    real = m[:, t]  # [K, B]
+    # Padded examples are selected away (never multiplied by a zero
+    # weight: NaN * 0 is NaN).
+    step_loss = jnp.sum(jnp.where(real, log_norm - label_logit, 0.0),
+                        axis=1) / count[:, t]
     active = jnp.any(m[:, t], axis=1)
     step_losses.append((step_loss * active, active))
     g = (jnp.exp(logits - log_norm[..., None])
          - jax.nn.one_hot(labels, num_classes, dtype=jnp.float32))
-    g = g * weight[..., None]
+    g = jnp.where(real[..., None], g / count[:, t][:, None, None], 0.0)
     for l in reversed(range(num_layers)):
       grads[l][t] = g
       if l == 0 and features is None:
@@ -300,25 +321,28 @@ def _factored_chunk(kernels, biases, x, y, m, lr, features=None):
       g = jnp.where(pre[l - 1] > 0, dh, 0.0)
 
   factors_a, factors_g = [], []
-  norm_sq = jnp.zeros((k_,), jnp.float32)
+  # Squared norms of the update's parts: per factored layer a certified upper
+  # bound from its Gram matrices (their plain sum can cancel to far below
+  # the true value), then the feature layers' explicit deltas.
+  parts = []
   for l in range(num_layers):
     a = (x_rows if l == 0 and features is None
          else jnp.concatenate(inputs[l], axis=1))
     g = jnp.concatenate(grads[l], axis=1)
     gram_a = first_gram if l == 0 and features is None else _bdot(a, a) + 1.0
-    norm_sq = norm_sq + jnp.sum(gram_a * _bdot(g, g), axis=(1, 2))
+    # The bias is a column of ones appended to A: a.shape[-1] + 1 products.
+    parts.append(jnp.square(lr) * clipping.gram_norm_sq_upper_bound(
+        gram_a, _bdot(g, g), a.shape[-1] + 1, g.shape[-1]))
     factors_a.append(a)
     factors_g.append(g)
-  if features is None:
-    feature_deltas = None
-    norm = jnp.abs(lr) * jnp.sqrt(jnp.maximum(norm_sq, 0.0))
-  else:
+  feature_deltas = None
+  if features is not None:
     feature_deltas = features.deltas(thetas)
-    # The feature layers' deltas are plain arrays: their squares add to the
-    # factored layers' (whose delta is -lr A^T G).
-    norm = jnp.sqrt(jnp.square(lr) * jnp.maximum(norm_sq, 0.0) + sum(
-        jnp.sum(jnp.square(d).reshape(k_, -1), axis=1)
-        for d in jax.tree_util.tree_leaves(feature_deltas)))
+    # Plain arrays: their squares are a sum of non-negative terms (no
+    # cancellation), as in the reference round's clip.
+    parts.append(sum(jnp.sum(jnp.square(d).reshape(k_, -1), axis=1)
+                     for d in jax.tree_util.tree_leaves(feature_deltas)))
+  norm = clipping.certified_norm(parts, 1.0)
   losses = jnp.stack([s for s, _ in step_losses], axis=1)
   num_active = jnp.sum(
       jnp.stack([a for _, a in step_losses], axis=1).astype(jnp.float32),
@@ -406,11 +430,15 @@ def build_factored_round(
     biases = [params[n]["bias"].astype(jnp.float32) for n in names]
     lr = hparams.client_lr
     num_clients, num_steps, batch = block.example_mask.shape
-    x = jnp.asarray(block.features["x"], jnp.float32)
+    m = block.example_mask
+    # Padded examples are zeros whatever the block holds there, so NaN or
+    # Inf in padding never reaches a real example's products.
+    real = client_lib.select_examples(
+        {"x": jnp.asarray(block.features["x"], jnp.float32),
+         "y": block.features["y"].astype(jnp.int32)}, m)
+    x, y = real["x"], real["y"]
     if features is None:
       x = x.reshape(num_clients, num_steps, batch, -1)
-    y = block.features["y"].astype(jnp.int32)
-    m = block.example_mask
     valid = block.client_mask
     if canaries is not None:
       # A canary slot submits norm * directions[id] instead of its training

@@ -18,8 +18,8 @@ before the call, so no computed result is ever unaccounted.
 
 What differs from the host loop: only the order of each client's examples
 (and, with `max_examples_per_client`, which subset it uses). The host draws
-them with NumPy from `default_rng([seed, DATA_STREAM, r])`; here they come
-from `fold_in(fold_in(key(seed), DATA_STREAM), r)` with jax.random. Both are
+them with NumPy from the run's host words and round r; here they come from
+`fold_in(streams.data, r)` with jax.random (simulation.stream_keys). Both are
 uniformly random permutations (subsets) independent of everything else, so
 the two paths sample from the same distribution, and with one local batch
 holding a whole client the order cannot matter (tests/test_on_device.py).
@@ -77,11 +77,10 @@ class MultiRoundKeys(NamedTuple):
   data: types.PRNGKey  # round r's example order: fold_in(data, r)
 
 
-def multi_round_keys(seed: int) -> MultiRoundKeys:
-  """The same sample and noise streams as the runner's host loop."""
-  sample, noise = simulation.Simulation.stream_keys(seed)
-  data = jax.random.fold_in(jax.random.key(seed), simulation.DATA_STREAM)
-  return MultiRoundKeys(sample, noise, data)
+def multi_round_keys(streams: simulation.StreamKeys) -> MultiRoundKeys:
+  """The run's sample and noise streams (as the runner's host loop uses
+  them) and its on-device example-order stream."""
+  return MultiRoundKeys(streams.sample, streams.noise, streams.data)
 
 
 def check_supported(sim: simulation.Simulation) -> None:

@@ -67,7 +67,8 @@ def make_block(
   random subset each round), reshuffled every epoch; each epoch is
   ceil(n_used / batch_size) batches, the last one partial. Its steps come
   first; the remaining steps up to `num_steps` are fully masked, and the
-  client update skips them.
+  client update skips them. Every padded position (example or slot) holds
+  zeros, never another client's data.
 
   Args:
     population: the population the indices refer to.
@@ -119,7 +120,12 @@ def make_block(
     if array.shape[0] == 0:
       # An empty cohort (a legitimate Poisson draw): every slot is padding.
       return np.zeros(rows.shape + array.shape[1:], array.dtype)
-    return array[rows]
+    # Padding positions index row 0 (some client's example); they are
+    # zeroed so that padding never holds another client's data (NaN there
+    # must not reach anyone's computation, whatever the masks do).
+    out = array[rows]
+    out[~mask] = 0
+    return out
 
   features = {name: gather(array)
               for name, array in population.features.items()}

@@ -12,10 +12,12 @@ by any other input: sensitivity 2C).
 """
 
 import enum
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_dp import tree_util
 from fedjax_dp import types
@@ -89,3 +91,111 @@ def sensitivity(clip_norm, relation: NeighbouringRelation):
                   NeighbouringRelation.LOCAL):
     return 2.0 * clip_norm
   raise ValueError(f"unknown neighbouring relation {relation!r}")
+
+
+# ---------------------------------------------------------------------------
+# Certified norms of updates given in factored form.
+
+# float32 unit roundoff.
+_UNIT_ROUNDOFF = 2.0 ** -24
+# Relative margin that covers the few roundings of assembling a bound (a
+# handful of float32 operations on non-negative values, each <= 2^-24).
+_ASSEMBLY_MARGIN = 2.0 ** -18
+
+
+def _gamma(m: int) -> float:
+  """Higham's gamma_m = m u / (1 - m u): the worst-case relative error bound
+  of a float32 sum of m terms (of their absolute values), in any order."""
+  mu = m * _UNIT_ROUNDOFF
+  if not mu < 0.5:
+    raise ValueError(f"a sum of {m} float32 terms has no useful error bound")
+  return mu / (1.0 - mu)
+
+
+def _round_up32(x: float) -> np.float32:
+  """The smallest float32 >= x."""
+  y = np.float32(x)
+  return y if float(y) >= x else np.nextafter(y, np.float32(np.inf))
+
+
+def gram_norm_sq_upper_bound(gram_a: jax.Array, gram_g: jax.Array,
+                             inner_a: int, inner_g: int) -> jax.Array:
+  """A certified upper bound of ||A^T G||_F^2 from float32 Gram matrices.
+
+  The squared Frobenius norm of a product A^T G (A: [n, p], G: [n, q]; e.g.
+  a dense layer's SGD delta, inputs times output gradients over a client's
+  examples) equals sum((A A^T) * (G G^T)). Computed in float32, that sum can
+  cancel catastrophically (examples whose contributions nearly cancel) and
+  come out far below the true value, even 0; clipping with it would let the
+  update through unclipped. This returns B >= ||A^T G||_F^2 for the exact
+  product of the given factors, whatever their values:
+
+    B = min(S + K T^2, T^2) * (1 + margin),
+
+  where S is the computed Gram sum, T >= sum_i |a_i| |g_i| (the triangle
+  inequality bounds the norm by it; row norms from the Gram diagonals,
+  inflated for their rounding), and K T^2 bounds |S - ||A^T G||_F^2| from
+  the worst-case float32 error of every dot product and of the final sum:
+  with gamma_m = m u / (1 - m u), every computed Gram entry is within
+  gamma_p |a_i| |a_j| (gamma_q |g_i| |g_j|) of the exact one (Cauchy-Schwarz
+  on the standard bound gamma_m sum_k |x_k y_k|, any summation order, FMA or
+  not), and summing the n^2 rounded products adds gamma_{n^2} of the sum of
+  their magnitudes, <= T^2. So K = (gamma_p + gamma_q + gamma_p gamma_q) +
+  (u + gamma_{n^2} (1 + u)) (1 + gamma_p) (1 + gamma_q). On ordinary data
+  B exceeds the true value by about K T^2 (relative 1e-5..1e-4: an update
+  clipped with it shrinks that much more than with its exact norm).
+
+  The Gram matrices must have been computed in float32 with full-precision
+  products (`jax.lax.Precision.HIGHEST`; TF32 would void K).
+
+  Args:
+    gram_a: [..., n, n] computed A A^T (any constant column, such as a bias's
+      ones, included in A).
+    gram_g: [..., n, n] computed G G^T.
+    inner_a: p, the length of A's rows (the dot products' length).
+    inner_g: q, the length of G's rows.
+
+  Returns:
+    [...] float32 upper bounds (inf or NaN where the factors are not finite
+    or the bound overflows: such a client must be dropped, not clipped).
+  """
+  n = gram_a.shape[-1]
+  u = _UNIT_ROUNDOFF
+  ga, gg = _gamma(inner_a), _gamma(inner_g)
+  k = (ga + gg + ga * gg) + (u + _gamma(n * n) * (1.0 + u)) * (1.0 + ga) * (
+      1.0 + gg)
+  # Each |a_i| |g_i| from the computed diagonals: two square roots and a
+  # product (u each), the diagonal sums (gamma_p, gamma_q), the sum over i
+  # (gamma_n) and the product with this factor (u).
+  t_factor = 1.0 / ((1.0 - _gamma(n)) * (1.0 - u) ** 4 * math.sqrt(
+      (1.0 - ga) * (1.0 - gg)))
+  diag_a = jnp.diagonal(gram_a, axis1=-2, axis2=-1)
+  diag_g = jnp.diagonal(gram_g, axis1=-2, axis2=-1)
+  t = jnp.sum(jnp.sqrt(diag_a) * jnp.sqrt(diag_g), axis=-1) * _round_up32(
+      t_factor)
+  t_sq = jnp.square(t)
+  gram_sum = jnp.sum(gram_a * gram_g, axis=(-2, -1))
+  # K is rounded up and widened by 4u so that the float32 product and sum
+  # below stay above the exact S + K T^2 >= ||A^T G||_F^2 >= 0.
+  bound = jnp.minimum(gram_sum + _round_up32(k * (1.0 + 4.0 * u)) * t_sq,
+                      t_sq)
+  return bound * _round_up32(1.0 + _ASSEMBLY_MARGIN)
+
+
+def certified_norm(norm_sq_bounds: Sequence[jax.Array],
+                   scale: jax.Array) -> jax.Array:
+  """sqrt(scale^2 * sum(norm_sq_bounds)), widened to stay an upper bound.
+
+  Args:
+    norm_sq_bounds: upper bounds of squared norms of the parts of an update
+      (e.g. `gram_norm_sq_upper_bound` per layer).
+    scale: the factor the parts are multiplied by (e.g. a learning rate).
+
+  Returns:
+    An upper bound of the whole update's L2 norm: the roundings of the sum,
+    the product and the square root (a few u) are covered by a relative
+    margin of 2^-18.
+  """
+  total = sum(norm_sq_bounds[1:], norm_sq_bounds[0])
+  norm = jnp.abs(scale) * jnp.sqrt(total)
+  return norm * _round_up32(1.0 + _ASSEMBLY_MARGIN)

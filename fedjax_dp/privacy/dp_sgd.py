@@ -95,12 +95,19 @@ def noisy_batch_gradient(
   Privacy: under zero-out neighbours (one slot's example replaced by padding)
     the clipped sum moves by at most C in L2, and N(0, (z C)^2) noise is added
     to every coordinate once, so the step is the Gaussian mechanism with noise
-    multiplier z (`GaussianDpEvent(z)`, ADD_OR_REMOVE_ONE accounting). The
-    division by the public B is post-processing.
+    multiplier z (`GaussianDpEvent(z)`, ADD_OR_REMOVE_ONE accounting). This
+    holds for every input: an example whose gradient is not finite
+    contributes 0 (norm <= C), and no example's value can change another's
+    contribution. The division by the public B is post-processing.
   """
   clipped = jax.vmap(clipping.clip_by_global_norm, in_axes=(0, None))(
       per_example_grads, clip_norm)
-  summed = tree_util.masked_sum(clipped.clipped, example_mask)
+  # An example whose gradient norm is NaN or Inf (NaN features, or finite
+  # ones large enough to overflow) contributes exactly zero -- a value that
+  # does not depend on its data -- instead of making the step's sum NaN and
+  # with it the whole client non-finite. Selected, never multiplied.
+  counted = example_mask & jnp.isfinite(clipped.norm)
+  summed = tree_util.masked_sum(clipped.clipped, counted)
   stddev = noise.noise_stddev(noise_multiplier, clip_norm)
   noisy = noise.add_gaussian_noise(summed, stddev, key)
   gradient = jax.tree_util.tree_map(

@@ -1,24 +1,32 @@
 """Distributed DP: discrete Gaussian shares summed by simulated SecAgg.
 
-Each slot of the cohort block (client i, i = 1..n) sends one message:
+Each participating client i (i = 1..n) sends one message:
 
     v_i = R(s * u_i) + Z_i   (int32), reduced mod 2^bits,
 
-where u_i is the client's clipped update (L2 norm <= C; zero for padding
-slots), s the public scale (the quantisation step is 1 / s), R stochastic
+where u_i is the client's clipped update (L2 norm <= C; replaced by zero
+before encoding where it is NaN or Inf, so the message still carries its
+share), s the public scale (the quantisation step is 1 / s), R stochastic
 rounding to integers (unbiased), and Z_i ~ N_Z(0, sigma_c^2)^d the client's
-discrete Gaussian noise share. Secure aggregation reveals only
+discrete Gaussian noise share. Slots that take no part (padding, clients
+that dropped out) send nothing. Secure aggregation reveals only
 sum_i v_i mod 2^bits; the server decodes it to a signed integer in
-[-2^(bits-1), 2^(bits-1)) and divides by s. The sum of the shares has variance
-n sigma_c^2 ~= (z C s)^2 when sigma_c = z C s / sqrt(n) (`share_stddev`), the
-noise of the central mechanism with multiplier z.
+[-2^(bits-1), 2^(bits-1)) and divides by s.
+
+Shares are sized for a public minimum number of participants n_min
+(`share_stddev`: sigma_c = z C s / sqrt(n_min)), so with n >= n_min
+participants the shares sum to variance n sigma_c^2 >= (z C s)^2, at least
+the central mechanism's noise with multiplier z. A round with fewer than
+n_min participants is aborted by the round (nothing is released), as a
+secure-aggregation protocol with threshold n_min would.
 
 The simulation keeps all arithmetic modular: messages are uint32 (two's
 complement of the int32 value), summed with uint32 wrap-around, i.e. mod
 2^32; since 2^bits divides 2^32 the server's view is that sum masked to its
 low `bits` bits. The same 32-bit accumulator, read as int32, is the exact
 integer sum as long as it stays below 2^31 in magnitude (`check_params`
-guarantees that), which gives the simulator an oracle for wrap-around.
+guarantees that for up to the block's number of slots), which gives the
+simulator an oracle for wrap-around.
 
 Overflow is never silent. `decode` returns
   * `num_near_overflow`: coordinates whose decoded value has magnitude >=
@@ -36,17 +44,12 @@ for a power-of-two s, otherwise up to float32 rounding of s u, see
 division by s rounds the result to 24 significant bits.
 
 Trust model: clients trust the secure-aggregation protocol to reveal only
-the modular sum; the server is honest-but-curious and sees nothing else. No
-single client's share suffices: the privacy below needs all n shares. If k
-clients collude with the server (they know and can subtract their shares)
-the remaining noise has variance (n - k) sigma_c^2, and the guarantee is
-that of `dp_event(..., num_shares=n - k)`. Dropouts: a client that drops out
-after the shares were calibrated takes its share with it; with n' < n
-shares in the sum the guarantee is that of `num_shares=n'`. The simulator
-has every slot of the block add a share (padding slots send a zero update
-and a share), so the number of shares is the block size, fixed and public;
-in a deployment those slots must be filled by parties the server does not
-control, otherwise `num_shares` is the number of real clients.
+the modular sum; the server is honest-but-curious and sees nothing else of
+the messages. It does see who takes part (it runs the protocol with them).
+No single client's share suffices: the privacy below needs the shares of at
+least n_min participants. If k participants collude with the server (they
+know and can subtract their shares) the remaining noise has variance
+(n - k) sigma_c^2, and the guarantee is that of `ddg_rho` with n - k shares.
 
 Why discrete Gaussian and not continuous shares: SecAgg sums integers, and a
 continuous share would have to be rounded; sum_i round(u_i + N_i) is not a
@@ -61,20 +64,23 @@ sigma_c >= 1/2, and Delta in Z^d with ||Delta||_2 <= D. Then for all alpha
 tau sqrt(d))^2 with tau = 10 sum_{k=1}^{n-1} exp(-2 pi^2 sigma_c^2 k / (k+1)),
 i.e. rho-zCDP with rho = (D / (sqrt(n) sigma_c) + tau sqrt(d))^2 / 2. (The
 same proposition also gives alpha D^2 / (2 n sigma_c^2) + tau d; we use the
-first form, a valid bound on its own.) Integer sensitivity: ||R(s u)||_2 <=
-s C + sqrt(d) deterministically, so adding or removing one client moves the
-integer sum by D = s C + sqrt(d) (`integer_sensitivity`), and replacing one
-by 2 D. With every slot adding a share, the number of shares does not
-depend on the data, so the theorem applies directly. `dp_event` returns
-ZCDpEvent(rho) without sampling amplification (dp_accounting has no
-subsampled zCDP event; subsampling never hurts, so this is conservative) and
-with D doubled for fixed-size and truncated Poisson samplers, whose coupled
-cohorts can differ by a replacement. Only the RDP accountant takes
-ZCDpEvent. The float32 sampler below follows Canonne, Kamath, Steinke 2020
-(Algorithm 3) with a bounded number of trials; its deviation from the exact
-distribution (float32 rounding, and a reported failure count that is 0
-except with probability < 2^-64 per coordinate) is outside this guarantee
-and is checked against the exact pmf in tests.
+first form, a valid bound on its own.)
+
+Neighbouring relation: the server knows the participants, so the guarantee
+is for one participant's data replaced by the empty record (zero-out,
+dp_accounting's REPLACE_SPECIAL): the participant still takes part and
+sends R(0) + Z_i = Z_i, so the number of shares n is the same on both sides
+and the integer sum moves by ||R(s u)||_2 <= s C + sqrt(d) = D
+(`integer_sensitivity`), deterministically. A replace-one guarantee follows
+with 2D. Since n is not known before the round, `dp_event` takes the
+largest rho over every n from n_min to the block's number of slots; no
+amplification by sampling is credited (the server sees who took part). Only
+the RDP accountant takes ZCDpEvent. The float32 sampler below follows
+Canonne, Kamath, Steinke 2020 (Algorithm 3) with a bounded number of
+trials; its deviation from the exact distribution (float32 rounding, and a
+reported failure count that is 0 except with probability < 2^-64 per
+coordinate) is outside this guarantee and is checked against the exact pmf
+in tests.
 """
 
 import math
@@ -87,7 +93,6 @@ import numpy as np
 
 from fedjax_dp import types
 from fedjax_dp.privacy import clipping
-from fedjax_dp.privacy import sampling
 
 DEFAULT_MAX_TRIALS = 64
 # Magnitude bound on one accepted discrete Gaussian sample, in units of
@@ -203,15 +208,19 @@ class SecAggParams(NamedTuple):
                jnp.asarray(bits, jnp.uint32))
 
 
-def encode(update: types.PyTree, valid: jax.Array, params: SecAggParams,
-           key: types.PRNGKey, max_trials: int = DEFAULT_MAX_TRIALS
+def encode(update: types.PyTree, participates: jax.Array, finite: jax.Array,
+           params: SecAggParams, key: types.PRNGKey,
+           max_trials: int = DEFAULT_MAX_TRIALS
            ) -> tuple[types.PyTree, jax.Array]:
   """One slot's SecAgg message: R(s u) + Z, as uint32 (mod 2^32).
 
   Args:
     update: the client's clipped update (float leaves).
-    valid: bool scalar; a padding slot sends a zero update (selected, not
-      multiplied, so NaN in padding is harmless) and still its noise share.
+    participates: bool scalar; a slot that takes no part (padding) sends 0
+      (no update and no share).
+    finite: bool scalar; where False the update is replaced by zero before
+      encoding (selected, not multiplied), so the participant still sends
+      its noise share and never an exact value.
     params: scale, share stddev, bits.
     key: this slot's key (e.g. fold_in(round_noise_key, slot_index)).
     max_trials: discrete Gaussian rejection rounds.
@@ -223,13 +232,14 @@ def encode(update: types.PyTree, valid: jax.Array, params: SecAggParams,
   keys = jax.random.split(key, 2 * len(leaves))
   out, failures = [], jnp.zeros((), jnp.int32)
   for j, x in enumerate(leaves):
-    x = jnp.where(valid, x.astype(jnp.float32), 0.0)
+    x = jnp.where(finite, x.astype(jnp.float32), 0.0)
     ints = stochastic_round(params.scale * x, keys[2 * j])
     z, fail = sample_discrete_gaussian(keys[2 * j + 1], params.share_stddev,
                                        x.shape, max_trials)
     # int32 -> uint32 keeps the two's complement bits: the value mod 2^32.
-    out.append(jax.lax.bitcast_convert_type(ints + z, jnp.uint32))
-    failures = failures + fail
+    message = jax.lax.bitcast_convert_type(ints + z, jnp.uint32)
+    out.append(jnp.where(participates, message, jnp.uint32(0)))
+    failures = failures + jnp.where(participates, fail, 0)
   return jax.tree_util.tree_unflatten(treedef, out), failures
 
 
@@ -293,7 +303,7 @@ def aggregate(stacked: types.PyTree, valid: jax.Array, params: SecAggParams,
 
   Args:
     stacked: clipped updates with a leading slot axis.
-    valid: bool [slots].
+    valid: bool [slots], the slots that take part.
     params: encoding parameters.
     key: the round's noise key.
     max_trials: discrete Gaussian rejection rounds.
@@ -303,8 +313,11 @@ def aggregate(stacked: types.PyTree, valid: jax.Array, params: SecAggParams,
   """
   num = valid.shape[0]
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))
-  messages, failures = jax.vmap(encode, in_axes=(0, 0, None, 0, None))(
-      stacked, valid, params, keys, max_trials)
+  finite = jax.vmap(lambda u: jnp.all(jnp.stack([
+      jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(u)])))(
+          stacked)
+  messages, failures = jax.vmap(encode, in_axes=(0, 0, 0, None, 0, None))(
+      stacked, valid, finite, params, keys, max_trials)
   return decode(modular_sum(messages), params), jnp.sum(failures)
 
 
@@ -313,10 +326,10 @@ def aggregate(stacked: types.PyTree, valid: jax.Array, params: SecAggParams,
 
 
 def share_stddev(noise_multiplier: float, clip_norm: float, scale: float,
-                 num_shares: int) -> float:
-  """sigma_c = z C s / sqrt(n): n shares sum to the central noise z C."""
+                 min_shares: int) -> float:
+  """sigma_c = z C s / sqrt(n_min): n >= n_min shares carry >= (z C s)^2."""
   return float(noise_multiplier) * float(clip_norm) * float(scale) / math.sqrt(
-      num_shares)
+      min_shares)
 
 
 def integer_sensitivity(clip_norm: float, scale: float, dim: int) -> float:
@@ -372,39 +385,50 @@ def ddg_rho(sensitivity: float, share_stddev_: float, num_shares: int,
   Raises:
     ValueError: sigma_c < 1/2 (outside the theorem).
   """
+  return float(_ddg_rhos(sensitivity, share_stddev_, num_shares, num_shares,
+                         dim)[0])
+
+
+def _ddg_rhos(sensitivity: float, share_stddev_: float, min_shares: int,
+              max_shares: int, dim: int) -> np.ndarray:
+  """ddg_rho for every number of shares n = min_shares..max_shares."""
   if not share_stddev_ >= 0.5:
     raise ValueError(
         f"share_stddev must be >= 1/2 for the distributed discrete Gaussian "
         f"bound, got {share_stddev_!r}")
-  k = np.arange(1, num_shares, dtype=np.float64)
-  tau = 10.0 * float(np.sum(np.exp(
-      -2.0 * math.pi ** 2 * share_stddev_ ** 2 * k / (k + 1.0))))
-  return 0.5 * (sensitivity / (math.sqrt(num_shares) * share_stddev_)
-                + tau * math.sqrt(dim)) ** 2
+  k = np.arange(1, max_shares, dtype=np.float64)
+  terms = np.exp(-2.0 * math.pi ** 2 * share_stddev_ ** 2 * k / (k + 1.0))
+  # tau(n) sums the first n - 1 terms.
+  tau = 10.0 * np.concatenate([[0.0], np.cumsum(terms)])
+  n = np.arange(min_shares, max_shares + 1)
+  return 0.5 * (sensitivity / (np.sqrt(n) * share_stddev_)
+                + tau[n - 1] * math.sqrt(dim)) ** 2
 
 
-def dp_event(sampler: sampling.Sampler, *, clip_norm: float, scale: float,
-             share_stddev_: float, num_shares: int,
+def dp_event(*, clip_norm: float, scale: float, share_stddev_: float,
+             min_shares: int, max_shares: int,
              dim: int) -> dp_accounting.DpEvent:
   """ZCDpEvent(rho) of one distributed-discrete-Gaussian round.
 
   Args:
-    sampler: the cohort sampler.
     clip_norm: C (L2, real units).
     scale: s.
     share_stddev_: sigma_c, each share's stddev in integer units.
-    num_shares: shares in the sum the server cannot remove (the block size
-      when every slot adds one; fewer with dropouts or colluders).
+    min_shares: n_min, the fewest participants a round releases with (it
+      aborts below).
+    max_shares: the most participants a round can have (the block's slots).
     dim: d, the number of model parameters.
 
   Returns:
-    ZCDpEvent(rho) with D = s C + sqrt(d) for Poisson sampling without
-    truncation (add/remove-one-client) and D = 2 (s C + sqrt(d)) otherwise.
-    Account with the RDP accountant.
+    ZCDpEvent(rho) with rho the largest `ddg_rho` over n in [min_shares,
+    max_shares] shares, with D = s C + sqrt(d): zero-out (REPLACE_SPECIAL)
+    neighbours, one participant's data replaced by the empty record. No
+    amplification by sampling is credited. Account with the RDP accountant.
   """
-  d = integer_sensitivity(clip_norm, scale, dim)
-  if not (isinstance(sampler, sampling.PoissonSampler)
-          and not sampler.truncates):
-    d *= clipping.sensitivity(1.0, clipping.NeighbouringRelation.REPLACE_ONE)
-  return dp_accounting.ZCDpEvent(
-      ddg_rho(d, share_stddev_, num_shares, dim))
+  if not 1 <= min_shares <= max_shares:
+    raise ValueError(f"need 1 <= min_shares <= max_shares, got {min_shares}, "
+                     f"{max_shares}")
+  d = integer_sensitivity(clip_norm, scale, dim) * clipping.sensitivity(
+      1.0, clipping.NeighbouringRelation.REPLACE_SPECIAL)
+  return dp_accounting.ZCDpEvent(float(np.max(
+      _ddg_rhos(d, share_stddev_, min_shares, max_shares, dim))))

@@ -16,9 +16,10 @@ def env(num_devices: int) -> dict:
               JAX_PLATFORMS="cpu")
 
 
-def run_json(script: str, num_devices: int) -> dict:
-  """Runs tests/helpers/<script> there; returns its last stdout line as JSON."""
-  out = subprocess.run([sys.executable, str(HELPERS / script)],
+def run_json(script: str, num_devices: int, *args: str) -> dict:
+  """Runs tests/helpers/<script> there (with `args`); returns its last
+  stdout line as JSON."""
+  out = subprocess.run([sys.executable, str(HELPERS / script), *args],
                        env=env(num_devices), check=True, capture_output=True,
                        text=True, timeout=600)
   return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,178 @@
+"""Worst-case clients and what a round's guarantee promises about them.
+
+The pieces the privacy contract suite (tests/test_privacy_contract.py) and
+the black-box probe (scripts/privacy_probe.py) build their checks from, and
+that a user can point at a model and data of their own:
+
+  * `client(kind, ...)`: a client whose data stresses clipping and masking:
+    gradients that nearly cancel, inputs of 1e3..1e30, NaN, Inf or 3e38 in
+    one example, no examples at all;
+  * `dataset(clients, ...)`: an in-memory federated dataset of them, for
+    `simulation.build(config, dataset)` or `runner.run(..., dataset=...)`;
+  * `state_for(sim, kind)`: the server state that makes `cancelling` clients
+    cancel (near-uniform predictions);
+  * `contribution_bound(sim)`: the norm of one client's contribution to a
+    round's release that the ledger's event assumes;
+  * `event_noise_stddev(...)`: the per-coordinate noise std a DP event
+    assumes for one release.
+
+Nothing here is used by a run.
+"""
+
+import math
+
+import dp_accounting
+import jax
+import numpy as np
+
+from fedjax_dp import server as server_lib
+from fedjax_dp import simulation
+from fedjax_dp.data import builtin
+from fedjax_dp.data import population as population_lib
+from fedjax_dp.privacy import clipping
+
+# Worst-case client kinds (see `client`).
+KINDS = ("ordinary", "cancelling", "cancelling_deep", "large", "huge", "nan",
+         "inf", "max_float", "empty")
+# Cancelling clients: (input magnitude, scale of the model's last layer in
+# `state_for`). Each pair makes a float32 Gram-matrix norm of one model's
+# update cancel to about 0 while the true update is several clip norms
+# (measured: the CNN and logistic regression at the first, the 2NN at the
+# second).
+CANCELLING = {"cancelling": (1e6, 1e-9), "cancelling_deep": (1e7, 1e-11)}
+
+
+def client(kind: str, rng: np.random.Generator, size: int,
+           input_shape: tuple[int, ...], num_classes: int) -> dict:
+  """One client's examples {"x": [n, *input_shape], "y": [n]} of a kind.
+
+  "ordinary": Gaussian features; "cancelling" / "cancelling_deep": one
+  input of a large norm once with every label (at near-uniform predictions
+  the per-example gradients almost cancel; `num_classes` examples);
+  "large": features times 1e3 (one example 1e6); "huge": one example of
+  1e30; "nan", "inf", "max_float": NaN, Inf or 3e38 in one feature of one
+  example; "empty": no examples.
+  """
+  x = rng.normal(size=(size,) + tuple(input_shape)).astype(np.float32)
+  y = rng.integers(0, num_classes, size).astype(np.int32)
+  first = (0,) * len(input_shape)
+  if kind == "ordinary":
+    pass
+  elif kind in CANCELLING:
+    v = rng.normal(size=input_shape).astype(np.float32)
+    magnitude = np.float32(CANCELLING[kind][0])
+    x = np.repeat((magnitude * v / np.linalg.norm(v))[None], num_classes,
+                  axis=0)
+    y = np.arange(num_classes, dtype=np.int32)
+  elif kind == "large":
+    x *= np.float32(1e3)
+    x[0] *= np.float32(1e3)
+  elif kind == "huge":
+    x[0] = np.float32(1e30)
+  elif kind == "nan":
+    x[(0,) + first] = np.nan
+  elif kind == "inf":
+    x[(size - 1,) + first] = np.inf
+  elif kind == "max_float":
+    x[(min(1, size - 1),) + first] = np.float32(3e38)
+  elif kind == "empty":
+    x, y = x[:0], y[:0]
+  else:
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+  return {"x": x, "y": y}
+
+
+def dataset(clients: list[dict], input_shape: tuple[int, ...],
+            num_classes: int, name: str = "worst_case"
+            ) -> builtin.FederatedDataset:
+  """An in-memory federated dataset of these training clients (one
+  ordinary held-out client)."""
+  train = population_lib.FederatedPopulation.from_client_arrays(
+      [f"c{i}" for i in range(len(clients))], clients)
+  held = population_lib.FederatedPopulation.from_client_arrays(
+      ["held"], [client("ordinary", np.random.default_rng(123), 4,
+                        input_shape, num_classes)])
+  return builtin.FederatedDataset(name, train, held, input_shape, num_classes)
+
+
+def state_for(sim: simulation.Simulation, kind: str, seed: int = 0):
+  """The server state to test a `kind` client from: the initial one, and for
+  cancelling kinds with the last dense layer scaled down, so that
+  predictions are uniform up to scale * |features|."""
+  state = sim.initial_state(seed)
+  if kind not in CANCELLING:
+    return state
+  scale = np.float32(CANCELLING[kind][1])
+  params = dict(jax.tree_util.tree_map(np.asarray, state.params))
+  last = max((n for n in params if n.startswith("Dense_")),
+             key=lambda n: int(n.split("_")[1]))
+  params[last] = {k: (v * scale).astype(v.dtype)
+                  for k, v in params[last].items()}
+  return server_lib.init(params, sim.server_optimizer)
+
+
+def contribution_bound(sim: simulation.Simulation,
+                       clip_norm: float | None = None) -> tuple[int, float]:
+  """(p, bound): one client's contribution to a round's release has L_p
+  norm at most `bound` under the ledger's event: C in L2; C in L1 for
+  Laplace; C + sqrt(d) / s for secure aggregation's integers."""
+  clip_norm = sim.config.clip_norm if clip_norm is None else clip_norm
+  if sim.config.mechanism == "laplace":
+    return 1, clip_norm
+  if sim.secagg is not None:
+    return 2, clip_norm + math.sqrt(sim.secagg.dim) / sim.secagg.scale
+  return 2, clip_norm
+
+
+def event_noise_stddev(event, relation: clipping.NeighbouringRelation,
+                       clip_norm: float,
+                       count_stddev: float | None = None) -> float:
+  """Per-coordinate noise std of one release that `event` accounts for.
+
+  The event's noise multiplier is std / sensitivity, with the sensitivity
+  of its relation (`clipping.sensitivity`); Laplace's b = z C has std
+  sqrt(2) b; a tree event's nodes have std z C. Adaptive clipping
+  (`count_stddev` given): a composed event's first Gaussian is the
+  update's; a single Gaussian is the pair's equivalent z, of which the
+  update has z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (add/remove units).
+  Distributed and local noise: per participant (multiply by the square
+  root of the participants, over n_min for distributed shares).
+  """
+  sensitivity = clipping.sensitivity(clip_norm, relation)
+  if isinstance(event, dp_accounting.TruncatedSubsampledGaussianDpEvent):
+    event = dp_accounting.GaussianDpEvent(event.noise_multiplier)
+  if isinstance(event, (dp_accounting.PoissonSampledDpEvent,
+                        dp_accounting.SampledWithoutReplacementDpEvent)):
+    event = event.event
+  if isinstance(event, dp_accounting.ComposedDpEvent):
+    event = event.events[0]
+  elif count_stddev is not None and isinstance(
+      event, dp_accounting.GaussianDpEvent):
+    event = dp_accounting.GaussianDpEvent(
+        (event.noise_multiplier ** -2 - (2.0 * count_stddev) ** -2) ** -0.5)
+  if isinstance(event, dp_accounting.GaussianDpEvent):
+    return event.noise_multiplier * sensitivity
+  if isinstance(event, dp_accounting.LaplaceDpEvent):
+    return math.sqrt(2.0) * event.noise_multiplier * sensitivity
+  if isinstance(event, dp_accounting.SingleEpochTreeAggregationDpEvent):
+    return event.noise_multiplier * clip_norm
+  raise NotImplementedError(f"no noise std for {event!r}")
+
+
+def release_noise_stddev(sim: simulation.Simulation, participants: int,
+                         clip_norm: float | None = None) -> float:
+  """The noise std of one coordinate of a round's release with this many
+  participants, as the ledger's event for `sim` assumes it."""
+  clip_norm = sim.config.clip_norm if clip_norm is None else clip_norm
+  if sim.secagg is not None:
+    # Discrete Gaussian shares of std sigma_c (integer units) per
+    # participant.
+    return math.sqrt(participants) * sim.secagg.share_stddev / (
+        sim.secagg.scale)
+  count = sim.count_stddev if sim.config.adaptive_clipping else None
+  std = event_noise_stddev(sim.event(), sim.relation, clip_norm, count)
+  if sim.config.noise_placement == "local":
+    return std * math.sqrt(participants)
+  if sim.config.noise_placement == "distributed":
+    return std * math.sqrt(participants / sim.min_participants)
+  return std
