@@ -4,6 +4,7 @@ The pieces the privacy contract suite (tests/test_privacy_contract.py) and
 the black-box probe (scripts/privacy_probe.py) build their checks from, and
 that a user can point at a model and data of their own:
 
+  * `MECHANISMS`: the config changes that select each privacy mechanism;
   * `client(kind, ...)`: a client whose data stresses clipping and masking:
     gradients that nearly cancel, inputs of 1e3..1e30, NaN, Inf or 3e38 in
     one example, no examples at all;
@@ -40,6 +41,24 @@ KINDS = ("ordinary", "cancelling", "cancelling_deep", "large", "huge", "nan",
 # (measured: the CNN and logistic regression at the first, the 2NN at the
 # second).
 CANCELLING = {"cancelling": (1e6, 1e-9), "cancelling_deep": (1e7, 1e-11)}
+
+
+# Config changes that select each privacy mechanism (on top of a central
+# Gaussian base), as the contract suite and the probe run them.
+MECHANISMS = {
+    "gaussian": {},
+    "laplace": dict(mechanism="laplace"),
+    "adaptive": dict(adaptive_clipping=True, clip_count_stddev=2.0),
+    "per_layer": dict(per_layer_clipping="uniform"),
+    "local": dict(noise_placement="local"),
+    "distributed": dict(noise_placement="distributed", min_participants=1),
+    "secagg": dict(noise_placement="distributed", secagg_bits=32,
+                   accountant="rdp", min_participants=1),
+    "dp_ftrl": dict(mechanism="tree", sampling="disjoint", accountant="rdp",
+                    sampling_probability=None, cohort_size=6,
+                    tree_restart_every=2),
+    "dp_sgd": dict(example_clip_norm=1.0, example_noise_multiplier=0.0),
+}
 
 
 def client(kind: str, rng: np.random.Generator, size: int,

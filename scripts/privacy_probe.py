@@ -57,21 +57,11 @@ SHAPES = {
     "sharded": ("mlp_2nn", dict(round_shape="plain", shard_clients=True,
                                 clients_per_chunk=1)),
 }
-MECHANISMS = {
-    "gaussian": {},
-    "laplace": dict(mechanism="laplace"),
-    "adaptive": dict(adaptive_clipping=True, clip_count_stddev=2.0),
-    "per_layer": dict(per_layer_clipping="size_proportional"),
-    "local": dict(noise_placement="local"),
-    "distributed": dict(noise_placement="distributed", min_participants=1),
-    "secagg": dict(noise_placement="distributed", secagg_bits=32,
-                   accountant="rdp", min_participants=1),
+MECHANISMS = dict(
+    worst_case.MECHANISMS,
+    per_layer=dict(per_layer_clipping="size_proportional"),
     # Every client in every round (one-round trees): the adversary takes part.
-    "dp_ftrl": dict(mechanism="tree", sampling="disjoint", accountant="rdp",
-                    sampling_probability=None, cohort_size=6,
-                    tree_restart_every=1),
-    "dp_sgd": dict(example_clip_norm=1.0),
-}
+    dp_ftrl=dict(worst_case.MECHANISMS["dp_ftrl"], tree_restart_every=1))
 KINDS = tuple(k for k in worst_case.KINDS if k != "ordinary")
 
 

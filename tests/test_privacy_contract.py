@@ -42,13 +42,11 @@ IN_PROCESS = [v for v in ct.VARIANTS if v != "sharded"]
 # factored rounds, whose clip uses a computed bound.
 DEFAULT = {("plain", "gaussian"), ("plain", "local"), ("plain", "distributed"),
            ("factored_dense", "gaussian"), ("factored_cnn", "gaussian")}
-# The noise checks' default selection.
-DEFAULT_NOISE = {("plain", "gaussian"), ("plain", "local")}
 
 
-def _pairs(variants, default=DEFAULT):
+def _pairs(variants):
   return [pytest.param(v, m, id=f"{v}-{m}",
-                       marks=() if (v, m) in default else pytest.mark.slow)
+                       marks=() if (v, m) in DEFAULT else pytest.mark.slow)
           for v in variants for m in ct.MECHANISMS]
 
 
@@ -117,10 +115,8 @@ def _contributions(case, kind):
   return lanes
 
 
-@pytest.mark.parametrize("variant,mechanism", _pairs(IN_PROCESS))
-def test_every_contribution_is_bounded_and_independent(variant, mechanism):
-  _supported(variant, mechanism)
-  case = ct.case(variant, mechanism)
+def _check_contributions(case):
+  """Bounded contributions; a neighbour differs by exactly one client's."""
   for kind in ct.KINDS:
     for full, without, alone, (p, bound) in _contributions(case, kind):
       n = len(alone)
@@ -138,13 +134,10 @@ def test_every_contribution_is_bounded_and_independent(variant, mechanism):
                                  atol=_tolerance(bound, n), err_msg=kind)
 
 
-@pytest.mark.parametrize("variant,mechanism", _pairs(
-    [v for v in IN_PROCESS if v != "on_device"], {("plain", "gaussian")}))
-def test_what_padding_holds_never_matters(variant, mechanism):
-  _supported(variant, mechanism)
-  case = ct.case(variant, mechanism)
+def _check_padding(case):
+  """What padding holds never changes the release."""
   clients = ct.cohort("ordinary")
-  if variant == "sweep_lanes":
+  if case.variant == "sweep_lanes":
     release = lambda block: np.concatenate(case.lane_releases(block))
   else:
     release = case.release
@@ -158,10 +151,6 @@ def test_what_padding_holds_never_matters(variant, mechanism):
 # Noise (on): the event's std and law, and no noise shared.
 
 Z = 1.0
-
-
-def _noise_case(variant, mechanism):
-  return ct.case(variant, mechanism, noise_multiplier=Z)
 
 
 def _noise_release(case, round_index=0, valid=None):
@@ -185,13 +174,10 @@ def _expected_stddev(case, clip_norm):
   return worst_case.release_noise_stddev(case.sim, participants, clip_norm)
 
 
-@pytest.mark.parametrize("variant,mechanism", _pairs(IN_PROCESS,
-                                                     DEFAULT_NOISE))
-def test_noise_has_the_std_and_law_the_event_assumes(variant, mechanism):
-  _supported(variant, mechanism)
-  case = _noise_case(variant, mechanism)
+def _check_noise_law(case):
+  """The noise's std and law are those the ledger's event assumes."""
   clips = ([c.clip_norm for c in case.lane_configs]
-           if variant == "sweep_lanes" else [case.config.clip_norm])
+           if case.variant == "sweep_lanes" else [case.config.clip_norm])
   for release, clip in zip(_noise_release(case), clips):
     d = release.size
     std = _expected_stddev(case, clip)
@@ -212,11 +198,9 @@ def _max_correlation(d):
   return 6.0 / math.sqrt(d)
 
 
-@pytest.mark.parametrize("variant,mechanism", _pairs(IN_PROCESS,
-                                                     DEFAULT_NOISE))
-def test_no_two_releases_share_noise(variant, mechanism):
-  _supported(variant, mechanism)
-  case = _noise_case(variant, mechanism)
+def _check_no_shared_noise(case):
+  """No two releases share noise."""
+  variant = case.variant
   # Across rounds; for DP-FTRL across trees (a tree's releases are
   # correlated by construction, and accounted as one event): the first
   # release of tree 0 and of tree 1.
@@ -240,6 +224,24 @@ def test_no_two_releases_share_noise(variant, mechanism):
 
 
 # ---------------------------------------------------------------------------
+# Every pair: all of the above (one test per pair, so that each pair's
+# compiled rounds are freed before the next pair's).
+
+
+@pytest.mark.parametrize("variant,mechanism", _pairs(IN_PROCESS))
+def test_contract(variant, mechanism):
+  _supported(variant, mechanism)
+  case = ct.Case(variant, mechanism)
+  _check_contributions(case)
+  if variant != "on_device":  # its block is built on the device
+    _check_padding(case)
+  del case
+  noisy = ct.Case(variant, mechanism, noise_multiplier=Z)
+  _check_noise_law(noisy)
+  _check_no_shared_noise(noisy)
+
+
+# ---------------------------------------------------------------------------
 # Record-level DP-SGD: one example's contribution to a step.
 
 
@@ -247,7 +249,7 @@ def test_no_two_releases_share_noise(variant, mechanism):
 @pytest.mark.parametrize("variant", [
     "plain", "vmapped_chunks", "independent_chunks"])
 def test_one_example_moves_a_dp_sgd_step_by_at_most_its_clip(variant):
-  case = ct.case(variant, "dp_sgd", clip_norm=float("inf"))
+  case = ct.Case(variant, "dp_sgd", clip_norm=float("inf"))
   example_clip = case.config.example_clip_norm
   # One local step: the client's delta is -lr (sum of clipped example
   # gradients) / B; one example (replaced by padding) moves it by at most

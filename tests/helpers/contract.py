@@ -25,7 +25,6 @@ with padding slots after them.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -71,22 +70,11 @@ VARIANTS = {
     "sweep_lanes": ("mlp_2nn", dict(round_shape="auto")),
 }
 
-MECHANISMS = {
-    "gaussian": dict(),
+MECHANISMS = dict(
+    worst_case.MECHANISMS,
     # A block as large as the population: never truncated, so the event is
     # the sampled Laplace (a truncating block is accounted unamplified).
-    "laplace": dict(mechanism="laplace", capacity=None),
-    "adaptive": dict(adaptive_clipping=True, clip_count_stddev=2.0),
-    "per_layer": dict(per_layer_clipping="uniform"),
-    "local": dict(noise_placement="local"),
-    "distributed": dict(noise_placement="distributed", min_participants=1),
-    "secagg": dict(noise_placement="distributed", secagg_bits=32,
-                   accountant="rdp", min_participants=1),
-    "dp_ftrl": dict(mechanism="tree", sampling="disjoint", accountant="rdp",
-                    sampling_probability=None, cohort_size=6,
-                    tree_restart_every=2),
-    "dp_sgd": dict(example_clip_norm=1.0, example_noise_multiplier=0.0),
-}
+    laplace=dict(mechanism="laplace", capacity=None))
 
 # (variant, mechanism) -> why the library refuses it. The one list; the
 # suite checks that building exactly these raises ValueError.
@@ -300,11 +288,6 @@ class Case:
         sim.adaptive_hparams(), sim.secagg_params(), num_rounds=1)
     return (flat(new.params) - flat(state.params)) * float(
         hparams.denominator)
-
-
-@functools.lru_cache(maxsize=None)
-def case(variant: str, mechanism: str, **changes) -> Case:
-  return Case(variant, mechanism, **changes)
 
 
 def norm(x: np.ndarray, p: float) -> float:
