@@ -166,14 +166,15 @@ def _check_keyboard(out: str, nb) -> None:
 
 def _check_auditing(out: str, nb) -> None:
   runs = re.findall(r"^(.*): ledger epsilon " + _NUMBER
-                    + r", empirical lower bound " + _NUMBER, out, flags=re.M)
+                    + r", empirical estimate " + _NUMBER, out, flags=re.M)
   assert len(runs) == 2, out[-2000:]
   (private, eps, lo), (_, eps0, lo0) = runs
   assert private.startswith("private")
   eps, lo, eps0, lo0 = map(float, (eps, lo, eps0, lo0))
   assert math.isfinite(eps) and eps > 0
   assert eps0 == math.inf  # no noise
-  # A 95%-confidence lower bound: below the accountant's epsilon.
+  # An estimate from the canaries' scores: a sound run does not show more
+  # than the accountant's epsilon.
   assert 0.0 <= lo <= eps
   assert lo0 >= 0.0
 
