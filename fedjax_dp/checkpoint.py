@@ -222,8 +222,10 @@ def _step_dir(directory: pathlib.Path, step: int) -> pathlib.Path:
   return directory / f"{_PREFIX}{step}"
 
 
-def _named_steps(directory: pathlib.Path) -> list[int]:
-  """Steps of every folder named like a checkpoint, complete or not."""
+def named_steps(directory: str | os.PathLike) -> list[int]:
+  """Steps of every folder named like a checkpoint, complete or not
+  (`restore` says what is wrong with an incomplete one)."""
+  directory = pathlib.Path(directory)
   if not directory.is_dir():
     return []
   steps = []
@@ -253,7 +255,7 @@ def all_steps(directory: str | os.PathLike) -> list[int]:
   records. Checksums of the array data are only verified by `restore`.
   """
   directory = pathlib.Path(directory)
-  return [s for s in _named_steps(directory)
+  return [s for s in named_steps(directory)
           if _is_complete(_step_dir(directory, s), s)]
 
 
@@ -397,6 +399,29 @@ def save(
   directory.mkdir(parents=True, exist_ok=True)
   _remove_leftovers(directory)
   tmp = directory / f"{_TMP_PREFIX}{step}-{os.getpid()}-{uuid.uuid4().hex}"
+  try:
+    _write_committed(directory, tmp, step, specs, arrays, metadata_bytes)
+  except BaseException:
+    # A failed write (a full disk, an interruption) leaves the previous
+    # checkpoints as they were, and no partial folder.
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+  _remove_leftovers(directory)
+  named = named_steps(directory)
+  for s in named:
+    if s > step:
+      _discard(directory, s)
+  older = [s for s in named if s < step]
+  for s in older[:max(0, len(older) - (keep - 1))]:
+    _discard(directory, s)
+  return _step_dir(directory, step)
+
+
+def _write_committed(directory: pathlib.Path, tmp: pathlib.Path, step: int,
+                     specs: list[dict], arrays: list[np.ndarray],
+                     metadata_bytes: bytes) -> None:
+  """Steps 1 and 2 of the commit protocol: write `tmp`, rename it."""
   tmp.mkdir()
   _write_arrays(tmp / ARRAYS_FILE, arrays)
   _write_bytes(tmp / METADATA_FILE, metadata_bytes)
@@ -421,16 +446,6 @@ def save(
     os.rename(final, directory / f"{_TRASH_PREFIX}{step}-{uuid.uuid4().hex}")
   os.rename(tmp, final)
   _fsync(directory)  # The commit point: the rename is now durable.
-
-  _remove_leftovers(directory)
-  named = _named_steps(directory)
-  for s in named:
-    if s > step:
-      _discard(directory, s)
-  older = [s for s in named if s < step]
-  for s in older[:max(0, len(older) - (keep - 1))]:
-    _discard(directory, s)
-  return final
 
 
 # ----------------------------------------------------------------------------

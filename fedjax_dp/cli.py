@@ -5,25 +5,61 @@ import datetime
 import importlib.util
 import json
 import logging
+import os
 import pathlib
 import sys
 
 
 def _load_experiment(path: str, smoke: bool):
+  """The Config an experiment file's get_config() (or get_smoke_config())
+  returns.
+
+  Raises:
+    ValueError: naming the file, for a file that is missing, is not Python,
+      fails to run, or does not return a valid Config.
+  """
   from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
   file = pathlib.Path(path)
   if not file.is_file():
     raise ValueError(f"--config: no experiment file at {path!r}")
-  spec = importlib.util.spec_from_file_location(f"experiment_{file.stem}", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   getter = "get_smoke_config" if smoke else "get_config"
-  if not hasattr(module, getter):
-    raise ValueError(f"--config: {path} defines no {getter}()")
-  config = getattr(module, getter)()
+  try:
+    spec = importlib.util.spec_from_file_location(f"experiment_{file.stem}",
+                                                  file)
+    if spec is None or spec.loader is None:
+      raise ValueError("not a Python file (an experiment is a .py file with "
+                       "get_config())")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, getter):
+      raise ValueError(f"defines no {getter}()")
+    config = getattr(module, getter)()
+  except Exception as e:  # pylint: disable=broad-except
+    # Whatever the user's file raised (a syntax error, a bad field, ...) is
+    # reported as that file's problem, in one line.
+    raise ValueError(f"--config {path}: {_describe(e)}") from None
   if not isinstance(config, config_lib.Config):
-    raise ValueError(f"--config: {path}:{getter}() must return a Config")
+    raise ValueError(f"--config: {path}:{getter}() must return a Config, not "
+                     f"{type(config).__name__}")
   return config
+
+
+def _describe(e: BaseException) -> str:
+  """An exception as one line: its type where that says something, and its
+  message."""
+  message = " ".join(str(e).split())
+  if isinstance(e, ValueError) and message:
+    return message
+  if isinstance(e, SyntaxError):
+    return f"SyntaxError: {e.msg} (line {e.lineno})"
+  if isinstance(e, MemoryError):
+    return "out of memory" + (f" ({message})" if message else "")
+  return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
+def _apply_overrides(config, assignments):
+  from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.parse_overrides(config, assignments or ())
 
 
 def _cmd_train(args) -> int:
@@ -48,11 +84,10 @@ def _cmd_train(args) -> int:
       "rounds": args.rounds, "noise_multiplier": args.noise_multiplier,
       "clip_norm": args.clip_norm, "seed": args.seed,
   }
-  changes = {k: v for k, v in flag_overrides.items() if v is not None}
-  if changes:
-    config = config.replace(**changes)
-  for assignment in args.set or ():
-    config = config_lib.parse_override(config, assignment)
+  # Flags and --set overrides are applied together and validated once.
+  assignments = [f"{k}={json.dumps(v)}" for k, v in flag_overrides.items()
+                 if v is not None] + list(args.set or ())
+  config = _apply_overrides(config, assignments)
   run_dir = args.run_dir or (
       pathlib.Path("runs") /
       f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -77,9 +112,8 @@ def _cmd_audit(args) -> int:
   from fedjax_dp import runner  # pylint: disable=g-import-not-at-top
   config = (_load_experiment(args.config, args.smoke) if args.config
             else config_lib.Config())
-  for assignment in args.set or ():
-    config = config_lib.parse_override(config, assignment)
-  config = config.replace(audit_canaries=args.canaries)
+  config = _apply_overrides(
+      config, list(args.set or ()) + [f"audit_canaries={args.canaries}"])
   run_dir = args.run_dir or (
       pathlib.Path("runs") /
       f"{config.name}-audit-{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -104,8 +138,7 @@ def _cmd_sweep(args) -> int:
   from fedjax_dp import sweep  # pylint: disable=g-import-not-at-top
   config = (_load_experiment(args.config, args.smoke) if args.config
             else config_lib.Config())
-  for assignment in args.set or ():
-    config = config_lib.parse_override(config, assignment)
+  config = _apply_overrides(config, args.set)
   if not args.grid:
     raise ValueError("--grid: give at least one FIELD=V1,V2,...")
   grid = sweep.parse_grid(config, args.grid)
@@ -142,8 +175,8 @@ def _cmd_account(args) -> int:
     raise ValueError("--noise-multiplier must be a number >= 0, got "
                      f"{args.noise_multiplier!r}")
   sampler = _sampler_from_args(args)
-  eps = accounting.epsilon_of(
-      [sampler.dp_event(args.noise_multiplier)] * args.rounds, args.delta,
+  eps = accounting.epsilon_of_counts(
+      [(sampler.dp_event(args.noise_multiplier), args.rounds)], args.delta,
       accountant=args.accountant, relation=sampler.relation)
   result = {
       "epsilon": eps, "delta": args.delta, "accountant": args.accountant,
@@ -170,9 +203,9 @@ def _cmd_calibrate(args) -> int:
   z = accounting.calibrate_noise_multiplier(
       sampler.dp_event, target_epsilon=args.target_epsilon, delta=args.delta,
       rounds=args.rounds, accountant=args.accountant, relation=sampler.relation)
-  eps = accounting.epsilon_of([sampler.dp_event(z)] * args.rounds, args.delta,
-                              accountant=args.accountant,
-                              relation=sampler.relation)
+  eps = accounting.epsilon_of_counts(
+      [(sampler.dp_event(z), args.rounds)], args.delta,
+      accountant=args.accountant, relation=sampler.relation)
   result = {"noise_multiplier": z, "epsilon": eps,
             "target_epsilon": args.target_epsilon, "delta": args.delta,
             "accountant": args.accountant, "sampling": args.sampling,
@@ -308,14 +341,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """Runs a command; returns the exit status.
+
+  0: success. 2: bad input or an environment fault (a missing file, a
+  read-only or full disk, a diverged run), reported as one line on stderr
+  that names the field or file. 130: interrupted (SIGINT). 1: an internal
+  error (also one line; FEDJAX_DP_TRACEBACK=1 shows the traceback).
+  """
   args = build_parser().parse_args(argv)
   # dp_accounting logs a warning per RDP order it skips; they are not errors.
   logging.getLogger("absl").setLevel(logging.ERROR)
   try:
     return args.fn(args)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"fedjax-dp: error: {e}", file=sys.stderr)
+  except KeyboardInterrupt as e:
+    rounds = getattr(e, "rounds_completed", None)
+    run_dir = getattr(e, "run_dir", None)
+    where = "" if rounds is None else f" at round {rounds}"
+    resume = (f"; resume with: fedjax-dp train --resume {run_dir} (from its "
+              "last checkpoint)" if run_dir is not None else "")
+    print(f"fedjax-dp: interrupted{where}{resume}", file=sys.stderr)
+    return 130
+  except (ValueError, OSError, MemoryError, OverflowError) as e:
+    print(f"fedjax-dp: error: {_describe(e)}", file=sys.stderr)
     return 2
+  except Exception as e:  # pylint: disable=broad-except
+    if os.environ.get("FEDJAX_DP_TRACEBACK"):
+      raise
+    print(f"fedjax-dp: internal error: {_describe(e)} (set "
+          "FEDJAX_DP_TRACEBACK=1 to see where)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

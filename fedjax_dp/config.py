@@ -21,6 +21,40 @@ def _fail(field: str, allowed: str, value: Any) -> None:
   raise ValueError(f"config field {field!r} must be {allowed}; got {value!r}")
 
 
+# The largest seed: JAX's default (threefry) keys are built from 32 bits of
+# it, so larger seeds would silently collide with smaller ones.
+MAX_SEED = 2**32 - 1
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number",
+               bool: "true or false", dict: "a dict (JSON object)"}
+
+
+def _has_type(value: Any, kind: type) -> bool:
+  if kind is float:  # an int is a number too; a bool is not
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind is int:
+    return _is_int(value)
+  return isinstance(value, kind)
+
+
+def _check_types(config: "Config") -> None:
+  """Raises ValueError naming the first field whose value has the wrong type
+  (before any range check compares it)."""
+  for name, hint in typing.get_type_hints(type(config)).items():
+    value = getattr(config, name)
+    kinds = [k for k in typing.get_args(hint) or (hint,) if k is not
+             type(None)]
+    if value is None and len(kinds) < len(typing.get_args(hint) or (hint,)):
+      continue
+    if not any(_has_type(value, k) for k in kinds):
+      allowed = " or ".join(_TYPE_NAMES[k] for k in kinds)
+      if value is None:
+        allowed += " (not null)"
+      elif len(kinds) < len(typing.get_args(hint) or (hint,)):
+        allowed += " (or null)"
+      _fail(name, allowed, value)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Settings of one DP-FedAvg run.
@@ -113,9 +147,13 @@ class Config:
   # inserted into the population (as many more are held out); 0 disables.
   audit_canaries: int = 0
   # Run.
-  seed: int = 0
+  seed: int = 0  # in [0, 2**32 - 1]: JAX's default keys hold 32 bits
   eval_every: int = 10
   checkpoint_every: int = 10  # rounds between checkpoints (with a run dir)
+  # Divergence: the run stops with an error after this many consecutive
+  # failed rounds -- rounds in which every participating client's update was
+  # non-finite, or whose held-out loss was non-finite. None never stops.
+  max_failed_rounds: int | None = 3
   clients_per_chunk: int | None = None  # None: chosen by backend
   # How the round is computed: "auto" uses the factored round for dense
   # models under plain client SGD on one device with up to 16 local steps,
@@ -156,6 +194,8 @@ class Config:
       v = getattr(self, name)
       if not _is_int(v) or v < 1:
         _fail(name, "an integer >= 1", v)
+
+    _check_types(self)
 
     if self.dataset not in builtin.NAMES:
       _fail("dataset", f"one of {list(builtin.NAMES)}", self.dataset)
@@ -261,8 +301,10 @@ class Config:
         _fail(name, "true, false or null", value)
     if not isinstance(self.stop_at_budget, bool):
       _fail("stop_at_budget", "true or false", self.stop_at_budget)
-    if not isinstance(self.seed, int) or self.seed < 0:
-      _fail("seed", "an integer >= 0", self.seed)
+    if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+      _fail("seed", f"an integer in [0, {MAX_SEED}] (2**32 - 1)", self.seed)
+    if self.max_failed_rounds is not None:
+      positive_int("max_failed_rounds")
     for name in ("dataset_kwargs", "model_kwargs"):
       if not isinstance(getattr(self, name), dict):
         _fail(name, "a dict", getattr(self, name))
@@ -383,20 +425,8 @@ class Config:
     return cls(**d)
 
 
-def parse_override(config: Config, assignment: str) -> Config:
-  """Applies one 'field=value' override; the value is parsed by the field type.
-
-  JSON syntax is accepted for values (numbers, null, true/false, {...}); a
-  bare word is taken as a string. 'inf' is accepted for floats.
-  """
-  if "=" not in assignment:
-    raise ValueError(f"override {assignment!r} must look like field=value")
-  name, raw = assignment.split("=", 1)
-  name = name.strip().replace("-", "_")
-  fields = {f.name: f for f in dataclasses.fields(Config)}
-  if name not in fields:
-    raise ValueError(
-        f"unknown config field {name!r}; fields are {sorted(fields)}")
+def _parse_value(name: str, raw: str) -> Any:
+  """The value of field `name` written as `raw` on a command line."""
   raw = raw.strip()
   if raw.lower() in ("inf", "+inf", "infinity"):
     value = math.inf
@@ -408,7 +438,42 @@ def parse_override(config: Config, assignment: str) -> Config:
     except json.JSONDecodeError:
       value = raw
   hint = typing.get_type_hints(Config)[name]
-  if float in typing.get_args(hint) + (hint,) and isinstance(value, int) \
-      and not isinstance(value, bool):
+  kinds = typing.get_args(hint) + (hint,)
+  if float in kinds and _is_int(value):
     value = float(value)
-  return config.replace(**{name: value})
+  elif (int in kinds and float not in kinds and isinstance(value, float)
+        and value.is_integer()):
+    value = int(value)  # rounds=1e6
+  return value
+
+
+def parse_overrides(config: Config, assignments) -> Config:
+  """Applies 'field=value' overrides together, validating the result once.
+
+  Applied together, a config can be switched between fields that must change
+  at once (e.g. noise_multiplier=null with target_epsilon=3). JSON syntax is
+  accepted for values (numbers, null, true/false, {...}); a bare word is
+  taken as a string. 'inf' is accepted for floats. A later assignment of the
+  same field wins.
+
+  Raises:
+    ValueError: a malformed assignment, an unknown field, or an invalid
+      resulting config (naming the field).
+  """
+  fields = {f.name for f in dataclasses.fields(Config)}
+  changes = {}
+  for assignment in assignments:
+    if "=" not in assignment:
+      raise ValueError(f"override {assignment!r} must look like field=value")
+    name, raw = assignment.split("=", 1)
+    name = name.strip().replace("-", "_")
+    if name not in fields:
+      raise ValueError(
+          f"unknown config field {name!r}; fields are {sorted(fields)}")
+    changes[name] = _parse_value(name, raw)
+  return config.replace(**changes) if changes else config
+
+
+def parse_override(config: Config, assignment: str) -> Config:
+  """Applies one 'field=value' override (see `parse_overrides`)."""
+  return parse_overrides(config, [assignment])

@@ -40,6 +40,43 @@ class ModelDivergedError(ValueError):
         "server_lr, or clip_norm.")
 
 
+class TrainingFailedError(ModelDivergedError):
+  """Consecutive rounds failed: every participating client's update was
+  non-finite, or the held-out loss was."""
+
+  @classmethod
+  def after(cls, r: int, failed: int, reason: str) -> "TrainingFailedError":
+    return cls(
+        f"round {r}: {failed} consecutive failed rounds (config field "
+        f"'max_failed_rounds'), the last because {reason}; training has "
+        "diverged. The run stops here and keeps its last checkpoint. Lower "
+        "client_lr or server_lr, or clip_norm.")
+
+
+class RunInterrupted(KeyboardInterrupt):
+  """The user interrupted a run (SIGINT) after `rounds_completed` rounds."""
+
+  def __init__(self, rounds_completed: int, run_dir):
+    super().__init__(rounds_completed, run_dir)
+    self.rounds_completed = rounds_completed
+    self.run_dir = run_dir
+
+
+def failed_round_reason(metrics: dict) -> str | None:
+  """Why round `metrics` failed (see `Config.max_failed_rounds`), or None.
+
+  A round with no participant (an empty Poisson draw, everyone dropped out)
+  has nothing to fail and is not counted.
+  """
+  if metrics.get("num_clients") == 0 and metrics.get("num_nonfinite", 0) > 0:
+    return (f"all {metrics['num_nonfinite']} participating clients' updates "
+            "were non-finite")
+  loss = metrics.get("eval_loss")
+  if loss is not None and not np.isfinite(loss):
+    return f"the held-out loss was {loss}"
+  return None
+
+
 @dataclasses.dataclass
 class RunResult:
   config: config_lib.Config
@@ -107,8 +144,11 @@ def load_run_config(run_dir: str | os.PathLike) -> config_lib.Config:
                      "directory?")
   try:
     data = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"--resume: {path} is not valid JSON ({e})") from e
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"--resume: {path} is not valid JSON ({e})") from None
+  if not isinstance(data, dict):
+    raise ValueError(f"--resume: {path} must hold a JSON object of config "
+                     f"fields, not {type(data).__name__}")
   data.pop("resolved_noise_multiplier", None)
   return config_lib.Config.from_dict(data)
 
@@ -119,7 +159,8 @@ def load_run_config(run_dir: str | os.PathLike) -> config_lib.Config:
 # that changes an event of the rounds already run (a calibrated noise
 # multiplier, one DP-FTRL tree over the whole run), the ledger check refuses.
 RESUMABLE_FIELDS = ("name", "eval_every", "checkpoint_every", "rounds",
-                    "epsilon_budget", "stop_at_budget", "clients_per_chunk",
+                    "epsilon_budget", "stop_at_budget", "max_failed_rounds",
+                    "clients_per_chunk",
                     "vmap_clients", "unroll_local_steps", "shard_clients",
                     "round_shape")
 
@@ -153,7 +194,7 @@ def check_resume_config(started: dict, config: config_lib.Config) -> None:
 
 
 def check_resume_ledger(ledger: accounting.PrivacyLedger,
-                        sim: simulation.Simulation, events: list) -> None:
+                        sim: simulation.Simulation) -> None:
   """Refuses a restored ledger that is not what this run would record.
 
   The ledger is the truth: its relation, delta and accountant must be the
@@ -171,8 +212,9 @@ def check_resume_ledger(ledger: accounting.PrivacyLedger,
         f"accountant) = {have}, this run {want}; resume with the config the "
         "run was started with")
   for entry in ledger.entries:
-    if entry.round >= len(events) or entry.event != events[entry.round]:
-      planned = events[entry.round] if entry.round < len(events) else None
+    planned = (sim.event(round_index=entry.round)
+               if entry.round < sim.config.rounds else None)
+    if entry.event != planned:
       raise ValueError(
           f"--resume: round {entry.round} is recorded in the privacy ledger "
           f"as {entry.event!r}, but this run's round would be {planned!r} "
@@ -203,6 +245,29 @@ def _recorded_events(path: pathlib.Path) -> list:
   return entries
 
 
+def _metrics_reach(path: pathlib.Path, offset, size: int) -> bool:
+  """Whether metrics.jsonl still holds the `offset` bytes a checkpoint
+  recorded, ending at a row's end."""
+  if not isinstance(offset, int) or offset < 0 or offset > size:
+    return False
+  if offset == 0:
+    return True
+  with open(path, "rb") as f:
+    f.seek(offset - 1)
+    return f.read(1) == b"\n"
+
+
+def _check_run_directory(out: pathlib.Path) -> None:
+  """Refuses a run directory whose parts have the wrong kind (before
+  anything is written)."""
+  for path, kind in ((out, "directory"), (out / "checkpoints", "directory"),
+                     (out / "metrics.jsonl", "file"),
+                     (out / "ledger.jsonl", "file"),
+                     (out / "config.json", "file")):
+    if path.exists() and (path.is_dir() != (kind == "directory")):
+      raise ValueError(f"run directory: {path} exists but is not a {kind}")
+
+
 def _report_secagg(r: int, metrics: dict, totals: dict,
                    log: Callable[[str], None]) -> None:
   """Secure aggregation's overflow is reported, never silently wrong."""
@@ -216,16 +281,6 @@ def _report_secagg(r: int, metrics: dict, totals: dict,
   if metrics["secagg_sampler_failures"]:
     log(f"round {r}: {metrics['secagg_sampler_failures']} discrete Gaussian "
         "samples failed (set to 0)")
-
-
-def _prefix_epsilons(ledger: accounting.PrivacyLedger, events: list,
-                     first: int) -> list[float]:
-  """The epsilon `ledger`'s settings give after events[:n], for each n in
-  first + 1, ..., len(events)."""
-  return [accounting.epsilon_of(events[:n], ledger.delta,
-                                accountant=ledger.accountant,
-                                relation=ledger.relation)
-          for n in range(first + 1, len(events) + 1)]
 
 
 def run(
@@ -265,9 +320,8 @@ def run(
   sim = simulation.build(config, dataset)
   train, sampler, model = sim.train, sim.sampler, sim.model
   noise_multiplier = sim.noise_multiplier
-  events = sim.run_events()
-  planned_epsilon = accounting.epsilon_of(
-      events, config.delta, accountant=config.accountant,
+  planned_epsilon = accounting.epsilon_of_counts(
+      sim.schedule(), config.delta, accountant=config.accountant,
       relation=sim.relation)
   if (config.epsilon_budget is not None and not config.stop_at_budget
       and planned_epsilon > config.epsilon_budget):
@@ -280,8 +334,10 @@ def run(
   if resume and out is None:
     raise ValueError("resume needs a run directory")
   ckpt_dir = out / "checkpoints" if out is not None else None
+  if out is not None:
+    _check_run_directory(out)
   if out is not None and not resume and (
-      (out / "metrics.jsonl").exists() or checkpoint.all_steps(ckpt_dir)):
+      (out / "metrics.jsonl").exists() or checkpoint.named_steps(ckpt_dir)):
     # Never overwrite another run's results or let its checkpoints be
     # mistaken for this run's.
     raise ValueError(
@@ -320,15 +376,27 @@ def run(
   if resume:
     restored = None
     errors = []
-    # Newest first; a damaged checkpoint falls back to the one before it.
-    for step in sorted(checkpoint.all_steps(ckpt_dir), reverse=True):
+    metrics_path = out / "metrics.jsonl"
+    metrics_size = metrics_path.stat().st_size if metrics_path.is_file() else 0
+    # Newest first; a damaged checkpoint falls back to the one before it, and
+    # so does one whose metrics rows are no longer all in metrics.jsonl (they
+    # are rebuilt by replaying the rounds after an older checkpoint).
+    for step in sorted(checkpoint.named_steps(ckpt_dir), reverse=True):
       try:
         restored, meta = checkpoint.restore(
             ckpt_dir, step, _checkpoint_state(state, canary_max, clip_norm))
-        break
       except checkpoint.CheckpointError as e:
         errors.append(str(e))
         log(f"checkpoint {step} is unusable ({e}); trying an older one")
+        continue
+      offset = meta.get("metrics_offset")
+      if not _metrics_reach(metrics_path, offset, metrics_size):
+        log(f"checkpoint {step} records {offset} bytes of metrics, but "
+            f"{metrics_path} holds {metrics_size} ending elsewhere (cut short "
+            "or edited); rebuilding the missing rows from an older checkpoint")
+        restored = None
+        continue
+      break
     if restored is not None:
       if not isinstance(meta.get("config"), dict):
         raise checkpoint.CheckpointError(
@@ -343,10 +411,10 @@ def run(
         raise checkpoint.CheckpointError(
             f"{ckpt_dir}: checkpoint {step}'s ledger does not hold rounds "
             f"0..{step - 1} exactly once")
-      check_resume_ledger(ledger, sim, events)
+      check_resume_ledger(ledger, sim)
       first_round, metrics_offset = step, int(meta["metrics_offset"])
       log(f"resuming {out} after round {step - 1}")
-    elif errors:
+    elif errors and len(errors) == len(checkpoint.named_steps(ckpt_dir)):
       raise checkpoint.CheckpointError(
           "no usable checkpoint to resume from: " + "; ".join(errors))
     else:
@@ -355,8 +423,8 @@ def run(
       recorded = sim.new_ledger()
       for entry in _recorded_events(out / "ledger.jsonl"):
         recorded.record(*entry)
-      check_resume_ledger(recorded, sim, events)
-      log(f"resuming {out}: no complete checkpoint, starting from round 0")
+      check_resume_ledger(recorded, sim)
+      log(f"resuming {out}: no usable checkpoint, starting from round 0")
 
   metrics_file = ledger_file = None
   if out is not None:
@@ -371,8 +439,9 @@ def run(
         for e in ledger.entries))
     metrics_path = out / "metrics.jsonl"
     if resume and metrics_path.exists():
+      # Never past the end: _metrics_reach checked the offset fits.
       with open(metrics_path, "r+", encoding="utf-8") as f:
-        f.truncate(metrics_offset)
+        f.truncate(min(metrics_offset, metrics_path.stat().st_size))
     metrics_file = open(metrics_path, "a", encoding="utf-8")
     ledger_file = open(out / "ledger.jsonl", "a", encoding="utf-8")
 
@@ -390,6 +459,9 @@ def run(
   def save_checkpoint(rounds_completed: int) -> None:
     if ckpt_dir is None:
       return
+    # What the checkpoint points at is durable before the checkpoint is.
+    metrics_file.flush()
+    os.fsync(metrics_file.fileno())
     checkpoint.save(
         ckpt_dir, rounds_completed,
         _checkpoint_state(state, canary_max, clip_norm),
@@ -432,6 +504,13 @@ def run(
     if metrics_file is not None:
       metrics_file.write(json.dumps(metrics) + "\n")
       metrics_file.flush()
+    failed = failed_round_reason(metrics)
+    failures["consecutive"] = failures["consecutive"] + 1 if failed else (
+        failures["consecutive"] if metrics.get("num_clients") == 0 else 0)
+    failures["total"] += bool(failed)
+    if failed and config.max_failed_rounds is not None and \
+        failures["consecutive"] >= config.max_failed_rounds:
+      raise TrainingFailedError.after(r, failures["consecutive"], failed)
     return metrics
 
   def run_calls() -> None:
@@ -448,13 +527,13 @@ def run(
       # loop; shorter calls reuse the compiled program (it masks the rest).
       end = min(r + max_rounds, config.rounds,
                 (r // config.eval_every + 1) * config.eval_every)
-      call_events = events[r:end]
-      epsilons = None
+      call_events = [sim.event(round_index=q) for q in range(r, end)]
+      # The epsilon after each of the call's rounds (its cost does not grow
+      # with the rounds already run).
+      epsilons = ledger.epsilons_after(call_events)
       if config.epsilon_budget is not None:
         # The host loop's rule, round by round: stop before the first round
         # that would exceed the budget.
-        epsilons = _prefix_epsilons(ledger, ledger.events + call_events,
-                                    ledger.num_rounds)
         fit = next((i for i, e in enumerate(epsilons)
                     if e > config.epsilon_budget), len(epsilons))
         if fit < len(call_events):
@@ -475,9 +554,6 @@ def run(
           state, call_hparams, population, keys, r, end - r, adaptive, secagg,
           num_rounds=max_rounds)
       # The call runs asynchronously: accounting overlaps it.
-      if epsilons is None:
-        epsilons = _prefix_epsilons(ledger, ledger.events,
-                                    ledger.num_rounds - (end - r))
       example_epsilons = [
           sim.example_epsilon(n)
           for n in range(ledger.num_rounds - (end - r) + 1,
@@ -508,6 +584,7 @@ def run(
         break
 
   history = []
+  failures = {"consecutive": 0, "total": 0}
   stopped_for_budget = False
   bar = None
   if progress:
@@ -525,7 +602,7 @@ def run(
     if multi_round is not None:
       run_calls()
     for r, block, num_drawn, num_dropped, canary_ids in cohorts:
-      event = events[r]
+      event = sim.event(round_index=r)
       if config.epsilon_budget is not None and \
           ledger.epsilon_if(event) > config.epsilon_budget:
         stopped_for_budget = True
@@ -569,6 +646,8 @@ def run(
                         eps=f"{metrics['epsilon']:.2f}")
     if stopped_for_budget:
       save_checkpoint(rounds_done)
+  except KeyboardInterrupt:
+    raise RunInterrupted(rounds_done, out) from None
   finally:
     cohorts.close()
     if bar is not None:
@@ -586,6 +665,8 @@ def run(
       "rounds_completed": rounds_done,
       "rounds_planned": config.rounds,
       "stopped_for_budget": stopped_for_budget,
+      # Failed rounds this process ran (see Config.max_failed_rounds).
+      "failed_rounds": failures["total"],
       "noise_multiplier": noise_multiplier,
       "clip_norm": config.clip_norm,
       "delta": config.delta,

@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import dp_accounting
 import jax
@@ -57,7 +57,7 @@ OUTSIDE_RELEASE_IDENTITY = (
     "name", "eval_every", "checkpoint_every", "rounds", "epsilon_budget",
     "stop_at_budget", "accountant", "delta", "target_epsilon",
     "noise_multiplier", "clients_per_chunk", "vmap_clients",
-    "unroll_local_steps", "shard_clients", "round_shape")
+    "unroll_local_steps", "shard_clients", "round_shape", "max_failed_rounds")
 
 
 def release_identity(config: config_lib.Config,
@@ -434,6 +434,28 @@ class Simulation:
     """The events of every planned round."""
     return [self.event(round_index=r) for r in range(self.config.rounds)]
 
+  def schedule(self) -> list[tuple[Any, int]]:
+    """The planned rounds' events as (event, number of rounds) pairs: one
+    pair when every round is alike, so accounting the plan costs the same
+    for any number of rounds (DP-FTRL: one pair per tree, and one for the
+    no-op rounds inside trees). Composition does not depend on order."""
+    rounds = self.config.rounds
+    if self.config.mechanism != "tree":
+      return [(self.event(), rounds)]
+    # DP-FTRL records a tree's event when the tree starts and a no-op in its
+    # other rounds (tree_aggregation.round_event): one pair per tree.
+    runs = []
+    for r in range(0, rounds, self.sampler.restart_every):
+      event = self.event(round_index=r)
+      if runs and runs[-1][0] == event:
+        runs[-1] = (event, runs[-1][1] + 1)
+      else:
+        runs.append((event, 1))
+    recorded = sum(count for _, count in runs)
+    if recorded < rounds:
+      runs.append((self.event(round_index=1), rounds - recorded))
+    return runs
+
   @property
   def relation(self) -> clipping.NeighbouringRelation:
     return ledger_relation(self.config, self.sampler)
@@ -455,8 +477,10 @@ class Simulation:
     event = self.example_event()
     if event is None:
       return None
-    return accounting.epsilon_of(
-        [event] * num_rounds, self.config.delta,
+    if num_rounds == 0:
+      return 0.0
+    return accounting.epsilon_of_counts(
+        [(event, num_rounds)], self.config.delta,
         accountant=self.config.accountant,
         relation=clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE)
 
@@ -607,6 +631,12 @@ def build(config: config_lib.Config,
   sampler = build_sampler(config, train.num_clients + config.audit_canaries)
   model = registry.get_model(config.model, dataset.input_shape,
                              dataset.num_classes, **config.model_kwargs)
+  try:  # shapes only: a bad architecture option fails here, not mid-run
+    params_shape = jax.eval_shape(model.init, jax.random.key(0))
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+        f"config field 'model_kwargs' ({config.model_kwargs}) does not build "
+        f"model {config.model!r}: {e}") from None
   noise_multiplier = resolve_noise_multiplier(config, sampler)
   shard = config.shard_clients
   if shard is None:
@@ -625,6 +655,8 @@ def build(config: config_lib.Config,
   # Every device gets a whole number of chunks.
   per_block = chunk * (mesh.size if mesh is not None else 1)
   slots = -(-sampler.capacity // per_block) * per_block
+  blocks.check_block_size(train.feature_specs, slots, num_steps,
+                          config.batch_size)
   eval_population = dataset.eval
   if not isinstance(eval_population, population_lib.FederatedPopulation):
     # Held-out clients are loaded once (a lazy source reads them here).
@@ -634,7 +666,7 @@ def build(config: config_lib.Config,
     min_participants = resolve_min_participants(config, sampler)
   secagg = None
   if config.secagg_bits is not None:
-    dim = tree_util.tree_size(jax.eval_shape(model.init, jax.random.key(0)))
+    dim = tree_util.tree_size(params_shape)
     secagg = secagg_setup(config, noise_multiplier, min_participants, slots,
                           dim)
   return Simulation(

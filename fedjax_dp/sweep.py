@@ -442,8 +442,8 @@ def _check_budget(config: config_lib.Config, sim: simulation.Simulation,
   """Refuses a configuration planned past its budget (as runner.run does)."""
   if config.epsilon_budget is None or config.stop_at_budget:
     return
-  planned = accounting.epsilon_of(
-      [sim.event(z)] * config.rounds, config.delta,
+  planned = accounting.epsilon_of_counts(
+      [(sim.event(z), config.rounds)], config.delta,
       accountant=config.accountant, relation=sim.relation)
   if planned > config.epsilon_budget:
     raise ValueError(

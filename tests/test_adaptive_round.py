@@ -67,6 +67,7 @@ def test_count_noise_too_small_for_z_is_refused_before_compute():
                progress=False, log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_adaptive_clipping_resumes_with_its_clip_norm(tmp_path):
   config = _config(rounds=4, checkpoint_every=2, eval_every=4)
   straight = runner.run(config, progress=False, log=lambda s: None)

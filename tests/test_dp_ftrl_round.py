@@ -173,3 +173,19 @@ def test_tree_config_is_validated_before_anything_runs():
   with pytest.raises(ValueError, match="'noise_placement'"):
     config_lib.Config(mechanism="tree", sampling="disjoint",
                       accountant="rdp", noise_placement="local")
+
+
+@pytest.mark.parametrize("restart_every,participation", [
+    (2, "once_per_tree"), (1, "once_per_tree"), (3, "once"), (None, "once")])
+def test_tree_schedule_holds_every_rounds_event(restart_every, participation):
+  from fedjax_dp import simulation  # pylint: disable=g-import-not-at-top
+  import collections  # pylint: disable=g-import-not-at-top
+  config = config_lib.Config(
+      rounds=7, cohort_size=10, eval_every=7, mechanism="tree",
+      sampling="disjoint", accountant="rdp", tree_restart_every=restart_every,
+      tree_participation=participation, noise_multiplier=2.0)
+  sim = simulation.build(config)
+  counts = collections.Counter()
+  for event, count in sim.schedule():
+    counts[event] += count
+  assert counts == collections.Counter(sim.run_events())

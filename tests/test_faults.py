@@ -1,5 +1,8 @@
 """Faults: dropout, non-finite client updates, a diverging model."""
 
+import json
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -85,6 +88,7 @@ def test_diverging_model_stops_with_a_clear_error(tmp_path):
   assert (tmp_path / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_reports_divergence_and_exits_nonzero(tmp_path, capsys):
   code = cli.main([
       "train", "--config", "experiments/digits_dp_fedavg.py", "--smoke",
@@ -116,3 +120,48 @@ def test_an_empty_poisson_draw_is_a_noise_only_round():
   empty = [h for h in result.history if h["num_drawn"] == 0]
   assert all(h["num_clients"] == 0 and h["clipped_sum_norm"] == 0
              for h in empty)
+
+
+def test_a_run_whose_clients_all_diverge_stops_instead_of_succeeding(
+    tmp_path, capsys):
+  # Every client's local training overflows from the first round on, while
+  # the global model (whose updates are all excluded) stays finite.
+  config = _small(client_lr=1e30, rounds=20, eval_every=5)
+  with pytest.raises(runner.TrainingFailedError,
+                     match="max_failed_rounds"):
+    runner.run(config, run_dir=tmp_path / "a", progress=False,
+               log=lambda s: None)
+  rows = [json.loads(line) for line in
+          (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+  # Stopped at the third failed round; no made-up loss of 0.
+  assert [r["round"] for r in rows] == [0, 1, 2]
+  for r in rows:
+    assert r["num_clients"] == 0 and r["num_nonfinite"] > 0
+    assert math.isnan(r["train_loss"])
+  # From the command line: one line, exit 2.
+  code = cli.main(["train", "--no-progress", "--run-dir", str(tmp_path / "b"),
+                   "--set", "dataset=synthetic", "--set",
+                   'dataset_kwargs={"num_clients": 60, "max_examples": 30}',
+                   "--set", "model=logistic", "--set", "cohort_size=12",
+                   "--set", "client_lr=1e30", "--set", "rounds=20"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and "failed rounds" in err[0]
+
+
+def test_failed_rounds_are_counted_when_the_policy_is_off():
+  result = runner.run(_small(client_lr=1e30, max_failed_rounds=None),
+                      progress=False, log=lambda s: None)
+  assert result.summary["failed_rounds"] == 3
+  assert all(math.isnan(m["train_loss"]) for m in result.history)
+
+
+def test_failed_round_reason():
+  assert runner.failed_round_reason(
+      {"num_clients": 0, "num_nonfinite": 3}) is not None
+  assert runner.failed_round_reason(
+      {"num_clients": 2, "num_nonfinite": 3, "eval_loss": float("nan")})
+  # An empty round (nobody drawn) has nothing to fail.
+  assert runner.failed_round_reason(
+      {"num_clients": 0, "num_nonfinite": 0}) is None
+  assert runner.failed_round_reason(
+      {"num_clients": 4, "num_nonfinite": 1, "eval_loss": 1.5}) is None

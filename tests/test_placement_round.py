@@ -258,6 +258,7 @@ def test_secure_aggregation_with_too_few_bits_reports_the_wrap_around():
   assert 0 < np.sum(wrong)
 
 
+@pytest.mark.slow
 def test_runner_reports_secure_aggregation_wrap_around(tmp_path):
   lines = []
   config = config_lib.Config(

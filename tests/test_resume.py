@@ -130,38 +130,6 @@ def test_resume_rejects_a_directory_without_config(tmp_path):
     runner.load_run_config(tmp_path)
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
-  from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.Config(
-      name="r", dataset="synthetic",
-      dataset_kwargs={"num_clients": 40, "max_examples": 20}, model="logistic",
-      rounds=2, cohort_size=8, eval_every=2, checkpoint_every=1, delta=1e-3)
-  first = runner.run(cfg, run_dir=tmp_path, progress=False,
-                     log=lambda s: None)
-
-  def garble(step):
-    arrays = tmp_path / "checkpoints" / f"ckpt_{step}" / "arrays.npz"
-    data = bytearray(arrays.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    arrays.write_bytes(bytes(data))
-
-  # The newest checkpoint is damaged: resume falls back to the one before it,
-  # replays round 1 and ends where the uninterrupted run ended.
-  garble(2)
-  messages = []
-  again = runner.run(cfg, run_dir=tmp_path, resume=True, progress=False,
-                     log=messages.append)
-  assert any("arrays.npz" in m for m in messages)
-  for a, b in zip(jax_leaves(first.params), jax_leaves(again.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-6)
-  # Every checkpoint damaged: a clear error naming the file.
-  garble(1)
-  garble(2)
-  with pytest.raises(checkpoint.CheckpointError, match="arrays.npz"):
-    runner.run(cfg, run_dir=tmp_path, resume=True, progress=False,
-               log=lambda s: None)
-
-
 def test_a_new_run_never_overwrites_an_existing_run_directory(tmp_path):
   from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
   cfg = config_lib.Config(
@@ -226,6 +194,7 @@ def test_resume_extends_a_run_but_refuses_a_recalibrated_one(tmp_path):
                log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_cli_resume_after_config_json_was_edited_is_one_line_exit_2(
     tmp_path, capsys):
   from fedjax_dp import cli  # pylint: disable=g-import-not-at-top
@@ -237,3 +206,109 @@ def test_cli_resume_after_config_json_was_edited_is_one_line_exit_2(
   assert cli.main(["train", "--resume", str(tmp_path), "--no-progress"]) == 2
   err = capsys.readouterr().err
   assert "delta" in err and "Traceback" not in err
+
+
+def _four_round_run(run_dir):
+  from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.Config(
+      name="r", dataset="synthetic",
+      dataset_kwargs={"num_clients": 40, "max_examples": 20}, model="logistic",
+      rounds=4, cohort_size=8, eval_every=2, checkpoint_every=1, delta=1e-3)
+  return cfg, runner.run(cfg, run_dir=run_dir, progress=False,
+                         log=lambda s: None)
+
+
+def _rows(run_dir):
+  text = (pathlib.Path(run_dir) / "metrics.jsonl").read_text()
+  assert "\x00" not in text
+  return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.mark.parametrize("damage", [
+    "cut_short", pytest.param("deleted", marks=pytest.mark.slow)])
+def test_resume_rebuilds_metrics_rows_it_no_longer_has(tmp_path, damage):
+  cfg, first = _four_round_run(tmp_path)
+  want = _rows(tmp_path)
+  metrics = tmp_path / "metrics.jsonl"
+  if damage == "cut_short":
+    # Shorter than the newest checkpoint records: the last row and a half.
+    data = metrics.read_bytes()
+    metrics.write_bytes(data[:len(data) - len(data.splitlines()[-1]) - 30])
+  else:
+    metrics.unlink()
+  messages = []
+  again = runner.run(cfg, run_dir=tmp_path, resume=True, progress=False,
+                     log=messages.append)
+  assert any("rebuilding the missing rows" in m for m in messages), messages
+  got = _rows(tmp_path)
+  assert [r["round"] for r in got] == [0, 1, 2, 3]
+  for a, b in zip(want, got):
+    assert a["epsilon"] == b["epsilon"]
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+  assert again.summary["epsilon"] == first.summary["epsilon"]
+  for a, b in zip(jax_leaves(first.params), jax_leaves(again.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("damage", [
+    "arrays_truncated", pytest.param("manifest_deleted", marks=pytest.mark.slow),
+    pytest.param("manifest_garbled", marks=pytest.mark.slow)])
+def test_a_damaged_checkpoint_is_reported_and_an_older_one_used(
+    tmp_path, damage):
+  cfg, first = _four_round_run(tmp_path)
+  newest = tmp_path / "checkpoints" / "ckpt_4"
+  if damage == "arrays_truncated":
+    data = (newest / "arrays.npz").read_bytes()
+    (newest / "arrays.npz").write_bytes(data[:len(data) // 2])
+  elif damage == "manifest_deleted":
+    (newest / "manifest.json").unlink()
+  else:
+    (newest / "manifest.json").write_text("{not json")
+  messages = []
+  again = runner.run(cfg, run_dir=tmp_path, resume=True, progress=False,
+                     log=messages.append)
+  name = "arrays.npz" if damage == "arrays_truncated" else "manifest.json"
+  assert any(m.startswith("checkpoint 4 is unusable") and name in m
+             for m in messages), messages
+  assert any("resuming" in m and "after round 2" in m for m in messages)
+  assert [r["round"] for r in _rows(tmp_path)] == [0, 1, 2, 3]
+  for a, b in zip(jax_leaves(first.params), jax_leaves(again.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  if damage == "arrays_truncated":
+    # Every checkpoint damaged: a clear error naming the file.
+    for step in checkpoint.named_steps(tmp_path / "checkpoints"):
+      arrays = tmp_path / "checkpoints" / f"ckpt_{step}" / "arrays.npz"
+      data = bytearray(arrays.read_bytes())
+      data[len(data) // 2] ^= 0xFF
+      arrays.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match="arrays.npz"):
+      runner.run(cfg, run_dir=tmp_path, resume=True, progress=False,
+                 log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_sigint_is_one_line_exit_130_and_the_run_resumes(tmp_path):
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  run_dir = tmp_path / "run"
+  settings = [s.replace("rounds=8", "rounds=40") for s in _SETTINGS]
+  args = ["--run-dir", str(run_dir)]
+  for s in settings:
+    args += ["--set", s]
+  proc = subprocess.Popen(_cmd(*args), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = run_dir / "metrics.jsonl"
+  deadline = time.monotonic() + 240
+  while proc.poll() is None and time.monotonic() < deadline and not (
+      metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in err, err
+  assert lines[0].startswith("fedjax-dp: interrupted at round ")
+  assert f"fedjax-dp train --resume {run_dir}" in lines[0]
+  done = subprocess.run(_cmd("--resume", str(run_dir)), env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert [r["round"] for r in _rows(run_dir)] == list(range(40))

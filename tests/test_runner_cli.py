@@ -49,6 +49,7 @@ def test_run_writes_run_directory_and_accounts_every_round(tmp_path):
   assert summary["epsilon"] == pytest.approx(acc.get_epsilon(1e-3), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_different_seed_different():
   a = runner.run(_small(rounds=2), progress=False, log=lambda s: None)
   b = runner.run(_small(rounds=2), progress=False, log=lambda s: None)
@@ -147,3 +148,18 @@ def test_default_run_with_moderate_dp_beats_chance_by_far(tmp_path):
   assert result.summary["epsilon"] < 10
   # Ten classes: chance is 0.1.
   assert result.summary["eval_accuracy"] > 0.6
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_a_billion_planned_rounds_are_accounted_at_once(accountant, capsys):
+  # Planned epsilon is one self-composition, whatever the number of rounds:
+  # an O(rounds) plan would exhaust memory here rather than answer.
+  config = _small(rounds=10**9, epsilon_budget=1.0, accountant=accountant)
+  with pytest.raises(ValueError, match="planned epsilon"):
+    runner.run(config, progress=False, log=lambda s: None)
+  assert cli.main(["account", "--population", "1000", "--cohort-size", "10",
+                   "--noise-multiplier", "100", "--rounds", "1000000000",
+                   "--accountant", accountant, "--json"]) == 0
+  eps = json.loads(capsys.readouterr().out)["epsilon"]
+  # Near 20 for both accountants (privacy/accounting.py's table).
+  assert 10 < eps < 40

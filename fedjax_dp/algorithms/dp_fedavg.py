@@ -509,8 +509,13 @@ def noise_and_step(
   metrics = {
       "num_clients": num_valid,
       "num_nonfinite": jnp.sum(nonfinite.astype(jnp.int32)),
-      "train_loss": jnp.sum(jnp.where(valid, client_loss, 0.0)) / denom,
-      "fraction_clipped": jnp.sum(valid & was_clipped) / denom,
+      # Means over the valid clients; NaN for a round without one (never a
+      # made-up 0).
+      "train_loss": jnp.where(
+          num_valid > 0, jnp.sum(jnp.where(valid, client_loss, 0.0)) / denom,
+          jnp.nan),
+      "fraction_clipped": jnp.where(
+          num_valid > 0, jnp.sum(valid & was_clipped) / denom, jnp.nan),
       "update_norm_p10": jnp.nanpercentile(masked_norms, 10),
       "update_norm_p50": jnp.nanpercentile(masked_norms, 50),
       "update_norm_p90": jnp.nanpercentile(masked_norms, 90),

@@ -7,6 +7,7 @@ run; the masks make padding contribute exactly nothing.
 """
 
 import math
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -48,6 +49,50 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 def num_local_steps(max_examples: int, batch_size: int, epochs: int) -> int:
   """Static number of local steps: enough for the largest client's epochs."""
   return epochs * steps_per_epoch(max(max_examples, 1), batch_size)
+
+
+# Share of the host's memory one block may take: the prefetcher holds up to
+# three (two prepared ahead, one in use) and, on CPU, the device its copy.
+BLOCK_MEMORY_FRACTION = 1 / 8
+
+
+def block_bytes(feature_specs: dict, slots: int, num_steps: int,
+                batch_size: int) -> int:
+  """Bytes of a block of `slots` clients (features and masks)."""
+  per_example = 1 + sum(  # the example mask's byte
+      math.prod(shape) * np.dtype(dtype).itemsize
+      for shape, dtype in feature_specs.values())
+  return slots * num_steps * batch_size * per_example + slots
+
+
+def host_memory_bytes() -> int:
+  """Physical memory of this machine (0 where the OS does not say)."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return 0
+
+
+def check_block_size(feature_specs: dict, slots: int, num_steps: int,
+                     batch_size: int, budget_bytes: int | None = None) -> None:
+  """Refuses a block over `budget_bytes` (default: `BLOCK_MEMORY_FRACTION` of
+  host memory), from sizes alone, before anything is allocated.
+
+  Raises:
+    ValueError: naming the config fields that size the block.
+  """
+  if budget_bytes is None:
+    budget_bytes = int(BLOCK_MEMORY_FRACTION * host_memory_bytes())
+  needed = block_bytes(feature_specs, slots, num_steps, batch_size)
+  if budget_bytes and needed > budget_bytes:
+    raise ValueError(
+        f"config fields 'batch_size' ({batch_size}), 'local_epochs' and "
+        f"'max_examples_per_client' give {num_steps} local steps of "
+        f"{batch_size} examples for each of {slots} client slots (from "
+        f"'cohort_size' / 'sampling_probability'): a block of "
+        f"{needed / 2**30:.3g} GiB, over the {budget_bytes / 2**30:.3g} GiB "
+        "one round may take on this machine; lower batch_size, local_epochs, "
+        "max_examples_per_client or the cohort")
 
 
 def make_block(

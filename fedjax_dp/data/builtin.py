@@ -242,6 +242,9 @@ def _load_file(seed: int, *, path=None, **kwargs) -> FederatedDataset:
   from fedjax_dp.data import files  # pylint: disable=g-import-not-at-top
   if path is None:
     raise ValueError("dataset 'file' needs dataset_kwargs path=<data file>")
+  if "num_classes" not in kwargs:
+    raise ValueError("dataset 'file' needs dataset_kwargs num_classes=<number "
+                     "of label classes, an integer >= 1>")
   return files.file_dataset(path, seed=seed, **kwargs)
 
 
@@ -294,4 +297,9 @@ def load(name: str, *, seed: int = 0, **kwargs: Any) -> FederatedDataset:
     raise ValueError(
         f"unknown argument {unknown[0]!r} for dataset {name!r}; allowed: "
         f"{', '.join(allowed)}")
-  return loader(seed, **kwargs)
+  try:
+    return loader(seed, **kwargs)
+  except TypeError as e:
+    # A value of the wrong type that a loader's own checks did not name.
+    raise ValueError(f"config field 'dataset_kwargs' of dataset {name!r} has a "
+                     f"value of the wrong type: {e}") from None

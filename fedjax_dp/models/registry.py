@@ -1,5 +1,6 @@
 """Builds a model by name, the way configs refer to models."""
 
+import inspect
 from typing import Any
 
 from fedjax_dp import types
@@ -55,14 +56,30 @@ def get_model(
     raise ValueError(
         f"input_shape for model {name!r} must be (seq_len,), got {input_shape}"
     )
-  if name == "logistic":
-    return logistic.logistic_regression(input_shape, num_classes, **kwargs)
-  if name in ("mlp_2nn", "2nn"):
-    return mlp.mlp_2nn(input_shape, num_classes, **kwargs)
-  if name == "cnn":
-    return cnn.cnn_mcmahan(input_shape, num_classes, **kwargs)
-  if name == "cnn_groupnorm":
-    return cnn.cnn_groupnorm(input_shape, num_classes, **kwargs)
-  if name == "gru_lm":
-    return charlm.gru_lm(num_classes, seq_len=input_shape[0], **kwargs)
-  return charlm.transformer_lm(num_classes, seq_len=input_shape[0], **kwargs)
+  builder, fixed = _BUILDERS[name]
+  allowed = [p for p in inspect.signature(builder).parameters
+             if p not in fixed]
+  unknown = sorted(set(kwargs) - set(allowed))
+  if unknown:
+    raise ValueError(
+        f"config field 'model_kwargs': unknown argument {unknown[0]!r} for "
+        f"model {name!r}; allowed: {', '.join(allowed) or 'none'}")
+  try:
+    if name in _LANGUAGE_MODELS:
+      return builder(num_classes, seq_len=input_shape[0], **kwargs)
+    return builder(input_shape, num_classes, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config field 'model_kwargs' {kwargs} does not build "
+                     f"model {name!r}: {e}") from None
+
+
+# name -> (builder, the parameters get_model itself passes).
+_BUILDERS = {
+    "logistic": (logistic.logistic_regression, ("input_shape", "num_classes")),
+    "mlp_2nn": (mlp.mlp_2nn, ("input_shape", "num_classes")),
+    "2nn": (mlp.mlp_2nn, ("input_shape", "num_classes")),
+    "cnn": (cnn.cnn_mcmahan, ("input_shape", "num_classes")),
+    "cnn_groupnorm": (cnn.cnn_groupnorm, ("input_shape", "num_classes")),
+    "gru_lm": (charlm.gru_lm, ("vocab_size", "seq_len")),
+    "transformer_lm": (charlm.transformer_lm, ("vocab_size", "seq_len")),
+}
