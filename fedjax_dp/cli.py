@@ -365,6 +365,11 @@ def main(argv=None) -> int:
     print(f"fedjax-dp: error: {_describe(e)}", file=sys.stderr)
     return 2
   except Exception as e:  # pylint: disable=broad-except
+    if "RESOURCE_EXHAUSTED" in str(e):
+      # XLA could not allocate: the device is smaller than the run needs.
+      print(f"fedjax-dp: error: out of device memory ({_describe(e)}); lower "
+            "batch_size, the cohort or clients_per_chunk", file=sys.stderr)
+      return 2
     if os.environ.get("FEDJAX_DP_TRACEBACK"):
       raise
     print(f"fedjax-dp: internal error: {_describe(e)} (set "

@@ -25,6 +25,10 @@ def _fail(field: str, allowed: str, value: Any) -> None:
 # it, so larger seeds would silently collide with smaller ones.
 MAX_SEED = 2**32 - 1
 
+# Canaries are clients the sampler draws from (as many again are held out);
+# audits use hundreds to thousands.
+MAX_AUDIT_CANARIES = 10**6
+
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number",
                bool: "true or false", dict: "a dict (JSON object)"}
 
@@ -290,8 +294,10 @@ class Config:
     if self.adaptive_clipping and math.isinf(self.clip_norm):
       _fail("clip_norm", "finite with adaptive_clipping (it is the initial "
             "clip)", self.clip_norm)
-    if not isinstance(self.audit_canaries, int) or self.audit_canaries < 0:
-      _fail("audit_canaries", "an integer >= 0", self.audit_canaries)
+    if not _is_int(self.audit_canaries) or not (
+        0 <= self.audit_canaries <= MAX_AUDIT_CANARIES):
+      _fail("audit_canaries", f"an integer in [0, {MAX_AUDIT_CANARIES}]",
+            self.audit_canaries)
     if self.round_shape not in ("auto", "plain", "factored"):
       _fail("round_shape", "one of ['auto', 'plain', 'factored']",
             self.round_shape)

@@ -103,12 +103,18 @@ def _checkpoint_state(state, canary_max=None, clip_norm=None):
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
+  """Replaces `path` by `text` all at once; on failure (a full disk) the old
+  file stays and no temporary file is left."""
   tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def _audit_summary(config, directions, initial_params, final_params,

@@ -633,7 +633,7 @@ def build(config: config_lib.Config,
                              dataset.num_classes, **config.model_kwargs)
   try:  # shapes only: a bad architecture option fails here, not mid-run
     params_shape = jax.eval_shape(model.init, jax.random.key(0))
-  except (TypeError, ValueError) as e:
+  except (TypeError, ValueError, ArithmeticError) as e:
     raise ValueError(
         f"config field 'model_kwargs' ({config.model_kwargs}) does not build "
         f"model {config.model!r}: {e}") from None
@@ -657,6 +657,16 @@ def build(config: config_lib.Config,
   slots = -(-sampler.capacity // per_block) * per_block
   blocks.check_block_size(train.feature_specs, slots, num_steps,
                           config.batch_size)
+  if config.audit_canaries:
+    # 2 * audit_canaries float32 directions of the model's size.
+    needed = 8 * config.audit_canaries * tree_util.tree_size(params_shape)
+    budget = blocks.BLOCK_MEMORY_FRACTION * blocks.host_memory_bytes()
+    if budget and needed > budget:
+      raise ValueError(
+          f"config field 'audit_canaries' ({config.audit_canaries}): the "
+          f"canaries' directions take {needed / 2**30:.3g} GiB for this "
+          f"model, over the {budget / 2**30:.3g} GiB allowed on this "
+          "machine; use fewer canaries")
   eval_population = dataset.eval
   if not isinstance(eval_population, population_lib.FederatedPopulation):
     # Held-out clients are loaded once (a lazy source reads them here).

@@ -89,10 +89,11 @@ def check_block_size(feature_specs: dict, slots: int, num_steps: int,
         f"config fields 'batch_size' ({batch_size}), 'local_epochs' and "
         f"'max_examples_per_client' give {num_steps} local steps of "
         f"{batch_size} examples for each of {slots} client slots (from "
-        f"'cohort_size' / 'sampling_probability'): a block of "
+        f"'cohort_size' / 'sampling_probability', rounded up to whole "
+        f"'clients_per_chunk'): a block of "
         f"{needed / 2**30:.3g} GiB, over the {budget_bytes / 2**30:.3g} GiB "
         "one round may take on this machine; lower batch_size, local_epochs, "
-        "max_examples_per_client or the cohort")
+        "max_examples_per_client, the cohort or clients_per_chunk")
 
 
 def make_block(

@@ -48,7 +48,10 @@ def mlp_2nn(
     [batch, *input_shape] and returns float32 logits [batch, num_classes].
   """
   input_shape = tuple(int(d) for d in input_shape)
-  module = _MLP(hidden=tuple(int(h) for h in hidden), num_classes=num_classes)
+  hidden = tuple(int(h) for h in hidden)
+  if any(h < 1 for h in hidden):
+    raise ValueError(f"hidden widths must be integers >= 1, got {hidden}")
+  module = _MLP(hidden=hidden, num_classes=num_classes)
   return flax_model.from_module(
       "mlp_2nn", module, jnp.zeros((1, math.prod(input_shape)), jnp.float32),
       input_shape, num_classes)
