@@ -57,11 +57,6 @@ def _describe(e: BaseException) -> str:
   return f"{type(e).__name__}: {message}" if message else type(e).__name__
 
 
-def _apply_overrides(config, assignments):
-  from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.parse_overrides(config, assignments or ())
-
-
 def _cmd_train(args) -> int:
   from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
   from fedjax_dp import runner  # pylint: disable=g-import-not-at-top
@@ -87,7 +82,7 @@ def _cmd_train(args) -> int:
   # Flags and --set overrides are applied together and validated once.
   assignments = [f"{k}={json.dumps(v)}" for k, v in flag_overrides.items()
                  if v is not None] + list(args.set or ())
-  config = _apply_overrides(config, assignments)
+  config = config_lib.parse_overrides(config, assignments)
   run_dir = args.run_dir or (
       pathlib.Path("runs") /
       f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -112,7 +107,7 @@ def _cmd_audit(args) -> int:
   from fedjax_dp import runner  # pylint: disable=g-import-not-at-top
   config = (_load_experiment(args.config, args.smoke) if args.config
             else config_lib.Config())
-  config = _apply_overrides(
+  config = config_lib.parse_overrides(
       config, list(args.set or ()) + [f"audit_canaries={args.canaries}"])
   run_dir = args.run_dir or (
       pathlib.Path("runs") /
@@ -138,7 +133,7 @@ def _cmd_sweep(args) -> int:
   from fedjax_dp import sweep  # pylint: disable=g-import-not-at-top
   config = (_load_experiment(args.config, args.smoke) if args.config
             else config_lib.Config())
-  config = _apply_overrides(config, args.set)
+  config = config_lib.parse_overrides(config, args.set or ())
   if not args.grid:
     raise ValueError("--grid: give at least one FIELD=V1,V2,...")
   grid = sweep.parse_grid(config, args.grid)

@@ -46,16 +46,15 @@ def _check_types(config: "Config") -> None:
   (before any range check compares it)."""
   for name, hint in typing.get_type_hints(type(config)).items():
     value = getattr(config, name)
-    kinds = [k for k in typing.get_args(hint) or (hint,) if k is not
-             type(None)]
-    if value is None and len(kinds) < len(typing.get_args(hint) or (hint,)):
+    options = typing.get_args(hint) or (hint,)
+    kinds = [k for k in options if k is not type(None)]
+    nullable = len(kinds) < len(options)
+    if value is None and nullable:
       continue
     if not any(_has_type(value, k) for k in kinds):
       allowed = " or ".join(_TYPE_NAMES[k] for k in kinds)
-      if value is None:
-        allowed += " (not null)"
-      elif len(kinds) < len(typing.get_args(hint) or (hint,)):
-        allowed += " (or null)"
+      allowed += " (or null)" if nullable else (
+          " (not null)" if value is None else "")
       _fail(name, allowed, value)
 
 

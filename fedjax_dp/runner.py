@@ -387,7 +387,8 @@ def run(
     # Newest first; a damaged checkpoint falls back to the one before it, and
     # so does one whose metrics rows are no longer all in metrics.jsonl (they
     # are rebuilt by replaying the rounds after an older checkpoint).
-    for step in sorted(checkpoint.named_steps(ckpt_dir), reverse=True):
+    candidates = sorted(checkpoint.named_steps(ckpt_dir), reverse=True)
+    for step in candidates:
       try:
         restored, meta = checkpoint.restore(
             ckpt_dir, step, _checkpoint_state(state, canary_max, clip_norm))
@@ -420,7 +421,7 @@ def run(
       check_resume_ledger(ledger, sim)
       first_round, metrics_offset = step, int(meta["metrics_offset"])
       log(f"resuming {out} after round {step - 1}")
-    elif errors and len(errors) == len(checkpoint.named_steps(ckpt_dir)):
+    elif errors and len(errors) == len(candidates):
       raise checkpoint.CheckpointError(
           "no usable checkpoint to resume from: " + "; ".join(errors))
     else:
@@ -445,9 +446,9 @@ def run(
         for e in ledger.entries))
     metrics_path = out / "metrics.jsonl"
     if resume and metrics_path.exists():
-      # Never past the end: _metrics_reach checked the offset fits.
+      # Never past the end: _metrics_reach checked that the offset fits.
       with open(metrics_path, "r+", encoding="utf-8") as f:
-        f.truncate(min(metrics_offset, metrics_path.stat().st_size))
+        f.truncate(metrics_offset)
     metrics_file = open(metrics_path, "a", encoding="utf-8")
     ledger_file = open(out / "ledger.jsonl", "a", encoding="utf-8")
 

@@ -660,7 +660,7 @@ def build(config: config_lib.Config,
   if config.audit_canaries:
     # 2 * audit_canaries float32 directions of the model's size.
     needed = 8 * config.audit_canaries * tree_util.tree_size(params_shape)
-    budget = blocks.BLOCK_MEMORY_FRACTION * blocks.host_memory_bytes()
+    budget = blocks.memory_budget_bytes()
     if budget and needed > budget:
       raise ValueError(
           f"config field 'audit_canaries' ({config.audit_canaries}): the "

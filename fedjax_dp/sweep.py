@@ -246,29 +246,6 @@ def _make_step(round_fn, counter: list[int]):
   return jax.jit(step, donate_argnums=(0,))
 
 
-class _Epsilons:
-  """Epsilons of ledgers, memoised by their events.
-
-  A ledger's epsilon is a function of its events (and relation, delta,
-  accountant); configurations of a sweep often share them (e.g. all seeds of
-  one noise multiplier), so each distinct history is accounted once.
-  """
-
-  def __init__(self):
-    self._cache = {}
-
-  def __call__(self, ledger: accounting.PrivacyLedger,
-               accountant: str | None = None, extra=None) -> float:
-    accountant = accountant or ledger.accountant
-    events = tuple(ledger.events) + (() if extra is None else (extra,))
-    key = (ledger.relation, ledger.delta, accountant, events)
-    if key not in self._cache:
-      self._cache[key] = accounting.epsilon_of(
-          list(events), ledger.delta, accountant=accountant,
-          relation=ledger.relation)
-    return self._cache[key]
-
-
 @dataclasses.dataclass
 class _Member:
   """Host state of one configuration during its group's run."""
@@ -359,7 +336,6 @@ def run_sweep(
       f"group(s)")
 
   z_cache: dict[tuple, float] = {}
-  epsilons = _Epsilons()
   runs: list[runner.RunResult | None] = [None] * len(configs)
   infos = []
   for g, members in enumerate(groups.values()):
@@ -382,11 +358,11 @@ def run_sweep(
                                    config.accountant),
           simulation.stream_keys(config, z)))
     info = _run_group(g, len(groups), group, sim0, max_configs_per_group,
-                      progress, epsilons, log)
+                      progress, log)
     info.config_ids = [ids[i] for i in members]
     infos.append(info)
     for m in group:
-      runs[m.index] = _result(m, sim0, info.wall_time_s, epsilons)
+      runs[m.index] = _result(m, sim0, info.wall_time_s)
 
   result = SweepResult(base=base, grid={k: list(v) for k, v in grid.items()},
                        config_ids=ids, configs=configs, swept=swept,
@@ -466,7 +442,7 @@ def _cohort_sizes(sim, members, sample_fn, rounds: int) -> int:
 
 def _run_group(g: int, num_groups: int, members: list[_Member],
                sim0: simulation.Simulation, max_configs: int | None,
-               progress: bool, epsilons: _Epsilons, log) -> GroupInfo:
+               progress: bool, log) -> GroupInfo:
   """Runs one shape group, chunk by chunk; fills the members' host state."""
   start = time.perf_counter()
   rounds = sim0.config.rounds
@@ -497,7 +473,7 @@ def _run_group(g: int, num_groups: int, members: list[_Member],
     if len(chunks) > 1:
       desc += f" chunk {c + 1}/{len(chunks)}"
     _run_chunk(lanes, len(part), sim0, step, init, sample_fn, slots, rounds,
-               progress, desc, epsilons, log, sharding)
+               progress, desc, log, sharding)
   return GroupInfo(config_ids=[], slots=slots, full_slots=sim0.slots,
                    num_traces=counter[0], num_chunks=len(chunks),
                    wall_time_s=time.perf_counter() - start,
@@ -506,7 +482,7 @@ def _run_group(g: int, num_groups: int, members: list[_Member],
 
 def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, init,
                sample_fn, slots: int, rounds: int, progress: bool, desc: str,
-               epsilons: _Epsilons, log, sharding=None) -> None:
+               log, sharding=None) -> None:
   """The host loop of one vmapped chunk (mirrors `runner.run`)."""
   real = lanes[:num_real]
 
@@ -551,7 +527,7 @@ def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, init,
       for m in real:
         cfg = m.config
         if not m.stopped and cfg.epsilon_budget is not None and \
-            epsilons(m.ledger, extra=m.event) > cfg.epsilon_budget:
+            m.ledger.epsilon_if(m.event) > cfg.epsilon_budget:
           m.stopped = m.stopped_for_budget = True
           log(f"{cfg.name}: stopping before round {r}: it would exceed "
               f"epsilon_budget={cfg.epsilon_budget:g}")
@@ -565,7 +541,7 @@ def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, init,
       states, metrics, finite = step(states, block, hparams, noise_keys, r,
                              jnp.asarray(active))
       # Accounting runs on the host while the round computes.
-      eps = {m.index: epsilons(m.ledger) for m in real if not m.stopped}
+      eps = {m.index: m.ledger.epsilon() for m in real if not m.stopped}
       metrics, finite = jax.device_get((metrics, finite))
       for lane, m in enumerate(real):
         if m.stopped:
@@ -603,8 +579,8 @@ def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, init,
                                            m.sim.eval_population)
 
 
-def _result(m: _Member, sim0: simulation.Simulation, wall_time_s: float,
-            epsilons: _Epsilons) -> runner.RunResult:
+def _result(m: _Member, sim0: simulation.Simulation,
+            wall_time_s: float) -> runner.RunResult:
   """The member's RunResult, with the runner's summary keys."""
   config = m.config
   summary = {
@@ -616,14 +592,14 @@ def _result(m: _Member, sim0: simulation.Simulation, wall_time_s: float,
       "clip_norm": config.clip_norm,
       "delta": config.delta,
       "accountant": config.accountant,
-      "epsilon": epsilons(m.ledger),
+      "epsilon": m.ledger.epsilon(),
       "wall_time_s": wall_time_s,
       **m.eval_metrics,
   }
   for name in accounting.ACCOUNTANTS:
     # As the runner: each accountant that can account these rounds exactly.
     try:
-      summary[f"epsilon_{name}"] = epsilons(m.ledger, name)
+      summary[f"epsilon_{name}"] = m.ledger.epsilon(name)
     except accounting.UnsupportedAccountingError:
       summary[f"epsilon_{name}"] = None
   if m.diverged:

@@ -175,7 +175,9 @@ def event_noise_stddev(event, relation: clipping.NeighbouringRelation,
     return math.sqrt(2.0) * event.noise_multiplier * sensitivity
   if isinstance(event, dp_accounting.SingleEpochTreeAggregationDpEvent):
     return event.noise_multiplier * clip_norm
-  raise NotImplementedError(f"no noise std for {event!r}")
+  raise ValueError(
+      f"event_noise_stddev takes Gaussian, Laplace and tree-aggregation "
+      f"events (sampled, truncated or composed); got {event!r}")
 
 
 def release_noise_stddev(sim: simulation.Simulation, participants: int,

@@ -73,16 +73,22 @@ def host_memory_bytes() -> int:
     return 0
 
 
+def memory_budget_bytes() -> int:
+  """Bytes one block (or another per-run host array) may take: a
+  `BLOCK_MEMORY_FRACTION` of host memory (0: unknown, nothing refused)."""
+  return int(BLOCK_MEMORY_FRACTION * host_memory_bytes())
+
+
 def check_block_size(feature_specs: dict, slots: int, num_steps: int,
                      batch_size: int, budget_bytes: int | None = None) -> None:
-  """Refuses a block over `budget_bytes` (default: `BLOCK_MEMORY_FRACTION` of
-  host memory), from sizes alone, before anything is allocated.
+  """Refuses a block over `budget_bytes` (default: `memory_budget_bytes()`),
+  from sizes alone, before anything is allocated.
 
   Raises:
     ValueError: naming the config fields that size the block.
   """
   if budget_bytes is None:
-    budget_bytes = int(BLOCK_MEMORY_FRACTION * host_memory_bytes())
+    budget_bytes = memory_budget_bytes()
   needed = block_bytes(feature_specs, slots, num_steps, batch_size)
   if budget_bytes and needed > budget_bytes:
     raise ValueError(
