@@ -4,7 +4,7 @@ A client runs a fixed number of local steps (`lax.scan` over the step axis of
 its block): in non-private training, steps whose batch is entirely padding
 change neither the parameters nor the optimizer state, so clients of different
 sizes share one shape. DP-SGD training (example-level DP, see
-`privacy/dp_sgd.py`) runs and noises every step instead. The result is the
+`privacy.plan.noisy_batch_gradient`) runs and noises every step instead. The result is the
 model delta (final minus initial parameters).
 """
 
@@ -17,7 +17,6 @@ import optax
 from fedjax_dp import losses
 from fedjax_dp import tree_util
 from fedjax_dp import types
-from fedjax_dp.privacy import dp_sgd
 
 # learning rate (a traced scalar) -> optax optimizer for local training.
 ClientOptimizerFn = Callable[[jax.Array], optax.GradientTransformation]
@@ -156,6 +155,7 @@ def make_client_update(
 def make_dp_sgd_client_update(
     model: types.Model,
     optimizer_fn: ClientOptimizerFn,
+    noisy_batch_gradient: Callable,
     *,
     unroll: int | bool = 1,
 ) -> Callable[..., ClientOutput]:
@@ -166,7 +166,7 @@ def make_dp_sgd_client_update(
   example_noise_multiplier, key) -> ClientOutput`, pure and vmappable over
   clients (features [steps, batch, ...], example_mask [steps, batch], key).
   Each step takes per-example gradients (vmap over the batch), passes them
-  through `privacy.dp_sgd.noisy_batch_gradient` with key
+  through `noisy_batch_gradient` (the privacy plan's, privacy/plan.py) with key
   `fold_in(key, step_index)`, and feeds the noisy gradient to the optimizer.
   Every step runs, all-padding ones included (pure noise).
 
@@ -176,6 +176,8 @@ def make_dp_sgd_client_update(
       not bound one example's influence.
     optimizer_fn: learning rate -> optax optimizer (post-processing of the
       noisy gradients, so any optimizer keeps the guarantee).
+    noisy_batch_gradient: `privacy.plan.noisy_batch_gradient`: clips every
+      example's gradient, sums, noises and divides by the batch size.
     unroll: `lax.scan` unroll of the local steps.
 
   Returns:
@@ -183,9 +185,10 @@ def make_dp_sgd_client_update(
     `loss` (mean masked loss over steps with real examples) and
     `num_examples` are raw-data diagnostics, not covered by the guarantee.
 
-  Privacy: `privacy.dp_sgd.example_dp_event(z, local_epochs)` per round,
+  Privacy: `privacy.events.example_level(z, local_epochs)` per round,
     under zero-out neighbours, given a block from `data.blocks.make_block`
-    whose num_steps comes from public settings (see `privacy.dp_sgd`).
+    whose num_steps comes from public settings (see
+    `privacy.plan.noisy_batch_gradient`).
   """
   per_example_grads = jax.vmap(
       jax.value_and_grad(lambda p, ex: _single_example_loss(model, p, ex)),
@@ -196,7 +199,7 @@ def make_dp_sgd_client_update(
 
     def step_gradient(p, f, m, index):
       losses_, grads = per_example_grads(p, f)
-      noisy = dp_sgd.noisy_batch_gradient(
+      noisy = noisy_batch_gradient(
           grads, m, example_clip_norm, example_noise_multiplier,
           m.shape[0], jax.random.fold_in(key, index))
       # Diagnostic only, over the examples that count (the noisy gradient

@@ -128,9 +128,10 @@ class Config:
   # a client may take part once per tree ("once_per_tree") or once ("once").
   tree_restart_every: int | None = None
   tree_participation: str = "once_per_tree"
-  # Record-level DP inside each client (DP-SGD; privacy/dp_sgd.py): clip each
-  # example's gradient to example_clip_norm and add Gaussian noise of std
-  # example_noise_multiplier * example_clip_norm to each local step's sum.
+  # Record-level DP inside each client (DP-SGD; privacy/plan.py,
+  # noisy_batch_gradient): clip each example's gradient to example_clip_norm
+  # and add Gaussian noise of std example_noise_multiplier *
+  # example_clip_norm to each local step's sum.
   # None disables it. Its example-level guarantee has its own ledger.
   example_clip_norm: float | None = None
   example_noise_multiplier: float = 0.0
@@ -191,6 +192,7 @@ class Config:
     from fedjax_dp.data import builtin  # pylint: disable=g-import-not-at-top
     from fedjax_dp.models import registry  # pylint: disable=g-import-not-at-top
     from fedjax_dp.privacy import accounting  # pylint: disable=g-import-not-at-top
+    from fedjax_dp.privacy import plan as plan_lib  # pylint: disable=g-import-not-at-top
     from fedjax_dp import server  # pylint: disable=g-import-not-at-top
 
     def positive_int(name):
@@ -263,13 +265,9 @@ class Config:
     if self.sampling == "fixed" and self.accountant == "pld":
       _fail("accountant", "'rdp' for fixed-size sampling (dp_accounting's PLD "
             "has no event for sampling without replacement)", self.accountant)
-    if self.mechanism not in ("gaussian", "laplace", "tree"):
-      _fail("mechanism", "one of ['gaussian', 'laplace', 'tree']",
-            self.mechanism)
-    if self.mechanism == "laplace" and (self.adaptive_clipping or
-                                        self.per_layer_clipping):
-      _fail("mechanism", "'gaussian' with adaptive or per-layer clipping "
-            "(both are L2 mechanisms)", self.mechanism)
+    # Which mechanisms, placements and samplers combine: the privacy plan's
+    # rules, in one place.
+    plan_lib.check_combination(self)
     self._validate_placement()
     self._validate_tree()
     self._validate_example_dp()
@@ -317,23 +315,7 @@ class Config:
     self._validate_rounds_per_call()
 
   def _validate_placement(self) -> None:
-    if self.noise_placement not in ("central", "distributed", "local"):
-      _fail("noise_placement", "one of ['central', 'distributed', 'local']",
-            self.noise_placement)
-    if self.noise_placement != "central":
-      if self.mechanism == "tree":
-        _fail("noise_placement", "'central' with mechanism='tree'",
-              self.noise_placement)
-      if self.adaptive_clipping:
-        _fail("noise_placement", "'central' with adaptive clipping (its "
-              "count is noised by the server)", self.noise_placement)
-    if self.noise_placement == "distributed" and self.mechanism == "laplace":
-      _fail("mechanism", "'gaussian' with distributed noise (a sum of Laplace "
-            "shares is not a Laplace mechanism)", self.mechanism)
     if self.secagg_bits is not None:
-      if self.noise_placement != "distributed":
-        _fail("secagg_bits", "null unless noise_placement='distributed'",
-              self.secagg_bits)
       if not _is_int(self.secagg_bits) or not 2 <= self.secagg_bits <= 32:
         _fail("secagg_bits", "an integer in [2, 32]", self.secagg_bits)
       if math.isinf(self.clip_norm):
@@ -346,9 +328,6 @@ class Config:
         _fail("noise_multiplier", "a number with secagg_bits (calibration to "
               "a target epsilon is not offered for it)", None)
     if self.min_participants is not None:
-      if self.noise_placement != "distributed":
-        _fail("min_participants", "null unless noise_placement='distributed'",
-              self.min_participants)
       if not _is_int(self.min_participants) or self.min_participants < 1:
         _fail("min_participants", "an integer >= 1 (or null)",
               self.min_participants)
@@ -362,28 +341,10 @@ class Config:
               self.secagg_scale)
 
   def _validate_tree(self) -> None:
-    tree = self.mechanism == "tree"
-    if tree != (self.sampling == "disjoint"):
-      _fail("sampling", "'disjoint' exactly when mechanism='tree' (DP-FTRL "
-            "credits no sampling; its cohorts are disjoint within a tree)",
-            self.sampling)
-    if tree and self.accountant != "rdp":
-      _fail("accountant", "'rdp' with mechanism='tree' (only dp_accounting's "
-            "RDP accountant takes tree-aggregation events)", self.accountant)
-    if tree and (self.adaptive_clipping or self.sampling_probability
-                 is not None or self.cohort_size is None):
-      _fail("mechanism", "'tree' with a fixed cohort_size and without "
-            "adaptive clipping", self.mechanism)
-    if self.tree_restart_every is not None:
-      if not tree:
-        _fail("tree_restart_every", "null unless mechanism='tree'",
-              self.tree_restart_every)
-      if not _is_int(self.tree_restart_every) or self.tree_restart_every < 1:
-        _fail("tree_restart_every", "an integer >= 1 (or null)",
-              self.tree_restart_every)
-    if self.tree_participation not in ("once_per_tree", "once"):
-      _fail("tree_participation", "one of ['once_per_tree', 'once']",
-            self.tree_participation)
+    if self.tree_restart_every is not None and (
+        not _is_int(self.tree_restart_every) or self.tree_restart_every < 1):
+      _fail("tree_restart_every", "an integer >= 1 (or null)",
+            self.tree_restart_every)
 
   def _validate_example_dp(self) -> None:
     if self.example_clip_norm is not None and not (

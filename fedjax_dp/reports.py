@@ -22,7 +22,7 @@ import os
 import pathlib
 
 
-from fedjax_dp import checkpoint
+from fedjax_dp.privacy import ledger_codec
 
 # ---------------------------------------------------------------------------
 # Tables.
@@ -217,7 +217,7 @@ def write_run(run, path: str | os.PathLike) -> None:
   (out / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n")
   (out / "ledger.jsonl").write_text("".join(
       json.dumps({"round": e.round,
-                  "event": checkpoint.encode_event(e.event)}) + "\n"
+                  "event": ledger_codec.encode_event(e.event)}) + "\n"
       for e in run.ledger.entries))
 
 

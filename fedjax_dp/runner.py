@@ -27,6 +27,7 @@ from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.algorithms import on_device
 from fedjax_dp.data import prefetch
 from fedjax_dp.privacy import accounting
+from fedjax_dp.privacy import ledger_codec
 
 
 class ModelDivergedError(ValueError):
@@ -210,7 +211,7 @@ def check_resume_ledger(ledger: accounting.PrivacyLedger,
   Raises:
     ValueError: naming what differs.
   """
-  want = (sim.relation, sim.config.delta, sim.config.accountant)
+  want = (sim.plan.relation, sim.config.delta, sim.config.accountant)
   have = (ledger.relation, ledger.delta, ledger.accountant)
   if have != want:
     raise ValueError(
@@ -218,7 +219,7 @@ def check_resume_ledger(ledger: accounting.PrivacyLedger,
         f"accountant) = {have}, this run {want}; resume with the config the "
         "run was started with")
   for entry in ledger.entries:
-    planned = (sim.event(round_index=entry.round)
+    planned = (sim.plan.event(round_index=entry.round)
                if entry.round < sim.config.rounds else None)
     if entry.event != planned:
       raise ValueError(
@@ -242,7 +243,7 @@ def _recorded_events(path: pathlib.Path) -> list:
       continue
     try:
       data = json.loads(line)
-      entries.append((data["round"], checkpoint.decode_event(data["event"])))
+      entries.append((data["round"], ledger_codec.decode_event(data["event"])))
     except (ValueError, KeyError, TypeError) as e:
       if i == len(lines) - 1:  # unterminated: written when interrupted
         break
@@ -300,7 +301,7 @@ def run(
 ) -> RunResult:
   """Runs DP-FedAvg as configured; writes `run_dir` if given.
 
-  `dataset` (a `data.builtin.FederatedDataset`) trains on in-memory data
+  `dataset` (a `data.dataset.FederatedDataset`) trains on in-memory data
   instead of loading `config.dataset`.
 
   Crash safety: each round's DP event is appended to `ledger.jsonl` (and
@@ -324,11 +325,9 @@ def run(
       checkpoint is kept.
   """
   sim = simulation.build(config, dataset)
-  train, sampler, model = sim.train, sim.sampler, sim.model
-  noise_multiplier = sim.noise_multiplier
-  planned_epsilon = accounting.epsilon_of_counts(
-      sim.schedule(), config.delta, accountant=config.accountant,
-      relation=sim.relation)
+  train, sampler, model = sim.train, sim.plan.sampler, sim.model
+  noise_multiplier = sim.plan.noise_multiplier
+  planned_epsilon = sim.plan.planned_epsilon()
   if (config.epsilon_budget is not None and not config.stop_at_budget
       and planned_epsilon > config.epsilon_budget):
     raise ValueError(
@@ -361,12 +360,12 @@ def run(
     population = on_device.device_population(sim)
   hparams = sim.hparams()
   state = sim.initial_state(config.seed)
-  ledger = sim.new_ledger()
-  secagg = sim.secagg_params()
+  ledger = sim.plan.new_ledger()
+  secagg = sim.plan.secagg_params()
   secagg_totals = {"secagg_wrapped": 0, "secagg_near_overflow": 0,
                    "secagg_sampler_failures": 0}
   canaries = canary_max = None
-  adaptive = sim.adaptive_hparams()
+  adaptive = sim.plan.adaptive_hparams()
   clip_norm = jnp.float32(config.clip_norm) if adaptive is not None else None
   if config.audit_canaries:
     initial_params = sim.initial_state(config.seed).params  # not donated
@@ -413,7 +412,11 @@ def run(
       state = restored["server"]
       canary_max = restored.get("canary_max")
       clip_norm = restored.get("clip_norm")
-      ledger = checkpoint.decode_ledger(meta["ledger"])
+      try:
+        ledger = ledger_codec.decode_ledger(meta["ledger"])
+      except ValueError as e:
+        raise checkpoint.CheckpointError(
+            f"{ckpt_dir}: checkpoint {step}: {e}") from None
       if [e.round for e in ledger.entries] != list(range(step)):
         raise checkpoint.CheckpointError(
             f"{ckpt_dir}: checkpoint {step}'s ledger does not hold rounds "
@@ -427,7 +430,7 @@ def run(
     else:
       # Rounds that started before the interruption were recorded in
       # ledger.jsonl; the run replays them, so they must be this run's.
-      recorded = sim.new_ledger()
+      recorded = sim.plan.new_ledger()
       for entry in _recorded_events(out / "ledger.jsonl"):
         recorded.record(*entry)
       check_resume_ledger(recorded, sim)
@@ -442,7 +445,7 @@ def run(
     # Rounds after the checkpoint will be replayed: drop their lines.
     _write_atomic(out / "ledger.jsonl", "".join(
         json.dumps({"round": e.round,
-                    "event": checkpoint.encode_event(e.event)}) + "\n"
+                    "event": ledger_codec.encode_event(e.event)}) + "\n"
         for e in ledger.entries))
     metrics_path = out / "metrics.jsonl"
     if resume and metrics_path.exists():
@@ -472,7 +475,7 @@ def run(
     checkpoint.save(
         ckpt_dir, rounds_completed,
         _checkpoint_state(state, canary_max, clip_norm),
-        {"ledger": checkpoint.encode_ledger(ledger),
+        {"ledger": ledger_codec.encode_ledger(ledger),
          "metrics_offset": metrics_file.tell(),
          "config": config.to_dict()})
 
@@ -483,7 +486,7 @@ def run(
     if ledger_file is not None:
       ledger_file.write("".join(
           json.dumps({"round": first + i,
-                      "event": checkpoint.encode_event(event)}) + "\n"
+                      "event": ledger_codec.encode_event(event)}) + "\n"
           for i, event in enumerate(round_events)))
       ledger_file.flush()
       os.fsync(ledger_file.fileno())
@@ -534,7 +537,7 @@ def run(
       # loop; shorter calls reuse the compiled program (it masks the rest).
       end = min(r + max_rounds, config.rounds,
                 (r // config.eval_every + 1) * config.eval_every)
-      call_events = [sim.event(round_index=q) for q in range(r, end)]
+      call_events = [sim.plan.event(round_index=q) for q in range(r, end)]
       # The epsilon after each of the call's rounds (its cost does not grow
       # with the rounds already run).
       epsilons = ledger.epsilons_after(call_events)
@@ -562,7 +565,7 @@ def run(
           num_rounds=max_rounds)
       # The call runs asynchronously: accounting overlaps it.
       example_epsilons = [
-          sim.example_epsilon(n)
+          sim.plan.example_epsilon(n)
           for n in range(ledger.num_rounds - (end - r) + 1,
                          ledger.num_rounds + 1)]
       metrics, aux = jax.device_get((metrics, aux))
@@ -609,7 +612,7 @@ def run(
     if multi_round is not None:
       run_calls()
     for r, block, num_drawn, num_dropped, canary_ids in cohorts:
-      event = sim.event(round_index=r)
+      event = sim.plan.event(round_index=r)
       if config.epsilon_budget is not None and \
           ledger.epsilon_if(event) > config.epsilon_budget:
         stopped_for_budget = True
@@ -628,10 +631,10 @@ def run(
           state, dp_fedavg.CohortBlock(block.features, block.example_mask,
                                        block.client_mask),
           round_hparams, jax.random.fold_in(noise_key, r), canaries, adaptive,
-          secagg, sim.tree_state(streams, r))
+          secagg, sim.plan.tree_state(streams.noise, r))
       # The round runs asynchronously: accounting on the host overlaps it.
       epsilon = ledger.epsilon()
-      example_epsilon = sim.example_epsilon(ledger.num_rounds)
+      example_epsilon = sim.plan.example_epsilon(ledger.num_rounds)
       if adaptive is not None:
         metrics["clip_norm"] = clip_norm
         clip_norm = metrics.pop("next_clip_norm")
@@ -692,11 +695,11 @@ def run(
   if adaptive is not None:
     # `clip_norm` above is the initial clip; this is where it ended.
     summary["final_clip_norm"] = float(clip_norm)
-  if sim.example_event() is not None:
-    summary["example_epsilon"] = sim.example_epsilon(ledger.num_rounds)
+  if sim.plan.example_event() is not None:
+    summary["example_epsilon"] = sim.plan.example_epsilon(ledger.num_rounds)
   if secagg is not None:
-    summary.update(secagg_totals, secagg_scale=sim.secagg.scale,
-                   secagg_bits=sim.secagg.bits)
+    summary.update(secagg_totals, secagg_scale=sim.plan.secagg.scale,
+                   secagg_bits=sim.plan.secagg.bits)
   if config.audit_canaries:
     summary["audit"] = _audit_summary(
         config, directions, initial_params, state.params, canary_max)

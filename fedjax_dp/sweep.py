@@ -60,6 +60,7 @@ from fedjax_dp import tree_util
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.data import prefetch
 from fedjax_dp.privacy import accounting
+from fedjax_dp.privacy import plan as plan_lib
 from fedjax_dp.privacy import tuning as tuning_lib
 
 # Fields that are arrays of the round (or the seed of its streams): they never
@@ -253,6 +254,8 @@ class _Member:
   index: int
   config: config_lib.Config
   sim: simulation.Simulation
+  # The configuration's own privacy plan (its z, delta and accountant).
+  plan: plan_lib.PrivacyPlan
   noise_multiplier: float
   event: Any
   ledger: accounting.PrivacyLedger
@@ -344,19 +347,12 @@ def run_sweep(
     for i in members:
       config = configs[i]
       sim = sims[_key(config, ARRAY_FIELDS[:-1] + HOST_FIELDS)]
-      zkey = (sim.sampler, config.noise_multiplier, config.target_epsilon,
-              config.delta, config.rounds, config.accountant)
-      if zkey not in z_cache:
-        z_cache[zkey] = simulation.resolve_noise_multiplier(config,
-                                                            sim.sampler)
-      z = z_cache[zkey]
-      _check_budget(config, sim, z)
+      plan = _member_plan(sim.plan, config, z_cache)
+      _check_budget(config, plan)
       group.append(_Member(
-          i, config.replace(name=f"{config.name}-{ids[i]}"), sim, z,
-          sim.event(z),
-          accounting.PrivacyLedger(sim.relation, config.delta,
-                                   config.accountant),
-          simulation.stream_keys(config, z)))
+          i, config.replace(name=f"{config.name}-{ids[i]}"), sim, plan,
+          plan.noise_multiplier, plan.event(), plan.new_ledger(),
+          simulation.stream_keys(config, plan.noise_multiplier)))
     info = _run_group(g, len(groups), group, sim0, max_configs_per_group,
                       progress, log)
     info.config_ids = [ids[i] for i in members]
@@ -385,27 +381,15 @@ def run_sweep(
 def check_sweepable(config: config_lib.Config, config_id: str = "") -> None:
   """Raises ValueError, naming the field, for what a sweep does not run.
 
-  Sweeps run central Gaussian or Laplace noise with a fixed clip norm and
-  no audit canaries; the other mechanisms keep per-run state or ledgers
-  and run with `fedjax-dp train`.
+  The privacy plan says which mechanisms a sweep's lanes run
+  (`plan.refusal(config, "sweep")`); audits run with `runner.run`.
   """
-  if config.adaptive_clipping:
+  refused = plan_lib.refusal(config, "sweep")
+  if refused is not None:
     raise ValueError(
-        "config field 'adaptive_clipping' must be false in a sweep (its "
-        "clip norm is per-run state; run adaptive configurations with "
-        "`fedjax-dp train`)")
-  unsupported = {
-      "noise_placement": config.noise_placement != "central",
-      "mechanism": config.mechanism == "tree",
-      "example_clip_norm": config.example_clip_norm is not None,
-  }
-  for name, bad in unsupported.items():
-    if bad:
-      raise ValueError(
-          f"config field {name!r} is {getattr(config, name)!r}: sweeps run "
-          "central Gaussian or Laplace noise only (DP-FTRL's trees, "
-          "client-side noise and record-level DP keep per-run state or "
-          "ledgers); run this configuration with `fedjax-dp train`")
+        f"config field {refused.field!r} is "
+        f"{getattr(config, refused.field)!r}: {refused.reason}; run this "
+        "configuration with `fedjax-dp train`")
   if config.audit_canaries:
     raise ValueError(
         "config field 'audit_canaries' must be 0 in a sweep (audits run "
@@ -413,21 +397,39 @@ def check_sweepable(config: config_lib.Config, config_id: str = "") -> None:
         f"{config.audit_canaries}")
 
 
-def _check_budget(config: config_lib.Config, sim: simulation.Simulation,
-                  z: float) -> None:
+def _member_plan(plan: plan_lib.PrivacyPlan, config: config_lib.Config,
+                 z_cache: dict) -> plan_lib.PrivacyPlan:
+  """The privacy plan of one configuration of a shape group: the group's,
+  with the configuration's own clip norm, delta, accountant and noise
+  multiplier (given, or calibrated to its target epsilon; calibrations are
+  shared between configurations that calibrate alike)."""
+  plan = dataclasses.replace(plan, clip_norm=float(config.clip_norm),
+                             delta=float(config.delta),
+                             accountant=config.accountant)
+  if config.noise_multiplier is not None:
+    z = float(config.noise_multiplier)
+  else:
+    key = (plan, config.target_epsilon)
+    if key not in z_cache:
+      z_cache[key] = plan_lib.calibrate_noise_multiplier(
+          plan, config.target_epsilon)
+    z = z_cache[key]
+  return dataclasses.replace(plan, noise_multiplier=z)
+
+
+def _check_budget(config: config_lib.Config,
+                  plan: plan_lib.PrivacyPlan) -> None:
   """Refuses a configuration planned past its budget (as runner.run does)."""
   if config.epsilon_budget is None or config.stop_at_budget:
     return
-  planned = accounting.epsilon_of_counts(
-      [(sim.event(z), config.rounds)], config.delta,
-      accountant=config.accountant, relation=sim.relation)
+  planned = plan.planned_epsilon()
   if planned > config.epsilon_budget:
     raise ValueError(
         f"config field 'epsilon_budget' ({config.epsilon_budget:g}) is below "
         f"the planned epsilon {planned:.4g} of {config.rounds} rounds of the "
-        f"configuration with noise_multiplier={z:g}, seed={config.seed}; set "
-        "stop_at_budget=true to stop each configuration before the round "
-        "that would exceed it")
+        f"configuration with noise_multiplier={plan.noise_multiplier:g}, "
+        f"seed={config.seed}; set stop_at_budget=true to stop each "
+        "configuration before the round that would exceed it")
 
 
 def _cohort_sizes(sim, members, sample_fn, rounds: int) -> int:
@@ -446,7 +448,7 @@ def _run_group(g: int, num_groups: int, members: list[_Member],
   """Runs one shape group, chunk by chunk; fills the members' host state."""
   start = time.perf_counter()
   rounds = sim0.config.rounds
-  sample_fn = jax.jit(sim0.sampler.sample_round)
+  sample_fn = jax.jit(sim0.plan.sampler.sample_round)
   chunk = sim0.execution.clients_per_chunk
   largest = _cohort_sizes(sim0, members, sample_fn, rounds)
   slots = min(sim0.slots, max(chunk, -(-largest // chunk) * chunk))
@@ -497,7 +499,7 @@ def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, init,
   # Every configuration draws its own noise (`simulation.stream_keys`):
   # lanes with one seed but different settings never share it.
   noise_keys = place(jnp.stack([m.streams.noise for m in lanes]))
-  capacity = sim0.sampler.capacity
+  capacity = sim0.plan.sampler.capacity
 
   def prepare(r: int):
     blocks, drawn, dropped = [], [], []

@@ -28,9 +28,10 @@ import numpy as np
 
 from fedjax_dp import server as server_lib
 from fedjax_dp import simulation
-from fedjax_dp.data import builtin
+from fedjax_dp.data import dataset as dataset_lib
 from fedjax_dp.data import population as population_lib
 from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import plan as plan_lib
 
 # Worst-case client kinds (see `client`).
 KINDS = ("ordinary", "cancelling", "cancelling_deep", "large", "huge", "nan",
@@ -103,7 +104,7 @@ def client(kind: str, rng: np.random.Generator, size: int,
 
 def dataset(clients: list[dict], input_shape: tuple[int, ...],
             num_classes: int, name: str = "worst_case"
-            ) -> builtin.FederatedDataset:
+            ) -> dataset_lib.FederatedDataset:
   """An in-memory federated dataset of these training clients (one
   ordinary held-out client)."""
   train = population_lib.FederatedPopulation.from_client_arrays(
@@ -111,7 +112,7 @@ def dataset(clients: list[dict], input_shape: tuple[int, ...],
   held = population_lib.FederatedPopulation.from_client_arrays(
       ["held"], [client("ordinary", np.random.default_rng(123), 4,
                         input_shape, num_classes)])
-  return builtin.FederatedDataset(name, train, held, input_shape, num_classes)
+  return dataset_lib.FederatedDataset(name, train, held, input_shape, num_classes)
 
 
 def state_for(sim: simulation.Simulation, kind: str, seed: int = 0):
@@ -136,10 +137,11 @@ def contribution_bound(sim: simulation.Simulation,
   norm at most `bound` under the ledger's event: C in L2; C in L1 for
   Laplace; C + sqrt(d) / s for secure aggregation's integers."""
   clip_norm = sim.config.clip_norm if clip_norm is None else clip_norm
-  if sim.config.mechanism == "laplace":
+  if sim.plan.noise is plan_lib.Noise.LAPLACE:
     return 1, clip_norm
-  if sim.secagg is not None:
-    return 2, clip_norm + math.sqrt(sim.secagg.dim) / sim.secagg.scale
+  if sim.plan.secagg is not None:
+    secagg = sim.plan.secagg
+    return 2, clip_norm + math.sqrt(secagg.dim) / secagg.scale
   return 2, clip_norm
 
 
@@ -185,15 +187,16 @@ def release_noise_stddev(sim: simulation.Simulation, participants: int,
   """The noise std of one coordinate of a round's release with this many
   participants, as the ledger's event for `sim` assumes it."""
   clip_norm = sim.config.clip_norm if clip_norm is None else clip_norm
-  if sim.secagg is not None:
+  if sim.plan.secagg is not None:
     # Discrete Gaussian shares of std sigma_c (integer units) per
     # participant.
-    return math.sqrt(participants) * sim.secagg.share_stddev / (
-        sim.secagg.scale)
-  count = sim.count_stddev if sim.config.adaptive_clipping else None
-  std = event_noise_stddev(sim.event(), sim.relation, clip_norm, count)
-  if sim.config.noise_placement == "local":
+    return math.sqrt(participants) * sim.plan.secagg.share_stddev / (
+        sim.plan.secagg.scale)
+  count = sim.plan.count_stddev if sim.config.adaptive_clipping else None
+  std = event_noise_stddev(sim.plan.event(), sim.plan.relation, clip_norm,
+                           count)
+  if sim.plan.placement is plan_lib.Placement.LOCAL:
     return std * math.sqrt(participants)
-  if sim.config.noise_placement == "distributed":
-    return std * math.sqrt(participants / sim.min_participants)
+  if sim.plan.placement is plan_lib.Placement.DISTRIBUTED:
+    return std * math.sqrt(participants / sim.plan.min_participants)
   return std

@@ -49,7 +49,7 @@ def rounds_only(config: config_lib.Config, k: int, repeats: int
   streams = sim.streams()
   noise_key = streams.noise
   round_fn = jax.jit(sim.round_fn(), donate_argnums=(0,))
-  sample_fn = jax.jit(sim.sampler.sample_round)
+  sample_fn = jax.jit(sim.plan.sampler.sample_round)
 
   def host_rounds(state, rounds):
     blocks = prefetch.Prefetcher(

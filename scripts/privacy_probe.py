@@ -103,7 +103,7 @@ class Run:
     self.cfg = cfg
     self.sim = simulation.build(cfg, dataset(clients))
     self.round = jax.jit(self.sim.round_fn())
-    self.sample = jax.jit(self.sim.sampler.sample_round)
+    self.sample = jax.jit(self.sim.plan.sampler.sample_round)
 
   def release(self, clients, *, state=None, round_index=0, kind=None):
     """The release of round `round_index` over a dataset of `clients`."""
@@ -114,8 +114,8 @@ class Run:
     hparams = sim.hparams()
     new, metrics = self.round(
         state, block, hparams, jax.random.fold_in(streams.noise, round_index),
-        None, sim.adaptive_hparams(), sim.secagg_params(),
-        sim.tree_state(streams, round_index))
+        None, sim.plan.adaptive_hparams(), sim.plan.secagg_params(),
+        sim.plan.tree_state(streams.noise, round_index))
     release = (flat(new.params) - flat(state.params)) * float(
         hparams.denominator)
     return release, jax.device_get(metrics)
@@ -140,7 +140,7 @@ def probe_clip(report, shape, mechanism, kinds):
   p, limit = worst_case.contribution_bound(run.sim)
   # The neighbour the ledger's relation names: the adversary removed
   # (add/remove), or replaced by the empty record (zero-out).
-  zero_out = run.sim.relation is clipping.NeighbouringRelation.REPLACE_SPECIAL
+  zero_out = run.sim.plan.relation is clipping.NeighbouringRelation.REPLACE_SPECIAL
   neighbour = [client("empty", np.random.default_rng(0))] + base if zero_out \
       else base
   for kind in kinds:

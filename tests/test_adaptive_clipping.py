@@ -16,6 +16,7 @@ from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import adaptive_clipping
 from fedjax_dp.privacy import clipping
 from fedjax_dp.privacy import sampling
+from helpers import plans
 
 ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 REPLACE = dp_accounting.NeighboringRelation.REPLACE_ONE
@@ -55,10 +56,6 @@ def test_shifted_count_has_sensitivity_one_half():
   # Padding contributes nothing, whatever it holds.
   assert float(adaptive_clipping.shifted_count(
       unclipped, jnp.zeros(5, bool))) == 0.0
-  assert adaptive_clipping.count_sensitivity(
-      clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE) == 0.5
-  assert adaptive_clipping.count_sensitivity(
-      clipping.NeighbouringRelation.REPLACE_ONE) == 1.0
 
 
 def test_count_noise_has_stated_stddev():
@@ -162,7 +159,8 @@ def _rdp_eps(event, relation, delta=1e-5):
 def test_event_costs_exactly_one_gaussian_of_configured_z():
   z, sigma_b = 1.1, 5.0
   poisson = sampling.PoissonSampler(1000, 0.1, capacity=1000)
-  event = adaptive_clipping.dp_event(poisson, z, sigma_b)
+  event = plans.plan_for(poisson, count_stddev=sigma_b).event(
+      noise_multiplier=z)
   zd = adaptive_clipping.update_noise_multiplier(z, sigma_b)
   assert event == dp_accounting.PoissonSampledDpEvent(
       0.1, dp_accounting.ComposedDpEvent((
@@ -195,7 +193,8 @@ def test_event_costs_exactly_one_gaussian_of_configured_z():
 def test_event_under_replace_one_and_truncation():
   z, sigma_b = 1.1, 5.0
   fixed = sampling.FixedSizeSampler(1000, 100)
-  event = adaptive_clipping.dp_event(fixed, z, sigma_b)
+  event = plans.plan_for(fixed, count_stddev=sigma_b).event(
+      noise_multiplier=z)
   zd = adaptive_clipping.update_noise_multiplier(z, sigma_b)
   assert event.event == dp_accounting.ComposedDpEvent((
       dp_accounting.GaussianDpEvent(zd / 2),
@@ -204,10 +203,13 @@ def test_event_under_replace_one_and_truncation():
       _rdp_eps(fixed.dp_event(z), REPLACE), rel=1e-9)
   truncating = sampling.PoissonSampler(1000, 0.1)
   assert truncating.truncates
-  tevent = adaptive_clipping.dp_event(truncating, z, sigma_b)
+  tevent = plans.plan_for(truncating, count_stddev=sigma_b).event(
+      noise_multiplier=z)
   assert isinstance(tevent, dp_accounting.TruncatedSubsampledGaussianDpEvent)
   assert tevent.noise_multiplier == pytest.approx(z, rel=1e-12)
   # No noise: the same non-private event as a fixed-clip round.
-  assert adaptive_clipping.dp_event(fixed, 0.0, sigma_b) == fixed.dp_event(0.0)
+  assert plans.plan_for(fixed, count_stddev=sigma_b).event(
+      noise_multiplier=0.0) == fixed.dp_event(0.0)
   with pytest.raises(ValueError):
-    adaptive_clipping.dp_event(fixed, 20.0, sigma_b)
+    plans.plan_for(fixed, count_stddev=sigma_b).event(
+      noise_multiplier=20.0)

@@ -32,11 +32,11 @@ def _round_metric_names(changes) -> set[str]:
       **changes)
   sim = simulation.build(config)
   streams = sim.streams()
-  block = sim.prepare(0, streams, jax.jit(sim.sampler.sample_round))[0]
+  block = sim.prepare(0, streams, jax.jit(sim.plan.sampler.sample_round))[0]
   _, metrics = jax.eval_shape(
       sim.round_fn(), sim.initial_state(0), block, sim.hparams(),
-      streams.noise, None, sim.adaptive_hparams(), sim.secagg_params(),
-      sim.tree_state(streams, 0))
+      streams.noise, None, sim.plan.adaptive_hparams(), sim.plan.secagg_params(),
+      sim.plan.tree_state(streams.noise, 0))
   return set(metrics)
 
 

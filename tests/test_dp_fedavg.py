@@ -13,6 +13,7 @@ from fedjax_dp import server as server_lib
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.models import registry
 from fedjax_dp.privacy import noise
+from fedjax_dp.privacy import plan as plan_lib
 
 NUM_CLASSES = 3
 INPUT = (5,)
@@ -273,7 +274,7 @@ def test_per_layer_clipping_round_equals_per_group_reference(scheme):
   params = model.init(jax.random.key(0))
   fn = jax.jit(dp_fedavg.build_round(
       model, client_lib.client_optimizer("sgd"), opt,
-      per_layer_clipping=scheme))
+      plan_lib.Privatizer.create(per_layer_clipping=scheme)))
   state, metrics = fn(server_lib.init(params, opt), block, hp,
                       jax.random.key(1))
   # Reference: train each client plainly, clip each top-level group g to

@@ -18,6 +18,7 @@ from fedjax_dp.models import registry
 from fedjax_dp.privacy import clipping
 from fedjax_dp.privacy import sampling
 from fedjax_dp.privacy import tree_aggregation as ta
+from fedjax_dp.privacy import plan as plan_lib
 from helpers import tiny_blocks
 
 _MODEL = registry.get_model("logistic", (5,), 3)
@@ -31,8 +32,10 @@ def _block(clients=4, seed=0, valid=None):
 def _round_fn(mechanism, restart_every=None):
   return jax.jit(dp_fedavg.build_round(
       _MODEL, client_lib.client_optimizer("sgd"),
-      server_lib.server_optimizer("sgd"), clients_per_chunk=2,
-      mechanism=mechanism, tree_restart_every=restart_every))
+      server_lib.server_optimizer("sgd"),
+      plan_lib.Privatizer.create(mechanism=mechanism,
+                                 tree_restart_every=restart_every),
+      clients_per_chunk=2))
 
 
 def _flat(tree):
@@ -186,6 +189,7 @@ def test_tree_schedule_holds_every_rounds_event(restart_every, participation):
       tree_participation=participation, noise_multiplier=2.0)
   sim = simulation.build(config)
   counts = collections.Counter()
-  for event, count in sim.schedule():
+  for event, count in sim.plan.schedule():
     counts[event] += count
-  assert counts == collections.Counter(sim.run_events())
+  assert counts == collections.Counter(
+      sim.plan.event(r) for r in range(sim.config.rounds))

@@ -20,7 +20,8 @@ from fedjax_dp import tree_util
 from fedjax_dp.models import registry
 from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import clipping
-from fedjax_dp.privacy import dp_sgd
+from fedjax_dp.privacy import events
+from fedjax_dp.privacy import plan as plan_lib
 
 NUM_CLASSES = 3
 INPUT = (4,)
@@ -49,7 +50,7 @@ def _flat(tree):
       [np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)])
 
 
-_noisy_batch_gradient = jax.jit(dp_sgd.noisy_batch_gradient,
+_noisy_batch_gradient = jax.jit(plan_lib.noisy_batch_gradient,
                                 static_argnums=(4,))
 
 # ---------------------------------------------------------------------------
@@ -197,13 +198,14 @@ STEPS = 3
 CLIENTS = 128
 _MODEL = _model()
 _dp_sgd_update = jax.jit(client_lib.make_dp_sgd_client_update(
-    _MODEL, client_lib.client_optimizer("sgd")))
+    _MODEL, client_lib.client_optimizer("sgd"), plan_lib.noisy_batch_gradient))
 _plain_sgd_update = jax.jit(client_lib.make_client_update(
     _MODEL, client_lib.client_optimizer("sgd")))
 # Shared params, per-client features, mask and key; one trace allowed.
 _dp_sgd_cohort = jax.jit(jax.vmap(
     chex.assert_max_traces(client_lib.make_dp_sgd_client_update(
-        _MODEL, client_lib.client_optimizer("sgd")), n=1),
+        _MODEL, client_lib.client_optimizer("sgd"),
+        plan_lib.noisy_batch_gradient), n=1),
     in_axes=(None, 0, 0, None, None, None, 0)))
 
 
@@ -350,7 +352,7 @@ def test_vmaps_over_clients_with_shared_params_and_compiles_once():
 
 def test_example_event_over_rounds_matches_dp_accounting():
   z, epochs, rounds, delta = 1.1, 2, 5, 1e-5
-  event = dp_sgd.example_dp_event(z, epochs)
+  event = events.example_level(z, epochs)
   assert event == dp_accounting.SelfComposedDpEvent(
       dp_accounting.GaussianDpEvent(z), epochs)
   rel = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
@@ -386,7 +388,7 @@ def test_example_event_over_rounds_matches_dp_accounting():
 def test_zero_out_is_accounted_as_add_remove_not_replace_one():
   """dp_accounting's replace-special (zero-out) equals add/remove here; its
   PLD under REPLACE_ONE would double the sensitivity (a different claim)."""
-  event = dp_sgd.example_dp_event(1.0, 2)
+  event = events.example_level(1.0, 2)
   relations = dp_accounting.NeighboringRelation
   eps = {}
   for rel in (relations.ADD_OR_REMOVE_ONE, relations.REPLACE_SPECIAL,
@@ -400,11 +402,11 @@ def test_zero_out_is_accounted_as_add_remove_not_replace_one():
 
 
 def test_example_event_without_noise_is_non_private_and_validates():
-  assert dp_sgd.example_dp_event(0.0, 3) == dp_accounting.NonPrivateDpEvent()
+  assert events.example_level(0.0, 3) == dp_accounting.NonPrivateDpEvent()
   assert accounting.epsilon_of(
-      [dp_sgd.example_dp_event(0.0, 3)], 1e-5, accountant="rdp",
+      [events.example_level(0.0, 3)], 1e-5, accountant="rdp",
       relation=clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE) == np.inf
   for bad in ((-1.0, 1), (float("inf"), 1), (float("nan"), 1), (1.0, 0),
               (1.0, 1.5), (1.0, True)):
     with pytest.raises(ValueError):
-      dp_sgd.example_dp_event(*bad)
+      events.example_level(*bad)

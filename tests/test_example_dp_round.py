@@ -14,6 +14,7 @@ from fedjax_dp import runner
 from fedjax_dp import server as server_lib
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.models import registry
+from fedjax_dp.privacy import plan as plan_lib
 from helpers import tiny_blocks
 
 _MODEL = registry.get_model("logistic", (5,), 3)
@@ -28,8 +29,8 @@ def _round(example_dp, hp, key=1):
   opt = server_lib.server_optimizer("sgd")
   params = _MODEL.init(jax.random.key(0))
   fn = jax.jit(dp_fedavg.build_round(
-      _MODEL, client_lib.client_optimizer("sgd"), opt, clients_per_chunk=2,
-      example_dp=example_dp))
+      _MODEL, client_lib.client_optimizer("sgd"), opt,
+      plan_lib.Privatizer.create(example_dp=example_dp), clients_per_chunk=2))
   state, _ = fn(server_lib.init(params, opt), _block(), hp,
                 jax.random.key(key))
   return np.concatenate([np.ravel(x) for x in

@@ -20,6 +20,7 @@ from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import clipping
 from fedjax_dp.privacy import laplace
 from fedjax_dp.privacy import sampling
+from helpers import plans
 
 ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
@@ -33,8 +34,8 @@ _floats = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 def test_every_clipped_contribution_has_l1_norm_at_most_c(a, b, c):
   tree = {"a": jnp.asarray(a, jnp.float32),
           "b": {"w": jnp.asarray(b, jnp.float32)}}
-  out = laplace.clip_by_l1_norm(tree, c)
-  norm = float(laplace.l1_norm(out.clipped))
+  out = clipping.clip_by_l1_norm(tree, c)
+  norm = float(clipping.l1_norm(out.clipped))
   assert norm <= c * (1 + 1e-6)
   exact = sum(abs(x) for x in np.float32(a + b).astype(np.float64))
   assert float(out.norm) == pytest.approx(exact, rel=1e-5, abs=1e-6)
@@ -47,14 +48,14 @@ def test_every_clipped_contribution_has_l1_norm_at_most_c(a, b, c):
   other = {"a": jnp.ones_like(tree["a"]), "b": {"w": jnp.ones_like(
       tree["b"]["w"])}}
   moved = tree_util.tree_sub(tree_util.tree_add(other, out.clipped), other)
-  assert float(laplace.l1_norm(moved)) <= c * (1 + 1e-5) + 1e-5
+  assert float(clipping.l1_norm(moved)) <= c * (1 + 1e-5) + 1e-5
 
 
 def test_infinite_clip_and_zero_update_are_unchanged():
   tree = {"w": jnp.array([1.0, -2.0, 3.0])}
-  out = laplace.clip_by_l1_norm(tree, jnp.inf)
+  out = clipping.clip_by_l1_norm(tree, jnp.inf)
   np.testing.assert_array_equal(out.clipped["w"], tree["w"])
-  zero = laplace.clip_by_l1_norm({"w": jnp.zeros(3)}, 1.0)
+  zero = clipping.clip_by_l1_norm({"w": jnp.zeros(3)}, 1.0)
   np.testing.assert_array_equal(zero.clipped["w"], jnp.zeros(3))
   assert float(laplace.noise_scale(0.0, jnp.inf)) == 0.0
   assert float(laplace.noise_scale(2.0, 0.5)) == 1.0
@@ -108,7 +109,8 @@ def _pld_eps(event, count, delta=1e-5, relation=ADD_REMOVE):
 def test_central_event_with_poisson_sampling_matches_dp_accounting():
   sampler = sampling.PoissonSampler(1000, 0.05, capacity=1000)
   z = 3.0
-  event = laplace.central_dp_event(sampler, z)
+  event = plans.plan_for(sampler, mechanism="laplace").event(
+        noise_multiplier=z)
   assert event == dp_accounting.PoissonSampledDpEvent(
       0.05, dp_accounting.LaplaceDpEvent(3.0))
   ours = accounting.epsilon_of(
@@ -123,17 +125,20 @@ def test_central_event_without_amplification_for_other_samplers():
   z = 4.0
   for sampler in (sampling.FixedSizeSampler(1000, 50),
                   sampling.PoissonSampler(1000, 0.05)):  # truncating
-    event = laplace.central_dp_event(sampler, z)
+    event = plans.plan_for(sampler, mechanism="laplace").event(
+        noise_multiplier=z)
     assert event == dp_accounting.LaplaceDpEvent(2.0)
     # Pure epsilon 2 / z per round; the RDP accountant's conversion adds a
     # few percent at delta = 1e-9.
     acc = rdp.RdpAccountant(neighboring_relation=_rel(sampler))
     acc.compose(event)
     assert acc.get_epsilon(1e-9) == pytest.approx(2 / z, rel=0.05)
-  assert isinstance(laplace.central_dp_event(sampler, 0.0),
+  assert isinstance(plans.plan_for(sampler, mechanism="laplace").event(
+        noise_multiplier=0.0),
                     dp_accounting.NonPrivateDpEvent)
   with pytest.raises(ValueError):
-    laplace.central_dp_event(sampler, -1.0)
+    plans.plan_for(sampler, mechanism="laplace").event(
+        noise_multiplier=-1.0)
 
 
 def _rel(sampler):
@@ -144,7 +149,8 @@ def _rel(sampler):
 
 def test_local_event_is_pure_two_over_z_per_round():
   z = 2.0
-  event = laplace.local_dp_event(z)
+  event = plans.plan_for(
+      mechanism="laplace", noise_placement="local").event(noise_multiplier=z)
   assert event == dp_accounting.LaplaceDpEvent(1.0)
   # delta = 0 curve: one round is exactly 2 / z.
   assert _pld_eps(event, 1, delta=1e-12) == pytest.approx(2 / z, abs=1e-3)

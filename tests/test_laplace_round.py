@@ -12,6 +12,7 @@ from fedjax_dp import runner
 from fedjax_dp import server as server_lib
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.models import registry
+from fedjax_dp.privacy import plan as plan_lib
 from helpers import tiny_blocks
 
 
@@ -19,7 +20,8 @@ def _round(model, block, hp, key=1):
   opt = server_lib.server_optimizer("sgd")
   params = model.init(jax.random.key(0))
   fn = jax.jit(dp_fedavg.build_round(
-      model, client_lib.client_optimizer("sgd"), opt, mechanism="laplace"))
+      model, client_lib.client_optimizer("sgd"), opt,
+      plan_lib.Privatizer.create(mechanism="laplace")))
   state, metrics = fn(server_lib.init(params, opt), block, hp,
                       jax.random.key(key))
   return params, state, metrics

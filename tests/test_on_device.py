@@ -108,7 +108,7 @@ def test_cohorts_and_blocks_equal_the_host_path():
   streams = sim.streams()
   keys = on_device.multi_round_keys(streams)
   cohort_block = jax.jit(on_device.build_cohort_block(sim))
-  sample_fn = jax.jit(sim.sampler.sample_round)
+  sample_fn = jax.jit(sim.plan.sampler.sample_round)
   sizes = sim.train.num_examples
   assert sizes.min() <= cap < sizes.max(), sizes
   for r in range(3):

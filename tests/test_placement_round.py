@@ -21,6 +21,7 @@ from fedjax_dp.models import registry
 from fedjax_dp.privacy import clipping
 from fedjax_dp.privacy import placement
 from fedjax_dp.privacy import secure_aggregation
+from fedjax_dp.privacy import plan as plan_lib
 from helpers import tiny_blocks
 
 _MODEL = registry.get_model("mlp_2nn", (5,), 3, hidden=(100,))
@@ -33,10 +34,13 @@ def _block(clients=6, seed=0, valid=None):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_round(chunk, round_kwargs):
+  kwargs = dict(round_kwargs)
+  layout = {k: kwargs.pop(k) for k in ("vmap_clients", "unroll_local_steps")
+            if k in kwargs}
   return jax.jit(dp_fedavg.build_round(
       _MODEL, client_lib.client_optimizer("sgd"),
-      server_lib.server_optimizer("sgd"), clients_per_chunk=chunk,
-      **dict(round_kwargs)))
+      server_lib.server_optimizer("sgd"), plan_lib.Privatizer.create(**kwargs),
+      clients_per_chunk=chunk, **layout))
 
 
 def _released_sum(block, *, client_lr=0.5, clip=1.0, z=0.0, denominator=4.0,
@@ -299,12 +303,12 @@ def test_secure_aggregation_run_fits_its_bits_and_records_the_ddg_event():
   # The scale is the largest power of two that fits the most shares a
   # round can have (the block): twice it would not.
   sim = simulation.build(config)
-  assert sim.secagg.scale == summary["secagg_scale"]
-  assert math.log2(sim.secagg.scale).is_integer()
-  n_max, n_min, c = sim.secagg.max_shares, sim.secagg.min_shares, \
+  assert sim.plan.secagg.scale == summary["secagg_scale"]
+  assert math.log2(sim.plan.secagg.scale).is_integer()
+  n_max, n_min, c = sim.plan.secagg.max_shares, sim.plan.secagg.min_shares, \
       config.clip_norm
-  assert n_max == sim.slots and n_min == sim.min_participants
-  twice = 2 * sim.secagg.scale
+  assert n_max == sim.slots and n_min == sim.plan.min_participants
+  twice = 2 * sim.plan.secagg.scale
   assert secure_aggregation.required_bits(
       n_max, c, twice,
       secure_aggregation.share_stddev(1.0, c, twice, n_min)) > 20
@@ -337,9 +341,9 @@ def test_distributed_run_records_the_zero_out_gaussian_without_amplification():
   # The default minimum: a round aborts with probability <= 1% (Poisson
   # cohort of 10 expected: Binomial(N, q)'s 1% quantile).
   sim = simulation.build(config)
-  n, q = sim.sampler.population_size, sim.sampler.sampling_probability
-  assert stats.binom.cdf(sim.min_participants - 1, n, q) <= 0.01
-  assert stats.binom.cdf(sim.min_participants, n, q) > 0.01
+  n, q = sim.plan.sampler.population_size, sim.plan.sampler.sampling_probability
+  assert stats.binom.cdf(sim.plan.min_participants - 1, n, q) <= 0.01
+  assert stats.binom.cdf(sim.plan.min_participants, n, q) > 0.01
   for m in result.history:
     assert m["aggregation_aborted"] == (m["num_participants"] <
-                                        sim.min_participants)
+                                        sim.plan.min_participants)

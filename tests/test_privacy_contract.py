@@ -170,7 +170,7 @@ def _expected_stddev(case, clip_norm):
   six (or, on the device, all) participants of `_noise_release`."""
   participants = ct.POPULATION if case.variant == "on_device" else 6
   if case.config.mechanism == "tree":
-    participants = min(participants, case.sim.sampler.cohort_size)
+    participants = min(participants, case.sim.plan.sampler.cohort_size)
   return worst_case.release_noise_stddev(case.sim, participants, clip_norm)
 
 
@@ -186,7 +186,7 @@ def _check_noise_law(case):
     # 1 / sqrt(2 d) for a Gaussian, sqrt(5 / (4 d)) for a Laplace; 6 of
     # those (and discrete Gaussian shares are Gaussian to 1e-3 here).
     rel = 6 * math.sqrt((5.0 if laplace else 2.0) / (4 * d)) + (
-        1e-3 if case.sim.secagg is not None else 0.0)
+        1e-3 if case.sim.plan.secagg is not None else 0.0)
     assert np.std(release) == pytest.approx(std, rel=rel)
     law = "laplace" if laplace else "norm"
     scale = std / math.sqrt(2) if laplace else std

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fedjax_dp import checkpoint
+from fedjax_dp.privacy import ledger_codec
 from fedjax_dp import runner
 
 _SETTINGS = [
@@ -101,7 +102,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
   metric_rounds = [json.loads(l)["round"] for l in
                    (killed / "metrics.jsonl").read_text().splitlines()]
   assert metric_rounds == list(range(8))
-  assert [e.round for e in checkpoint.decode_ledger(
+  assert [e.round for e in ledger_codec.decode_ledger(
       meta_b["ledger"]).entries] == list(range(8))
 
 

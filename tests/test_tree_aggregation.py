@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_dp.privacy import sampling
 from fedjax_dp.privacy import tree_aggregation as ta
 
 SIGMA = 0.7
@@ -116,19 +117,21 @@ def test_same_key_same_noise_and_compiles_once_for_all_restarts():
 
 
 def test_disjoint_cohorts_within_a_tree():
+  # The sampler and the tree's events name participation the same way.
+  assert sampling.PARTICIPATIONS == ta.PARTICIPATIONS
   n, m, r = 100, 8, 12
-  ta.check_participation(n, m, r, 50, "once_per_tree")
+  sampling.check_participation(n, m, r, 50, "once_per_tree")
   key = jax.random.key(6)
-  cohorts = [np.asarray(ta.disjoint_cohort(key, 0, t, n, m))
+  cohorts = [np.asarray(sampling.disjoint_cohort(key, 0, t, n, m))
              for t in range(1, r + 1)]
   flat = np.concatenate(cohorts)
   assert len(set(flat.tolist())) == r * m
-  other_tree = np.asarray(ta.disjoint_cohort(key, 1, 1, n, m))
+  other_tree = np.asarray(sampling.disjoint_cohort(key, 1, 1, n, m))
   assert not np.array_equal(other_tree, cohorts[0])
   with pytest.raises(ValueError, match="distinct clients"):
-    ta.check_participation(n, m, 13, 50, "once_per_tree")
+    sampling.check_participation(n, m, 13, 50, "once_per_tree")
   with pytest.raises(ValueError, match="distinct clients"):
-    ta.check_participation(n, m, 12, 13, "once")
+    sampling.check_participation(n, m, 12, 13, "once")
 
 
 def _rdp_eps(event, delta=1e-5):

@@ -25,6 +25,7 @@ from fedjax_dp.data import blocks
 from fedjax_dp.data import population as population_lib
 from fedjax_dp.models import registry
 from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import plan as plan_lib
 
 SHAPE = (8, 8, 1)
 CLASSES = 10
@@ -46,8 +47,9 @@ def _round(name, shape, **kwargs):
     return jax.jit(factored.build_factored_round(
         model, client_opt, server_opt, clients_per_chunk=2,
         vmap_clients=False))
-  return jax.jit(dp_fedavg.build_round(model, client_opt, server_opt,
-                                       clients_per_chunk=2, **kwargs))
+  return jax.jit(dp_fedavg.build_round(
+      model, client_opt, server_opt, plan_lib.Privatizer.create(**kwargs),
+      clients_per_chunk=2))
 
 
 def _hparams(z=0.0, clip=CLIP, **kwargs):

@@ -14,7 +14,6 @@ exactly zero (selected away, not multiplied). The denominator must be a public
 constant (the sampler's expected cohort size), never the realised count.
 """
 
-import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -26,19 +25,13 @@ import optax
 from fedjax_dp import audit
 from fedjax_dp import client as client_lib
 from fedjax_dp import server as server_lib
+from fedjax_dp import streams
 from fedjax_dp import tree_util
 from fedjax_dp import types
 from fedjax_dp.privacy import adaptive_clipping
-from fedjax_dp.privacy import clipping
-from fedjax_dp.privacy import laplace
-from fedjax_dp.privacy import noise
-from fedjax_dp.privacy import per_layer
-from fedjax_dp.privacy import placement
+from fedjax_dp.privacy import plan as plan_lib
 from fedjax_dp.privacy import secure_aggregation
 from fedjax_dp.privacy import tree_aggregation
-
-# Sub-streams of a round's noise key (the key itself noises central sums).
-_COUNT_NOISE, _CLIENT_NOISE, _EXAMPLE_NOISE = 1, 2, 3
 
 
 class RoundHparams(NamedTuple):
@@ -77,6 +70,14 @@ class CohortBlock(NamedTuple):
 
 
 CLIENTS_AXIS = "clients"
+
+# The arguments of the round's per-device sum, by name; those split by
+# client under a mesh (the rest is replicated to every device).
+_ROUND_ARGS = ("params", "features", "example_mask", "client_mask",
+               "canary_ids", "slot_ids", "hparams", "canaries", "noise_key",
+               "secagg")
+_PER_CLIENT_ARGS = frozenset(
+    ("features", "example_mask", "client_mask", "canary_ids", "slot_ids"))
 
 
 def client_mesh(devices=None) -> jax.sharding.Mesh:
@@ -148,17 +149,12 @@ def build_round(
     model: types.Model,
     client_optimizer_fn: client_lib.ClientOptimizerFn,
     server_optimizer: optax.GradientTransformation,
+    privatizer: plan_lib.Privatizer = plan_lib.Privatizer(),
     *,
     clients_per_chunk: int = 1,
     vmap_clients: bool = True,
     unroll_local_steps: int | bool = 1,
     mesh: jax.sharding.Mesh | None = None,
-    per_layer_clipping: str | None = None,
-    mechanism: str = "gaussian",
-    noise_placement: str = "central",
-    secure_aggregation_encoding: bool = False,
-    tree_restart_every: int | None = None,
-    example_dp: bool = False,
 ) -> Callable[..., tuple[server_lib.ServerState, dict]]:
   """Builds the (unjitted) round function.
 
@@ -167,6 +163,10 @@ def build_round(
     client_optimizer_fn: learning rate -> optax optimizer for local steps.
     server_optimizer: optax optimizer with injectable learning_rate (see
       server.server_optimizer).
+    privatizer: the privacy steps of the round, from the run's privacy plan
+      (privacy/plan.py): how each update is clipped, what clients send under
+      client-side noise, how the sum is noised, and whether each client runs
+      record-level DP-SGD. Default: central Gaussian noise.
     clients_per_chunk: clients vmapped together; chunks are scanned over and
       their clipped deltas accumulated, so memory grows with the chunk, not
       the cohort. The block's client count must be a multiple of it.
@@ -180,99 +180,28 @@ def build_round(
       axis is sharded over it (each device's share must be a multiple of
       `clients_per_chunk`); multi-host meshes work the same way after
       `jax.distributed.initialize()`.
-    per_layer_clipping: None clips the whole delta to C; "uniform" or
-      "size_proportional" clips each top-level parameter group g to
-      w_g * C with sum_g w_g^2 = 1 (w_g = 1/sqrt(G), or sqrt(d_g / d)), so the
-      whole update still has norm <= C and the noise is unchanged.
-    mechanism: "gaussian" (L2 clipping, Gaussian noise), "laplace" (L1
-      clipping to C, Laplace noise of scale z * C; privacy/laplace.py) or
-      "tree" (L2 clipping, DP-FTRL's tree-aggregation noise with per-node
-      std z * C, restarted every `tree_restart_every` rounds;
-      privacy/tree_aggregation.py).
-    noise_placement: "central", "distributed" or "local"
-      (privacy/placement.py).
-    secure_aggregation_encoding: with distributed noise, simulate secure
-      aggregation's fixed-point encoding and modular sum with discrete
-      Gaussian shares (privacy/secure_aggregation.py; round_fn then needs
-      `secagg`).
-    tree_restart_every: rounds per tree (mechanism "tree").
-    example_dp: record-level DP-SGD inside each client (privacy/dp_sgd.py),
-      with the hparams' example clip norm and noise multiplier.
 
   Returns:
     `round_fn(state, block, hparams, noise_key, canaries=None,
-    adaptive=None, secagg=None, tree=None) -> (new_state, metrics)`.
+    adaptive=None, secagg=None, tree=None) -> (new_state, metrics)`;
+    secure aggregation needs `secagg` and DP-FTRL its tree state.
   """
-  if noise_placement not in placement.PLACEMENTS:
-    raise ValueError(f"noise_placement must be one of {placement.PLACEMENTS}"
-                     f", got {noise_placement!r}")
-  if secure_aggregation_encoding and noise_placement != "distributed":
-    raise ValueError("secure_aggregation_encoding needs distributed noise")
-  if mechanism == "tree" and (noise_placement != "central"
-                              or not tree_restart_every):
-    raise ValueError("the tree mechanism adds central noise and needs "
-                     "tree_restart_every >= 1")
+  plan = privatizer
+  example_dp = plan.example_dp
   if example_dp:
     client_update = client_lib.make_dp_sgd_client_update(
-        model, client_optimizer_fn, unroll=unroll_local_steps)
+        model, client_optimizer_fn, plan_lib.noisy_batch_gradient,
+        unroll=unroll_local_steps)
   else:
     client_update = client_lib.make_client_update(
         model, client_optimizer_fn, unroll=unroll_local_steps)
-  encoded = secure_aggregation_encoding
-
-  def layer_weights(tree) -> dict[str, float]:
-    # Static per-group fractions of C (from shapes only, at trace time).
-    if per_layer_clipping == "uniform":
-      return per_layer.uniform_clip_norms(
-          1.0, per_layer.group_names(tree))
-    if per_layer_clipping == "size_proportional":
-      return per_layer.size_proportional_clip_norms(1.0, tree)
-    raise ValueError(
-        "per_layer_clipping must be None, 'uniform' or 'size_proportional', "
-        f"got {per_layer_clipping!r}")
-
-  def clip_update(delta, hparams):
-    if mechanism == "laplace":
-      return laplace.clip_by_l1_norm(delta, hparams.clip_norm)
-    if per_layer_clipping is None:
-      return clipping.clip_by_global_norm(delta, hparams.clip_norm)
-    groups = per_layer.clip_per_group(
-        delta, {g: w * hparams.clip_norm
-                for g, w in layer_weights(delta).items()})
-    return clipping.ClipResult(
-        groups.clipped, tree_util.global_l2_norm(delta),
-        functools.reduce(jnp.logical_or, groups.was_clipped.values()))
-
-  def message(clipped, participates, finite, slot_id, hparams, noise_key,
-              secagg):
-    """What one slot sends to the sum under client-side noise, and its
-    sampler failures (central noise sums the clipped deltas themselves).
-
-    A participant's message carries its noise whatever its data (a
-    non-finite update is replaced by zero first); a slot that takes no part
-    sends exactly zero.
-    """
-    key = jax.random.fold_in(jax.random.fold_in(noise_key, _CLIENT_NOISE),
-                             slot_id)
-    no_failures = jnp.zeros((), jnp.int32)
-    if noise_placement == "local":
-      return placement.with_local_noise(
-          clipped, participates, finite, mechanism, hparams.noise_multiplier,
-          hparams.clip_norm, key), no_failures
-    if noise_placement == "distributed" and encoded:
-      return secure_aggregation.encode(clipped, participates, finite, secagg,
-                                       key)
-    stddev = placement.share_stddev(hparams.noise_multiplier,
-                                    hparams.clip_norm,
-                                    hparams.min_participants)
-    return placement.with_gaussian_share(clipped, participates, finite,
-                                         stddev, key), no_failures
+  separate = plan.sends_messages
 
   def clipped_client(params, features, example_mask, valid, canary_id,
                      slot_id, hparams, canaries, noise_key, secagg):
     if example_dp:
-      key = jax.random.fold_in(jax.random.fold_in(noise_key, _EXAMPLE_NOISE),
-                               slot_id)
+      key = jax.random.fold_in(
+          jax.random.fold_in(noise_key, streams.EXAMPLE_NOISE), slot_id)
       out = client_update(params, features, example_mask, hparams.client_lr,
                           hparams.example_clip_norm,
                           hparams.example_noise_multiplier, key)
@@ -285,16 +214,19 @@ def build_round(
           canaries.directions)
       delta = jax.tree_util.tree_map(
           lambda c, d: jnp.where(canary_id >= 0, c, d), canary_delta, delta)
-    clip = clip_update(delta, hparams)
+    clip = plan.clip(delta, hparams.clip_norm)
     # A client whose update is NaN or Inf contributes nothing (it is excluded
     # by `where`, which also keeps NaN out of the sum). Whether to drop it
     # depends only on that client's own data, so the sum's sensitivity is
     # unchanged.
     finite = jnp.isfinite(clip.norm)
     msg, failures = None, jnp.zeros((), jnp.int32)
-    if noise_placement != "central":
-      msg, failures = message(clip.clipped, valid, finite, slot_id, hparams,
-                              noise_key, secagg)
+    if separate:
+      key = jax.random.fold_in(
+          jax.random.fold_in(noise_key, streams.CLIENT_NOISE), slot_id)
+      msg, failures = plan.message(
+          clip.clipped, valid, finite, key, hparams.noise_multiplier,
+          hparams.clip_norm, hparams.min_participants, secagg)
     return clip, msg, failures, finite, out.loss, out.num_examples
 
   def sum_messages(msgs):
@@ -315,10 +247,8 @@ def build_round(
         clipped_client,
         in_axes=(None, 0, 0, 0, 0, 0, None, None, None, None))
     zeros = tree_util.tree_zeros_like(params)
-    separate = noise_placement != "central"
     msg_zeros = jax.tree_util.tree_map(
-        lambda x: jnp.zeros(x.shape, jnp.uint32 if encoded else jnp.float32),
-        params)
+        lambda x: jnp.zeros(x.shape, plan.message_dtype), params)
     init = (zeros, msg_zeros if separate else None, jnp.zeros((), jnp.int32))
 
     def train_chunk(i, carry):
@@ -356,9 +286,9 @@ def build_round(
                adaptive: adaptive_clipping.AdaptiveClipHparams | None = None,
                secagg: secure_aggregation.SecAggParams | None = None,
                tree: tree_aggregation.TreeState | None = None):
-    if encoded and secagg is None:
+    if plan.secure_aggregation and secagg is None:
       raise ValueError("this round simulates secure aggregation: pass secagg")
-    if mechanism == "tree" and tree is None:
+    if plan.restart_every is not None and tree is None:
       raise ValueError("the tree mechanism needs the round's tree state")
     params = state.params
     num_clients = block.client_mask.shape[0]
@@ -382,59 +312,33 @@ def build_round(
         return jax.lax.psum(local_sums, CLIENTS_AXIS), local_clients
 
       by_client, replicated = P(CLIENTS_AXIS), P()
+      # The block's arrays are split by client; the rest is replicated.
+      in_specs = tuple(
+          by_client if name in _PER_CLIENT_ARGS else replicated
+          for name in _ROUND_ARGS)
       # check_vma=False: the scan's zero carry starts replicated and becomes
       # per-device; the psum makes the result replicated again.
       sums, per_client = jax.shard_map(
-          sharded, mesh=mesh,
-          in_specs=(replicated,) + (by_client,) * 5 + (replicated,) * 4,
+          sharded, mesh=mesh, in_specs=in_specs,
           out_specs=(replicated, by_client), check_vma=False)(*args)
     clipped_sum, message_sum, failures = sums
-    released = None
-    extra = {}
-    if noise_placement == "local":
-      released = message_sum
-    elif noise_placement == "distributed" and encoded:
-      decoded = secure_aggregation.decode(message_sum, secagg)
-      released = decoded.sum
-      extra = {"secagg_near_overflow": decoded.num_near_overflow,
-               "secagg_wrapped": decoded.num_wrapped,
-               "secagg_sampler_failures": failures}
-    elif noise_placement == "distributed":
-      released = message_sum
+    participants = jnp.sum(block.client_mask.astype(jnp.int32))
     new_state, metrics = noise_and_step(
         state, clipped_sum, per_client, block.client_mask, hparams, noise_key,
-        server_optimizer, canaries, adaptive, mechanism,
-        noisy_sum=released, noise_placement=noise_placement, tree=tree,
-        tree_restart_every=tree_restart_every)
-    if noise_placement == "distributed":
+        server_optimizer, plan, canaries, adaptive,
+        message_sum=message_sum, failures=failures, tree=tree, secagg=secagg)
+    aborted = plan.aborted(participants, hparams.min_participants)
+    if aborted is not None:
       # Fewer participants than the public minimum the shares are sized for:
       # the aggregation aborts and nothing is released (the state, and so the
-      # model, does not move). Whether it aborts depends on the number of
-      # participants only, which the server knows anyway.
-      participants = jnp.sum(block.client_mask.astype(jnp.int32))
-      aborted = participants.astype(jnp.float32) < hparams.min_participants
+      # model, does not move).
       new_state = jax.tree_util.tree_map(
           lambda new, old: jnp.where(aborted, old, new), new_state, state)
-      extra["num_participants"] = participants
-      extra["aggregation_aborted"] = aborted
-    metrics.update(extra)
+      metrics["num_participants"] = participants
+      metrics["aggregation_aborted"] = aborted
     return new_state, metrics
 
   return round_fn
-
-
-def _noise_stddev_of_sum(mechanism, noise_placement, hparams,
-                         num_participants):
-  """Std of the noise in one coordinate of the released sum."""
-  per_message = noise.noise_stddev(hparams.noise_multiplier, hparams.clip_norm)
-  if mechanism == "laplace":
-    per_message = jnp.sqrt(2.0) * per_message  # Laplace(0, b): std sqrt(2) b
-  if noise_placement == "local":
-    return per_message * jnp.sqrt(num_participants.astype(jnp.float32))
-  if noise_placement == "distributed":
-    return per_message * jnp.sqrt(
-        num_participants.astype(jnp.float32) / hparams.min_participants)
-  return per_message
 
 
 def noise_and_step(
@@ -445,40 +349,40 @@ def noise_and_step(
     hparams: RoundHparams,
     noise_key: types.PRNGKey,
     server_optimizer: optax.GradientTransformation,
+    plan: plan_lib.Privatizer,
     canaries: "Canaries | None" = None,
     adaptive: adaptive_clipping.AdaptiveClipHparams | None = None,
-    mechanism: str = "gaussian",
     *,
-    noisy_sum: types.Params | None = None,
-    noise_placement: str = "central",
+    message_sum: types.Params | None = None,
+    failures: jax.Array | None = None,
     tree: tree_aggregation.TreeState | None = None,
-    tree_restart_every: int | None = None,
+    secagg: secure_aggregation.SecAggParams | None = None,
 ) -> tuple[server_lib.ServerState, dict]:
   """The second half of every round shape: noise, average, server step.
 
-  Privacy: central placement adds N(0, (z C)^2) (or Laplace(z C), or the
-  tree's noise increment) once to the sum of clipped deltas; distributed and
-  local placements pass the sum of noisy messages as `noisy_sum`. Either is
-  divided by the public denominator. With adaptive clipping the round also
-  releases the noisy count of unclipped clients (privacy/adaptive_clipping.py).
+  Privacy: the plan releases the sum (`PrivacyPlan.release`: central noise
+  added once to the sum of clipped deltas, or the sum of the clients' noisy
+  messages), which is divided by the public denominator. With adaptive
+  clipping the round also releases the noisy count of unclipped clients
+  (privacy/adaptive_clipping.py).
 
   Args:
     state: server state before the round.
     clipped_sum: float32 sum of the valid clients' clipped deltas (before any
-      noise; diagnostics only when `noisy_sum` is given).
+      noise; diagnostics only under client-side noise).
     per_client: (pre-clip norms, was clipped, non-finite, train loss,
       examples), each [clients].
     client_mask: bool [clients], the block's valid slots.
     hparams: the round's hyperparameters.
     noise_key: the round's noise key.
     server_optimizer: optax optimizer with an injectable learning rate.
+    plan: the round's privacy steps (`PrivacyPlan.privatizer`).
     canaries: audit canaries in this round, if any.
     adaptive: adaptive clipping's arguments, if enabled.
-    mechanism: "gaussian", "laplace" or "tree".
-    noisy_sum: the released sum when the clients added the noise.
-    noise_placement: "central", "distributed" or "local".
-    tree: the tree state before this round (mechanism "tree").
-    tree_restart_every: rounds per tree (mechanism "tree").
+    message_sum: the sum of the clients' messages under client-side noise.
+    failures: secure aggregation's discrete Gaussian sampler failures.
+    tree: the tree state before this round (DP-FTRL).
+    secagg: secure aggregation's parameters, if simulated.
 
   Returns:
     (new server state, metrics).
@@ -487,19 +391,12 @@ def noise_and_step(
   valid = client_mask & ~nonfinite
   num_valid = jnp.sum(valid.astype(jnp.int32))
   # Client-side noise comes from every participant, finite or not.
-  stddev = _noise_stddev_of_sum(mechanism, noise_placement, hparams,
-                                jnp.sum(client_mask.astype(jnp.int32)))
-  tree_metrics = {}
-  if noisy_sum is None and mechanism == "laplace":
-    scale = laplace.noise_scale(hparams.noise_multiplier, hparams.clip_norm)
-    noisy_sum = laplace.add_laplace_noise(clipped_sum, scale, noise_key)
-  elif noisy_sum is None and mechanism == "tree":
-    noisy_sum, _, step = tree_aggregation.update(
-        tree, clipped_sum, stddev, tree_restart_every,
-        levels=tree_aggregation.num_levels(tree_restart_every))
-    tree_metrics = {"tree_index": step.tree_index, "tree_step": step.step}
-  elif noisy_sum is None:
-    noisy_sum = noise.add_gaussian_noise(clipped_sum, stddev, noise_key)
+  stddev = plan.noise_stddev_of_sum(
+      hparams.noise_multiplier, hparams.clip_norm, hparams.min_participants,
+      jnp.sum(client_mask.astype(jnp.int32)))
+  noisy_sum, release_metrics, _ = plan.release(
+      clipped_sum, message_sum, failures, stddev, hparams.noise_multiplier,
+      hparams.clip_norm, noise_key, tree, secagg)
   average = tree_util.tree_scale(noisy_sum, 1.0 / hparams.denominator)
   new_state = server_lib.step(state, average, hparams.server_lr,
                               server_optimizer)
@@ -526,7 +423,7 @@ def noise_and_step(
       # Norm of the clipped sum over the expected norm of the noise.
       "signal_to_noise": tree_util.global_l2_norm(clipped_sum) / (
           stddev * jnp.sqrt(float(tree_util.tree_size(clipped_sum)))),
-      **tree_metrics,
+      **release_metrics,
   }
   if adaptive is not None:
     # Andrew et al. 2021: release the noisy count of unclipped clients and
@@ -534,7 +431,8 @@ def noise_and_step(
     # already the update's share z_delta of the budget).
     next_clip, clip_out = adaptive_clipping.update(
         adaptive_clipping.AdaptiveClipState(
-            hparams.clip_norm, jax.random.fold_in(noise_key, _COUNT_NOISE)),
+            hparams.clip_norm,
+            jax.random.fold_in(noise_key, streams.COUNT_NOISE)),
         ~was_clipped, valid, adaptive)
     metrics["unclipped_fraction_noisy"] = clip_out.unclipped_fraction
     metrics["next_clip_norm"] = next_clip.clip_norm

@@ -83,6 +83,7 @@ from fedjax_dp import tree_util
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.models import cnn
 from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import plan as plan_lib
 
 # Models built only of flatten -> (dense -> ReLU)* -> dense.
 DENSE_MODELS = ("mlp_2nn", "2nn", "logistic")
@@ -367,6 +368,7 @@ def build_factored_round(
     model: types.Model,
     client_optimizer_fn: client_lib.ClientOptimizerFn,
     server_optimizer: optax.GradientTransformation,
+    privatizer: plan_lib.Privatizer = plan_lib.Privatizer(),
     *,
     clients_per_chunk: int | None = None,
     vmap_clients: bool = True,
@@ -384,6 +386,10 @@ def build_factored_round(
       head (in FEATURE_MODELS).
     client_optimizer_fn: must be plain SGD (checked).
     server_optimizer: as for `dp_fedavg.build_round`.
+    privatizer: the round's privacy steps; the factored round takes those
+      of the configurations `plan.refusal(config, "factored")` accepts
+      (central Gaussian noise, whole-update clipping) and releases the sum
+      as they say.
     clients_per_chunk: clients per scanned chunk; None sizes it from the
       block (about 2,048 example rows per chunk) for a dense model, and must
       be given for a FEATURE_MODELS one (its feature layers are per-client
@@ -568,6 +574,7 @@ def build_factored_round(
     return dp_fedavg.noise_and_step(
         state, clipped_sum,
         (norms, was_clipped, nonfinite, client_loss, num_examples), valid,
-        hparams, noise_key, server_optimizer, canaries, adaptive)
+        hparams, noise_key, server_optimizer, privatizer, canaries,
+        adaptive)
 
   return round_fn

@@ -7,7 +7,7 @@ population that fits in device memory this module moves all of it into one
 program: every training client's examples live on the device as a padded
 array, and one call runs K rounds in a loop (`lax.fori_loop`), each round
 
-    sample (sim.sampler.sample_round, the host's function and keys)
+    sample (sim.plan.sampler.sample_round, the host's function and keys)
     -> gather the cohort's rows -> lay them out as [slots, steps, batch]
        with the masks of data/blocks.make_block
     -> sim.round_fn() with the host's noise key, hparams, secagg and tree
@@ -43,7 +43,6 @@ from fedjax_dp import types
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.data import population as population_lib
 from fedjax_dp.data import source as source_lib
-from fedjax_dp.privacy import tree_aggregation
 
 # Share of an accelerator's memory the padded population may take. The rest
 # holds what every round needs anyway -- parameters, optimizer state, the
@@ -173,7 +172,7 @@ def build_cohort_block(
               tuple[dp_fedavg.CohortBlock, jax.Array]]:
   """Builds `cohort_block(population, keys, r) -> (block, num_drawn)`.
 
-  Round r's cohort is `sim.sampler.sample_round(keys.sample, r)`, as on the
+  Round r's cohort is `sim.plan.sampler.sample_round(keys.sample, r)`, as on the
   host; its valid clients fill the first slots in the sampler's order (as
   Simulation.prepare packs them) and the block has the host's shape, masks
   and padding rules (data/blocks.make_block): client k uses
@@ -184,7 +183,7 @@ def build_cohort_block(
   zeros.
   """
   config = sim.config
-  sampler = sim.sampler
+  sampler = sim.plan.sampler
   slots, num_steps = sim.slots, sim.num_steps
   batch, epochs = config.batch_size, config.local_epochs
   cap = config.max_examples_per_client
@@ -262,23 +261,18 @@ def build_multi_round(sim: simulation.Simulation) -> Callable:
   check_supported(sim)
   round_fn = sim.round_fn()
   cohort_block = build_cohort_block(sim)
-  tree_restart_every = (sim.sampler.restart_every
-                        if sim.config.mechanism == "tree" else None)
+  plan = sim.plan
 
   def multi_round(state, hparams: dp_fedavg.RoundHparams,
                   population: DevicePopulation, keys: MultiRoundKeys,
                   first_round, num_active, adaptive=None, secagg=None, *,
                   num_rounds: int):
     first_round = jnp.asarray(first_round, jnp.int32)
-    tree_key = jax.random.fold_in(keys.noise, simulation.TREE_STREAM)
 
     def one_round(carry, r):
       state, clip_norm = carry
       block, num_drawn = cohort_block(population, keys, r)
-      tree = None
-      if tree_restart_every is not None:
-        tree = tree_aggregation.state_before_traced_round(
-            tree_key, r, tree_restart_every)
+      tree = plan.tree_state(keys.noise, r)
       state, metrics = round_fn(
           state, block, hparams._replace(clip_norm=clip_norm),
           jax.random.fold_in(keys.noise, r), None, adaptive, secagg, tree)

@@ -1,11 +1,15 @@
-"""Built-in federated datasets that need no download.
+"""The registry of named federated datasets.
 
-`load(name, seed=..., **kwargs)` returns a `FederatedDataset`: a population of
-training clients and a disjoint population of held-out evaluation clients
-(chosen at random), so that evaluation measures how the model does on users
-it never trained on. Everything is deterministic for a seed; the partition
-and the held-out choice use separate random streams, so changing
-`eval_fraction` does not change which examples each client holds.
+`load(name, seed=..., **kwargs)` returns a `dataset.FederatedDataset`: a
+population of training clients and a disjoint population of held-out
+evaluation clients (chosen at random), so that evaluation measures how the
+model does on users it never trained on. Everything is deterministic for a
+seed; the partition and the held-out choice use separate random streams, so
+changing `eval_fraction` does not change which examples each client holds.
+
+This module only names and configures datasets; the loaders it calls
+(`synthetic.py`, `partition.py`, `shakespeare.py`, `files.py`) build them and
+can be used directly, and `dataset.py` defines the type they all return.
 
 Datasets (keyword arguments and their defaults):
 
@@ -33,48 +37,18 @@ Datasets (keyword arguments and their defaults):
   eval_fraction=0.2.
 """
 
-import dataclasses
 from typing import Any, Callable
 
 import numpy as np
 from sklearn import datasets as sklearn_datasets
 
+from fedjax_dp.data import dataset as dataset_lib
+from fedjax_dp.data import files
 from fedjax_dp.data import partition
-from fedjax_dp.data import source as source_lib
+from fedjax_dp.data import shakespeare
 from fedjax_dp.data import synthetic as synthetic_lib
 
-
-@dataclasses.dataclass(frozen=True)
-class FederatedDataset:
-  """A federated dataset split into training and held-out clients.
-
-  Attributes:
-    name: registry name.
-    train: the clients that train.
-    eval: held-out clients, disjoint from `train`, for evaluation.
-    input_shape: shape of one example's "x".
-    num_classes: number of labels; "y" lies in [0, num_classes).
-  """
-
-  name: str
-  train: source_lib.ClientSource
-  eval: source_lib.ClientSource
-  input_shape: tuple[int, ...]
-  num_classes: int
-
-  def __post_init__(self):
-    object.__setattr__(self, "input_shape", tuple(self.input_shape))
-    for split in ("train", "eval"):
-      specs = getattr(self, split).feature_specs
-      if "x" not in specs or "y" not in specs:
-        raise ValueError(f"{split} must have features 'x' and 'y'")
-      if specs["x"][0] != self.input_shape:
-        raise ValueError(
-            f"{split} 'x' has example shape {specs['x'][0]}, input_shape is "
-            f"{self.input_shape}")
-    if set(self.train.client_ids) & set(self.eval.client_ids):
-      raise ValueError("train and eval must not share clients")
-
+_Dataset = dataset_lib.FederatedDataset
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> int:
   if isinstance(value, (bool, np.bool_)) or not isinstance(
@@ -128,7 +102,7 @@ DIGITS_PARTITIONS = ("mixture", "label_split")
 
 def _load_digits(seed: int, *, num_clients: int = 500, alpha: float = 0.5,
                  partition_scheme: str = "mixture", min_client_size: int = 2,
-                 eval_fraction: float = 0.2) -> FederatedDataset:
+                 eval_fraction: float = 0.2) -> _Dataset:
   """Digits over clients by a Dirichlet label partition.
 
   "mixture" (default; Hsu et al. 2019): each client's class mixture is
@@ -157,7 +131,7 @@ def _load_digits(seed: int, *, num_clients: int = 500, alpha: float = 0.5,
   ids = _client_ids("digits", num_clients)
   train, held = _held_out(num_clients, eval_fraction, holdout_rng)
   features = {"x": x, "y": y}
-  return FederatedDataset(
+  return _Dataset(
       "digits",
       partition.to_population(
           features, [parts[i] for i in train], [ids[i] for i in train]),
@@ -169,7 +143,7 @@ def _load_digits(seed: int, *, num_clients: int = 500, alpha: float = 0.5,
 def _load_synthetic(seed: int, *, num_clients: int = 100, alpha: float = 1.0,
                     beta: float = 1.0, max_examples: int = 1000,
                     eval_fraction: float = 0.2,
-                    iid: bool = False) -> FederatedDataset:
+                    iid: bool = False) -> _Dataset:
   num_clients = _check_int("num_clients", num_clients, 2)
   eval_fraction = _check_eval_fraction(eval_fraction)
   partition_rng, holdout_rng = _streams(seed)
@@ -179,20 +153,20 @@ def _load_synthetic(seed: int, *, num_clients: int = 100, alpha: float = 1.0,
       seed=int(partition_rng.integers(2**31)), max_examples=max_examples,
       id_prefix=name)
   train, held = _held_out(num_clients, eval_fraction, holdout_rng)
-  return FederatedDataset(
+  return _Dataset(
       name, whole.subset(train), whole.subset(held), (60,), 10)
 
 
 def _load_synthetic_iid(seed: int, *, num_clients: int = 100,
                         max_examples: int = 1000,
-                        eval_fraction: float = 0.2) -> FederatedDataset:
+                        eval_fraction: float = 0.2) -> _Dataset:
   return _load_synthetic(
       seed, num_clients=num_clients, alpha=0.0, beta=0.0,
       max_examples=max_examples, eval_fraction=eval_fraction, iid=True)
 
 
 def _load_breast_cancer(seed: int, *, num_clients: int = 8, alpha: float = 1.0,
-                        eval_fraction: float = 0.2) -> FederatedDataset:
+                        eval_fraction: float = 0.2) -> _Dataset:
   data = sklearn_datasets.load_breast_cancer()
   x = data.data.astype(np.float64)
   y = data.target.astype(np.int32)
@@ -213,7 +187,7 @@ def _load_breast_cancer(seed: int, *, num_clients: int = 8, alpha: float = 1.0,
   std = x[train_rows].std(axis=0)
   std = np.where(std > 0, std, 1.0)
   features = {"x": ((x - mean) / std).astype(np.float32), "y": y}
-  return FederatedDataset(
+  return _Dataset(
       "breast_cancer",
       partition.to_population(
           features, [parts[i] for i in train], [ids[i] for i in train]),
@@ -225,9 +199,7 @@ def _load_breast_cancer(seed: int, *, num_clients: int = 8, alpha: float = 1.0,
 def _load_shakespeare(seed: int, *, path=None, seq_len: int = 80,
                       stride=None, min_chars: int = 1000,
                       max_examples_per_client=None,
-                      eval_fraction: float = 0.2) -> FederatedDataset:
-  # Imported here: shakespeare.py imports this module for FederatedDataset.
-  from fedjax_dp.data import shakespeare  # pylint: disable=g-import-not-at-top
+                      eval_fraction: float = 0.2) -> _Dataset:
   if path is None:
     raise ValueError(
         "dataset 'shakespeare' needs dataset_kwargs path=<folder made by "
@@ -238,8 +210,7 @@ def _load_shakespeare(seed: int, *, path=None, seq_len: int = 80,
       eval_fraction=eval_fraction, seed=seed)
 
 
-def _load_file(seed: int, *, path=None, **kwargs) -> FederatedDataset:
-  from fedjax_dp.data import files  # pylint: disable=g-import-not-at-top
+def _load_file(seed: int, *, path=None, **kwargs) -> _Dataset:
   if path is None:
     raise ValueError("dataset 'file' needs dataset_kwargs path=<data file>")
   if "num_classes" not in kwargs:
@@ -248,7 +219,7 @@ def _load_file(seed: int, *, path=None, **kwargs) -> FederatedDataset:
   return files.file_dataset(path, seed=seed, **kwargs)
 
 
-_LOADERS: dict[str, tuple[Callable[..., FederatedDataset], tuple[str, ...]]] = {
+_LOADERS: dict[str, tuple[Callable[..., _Dataset], tuple[str, ...]]] = {
     "digits": (_load_digits,
                ("num_clients", "alpha", "partition_scheme", "min_client_size",
                 "eval_fraction")),
@@ -272,7 +243,7 @@ _LOADERS: dict[str, tuple[Callable[..., FederatedDataset], tuple[str, ...]]] = {
 NAMES: tuple[str, ...] = tuple(_LOADERS)
 
 
-def load(name: str, *, seed: int = 0, **kwargs: Any) -> FederatedDataset:
+def load(name: str, *, seed: int = 0, **kwargs: Any) -> _Dataset:
   """Builds a built-in federated dataset.
 
   Args:

@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from fedjax_dp.data import dataset as dataset_lib
 from fedjax_dp.data import population as population_lib
 from fedjax_dp.data import source as source_lib
 from fedjax_dp.data.formats import detect
@@ -78,7 +79,7 @@ def file_dataset(
     format_name: str | None = None,
     seed: int = 0,
     **reader_kwargs,
-):
+) -> dataset_lib.FederatedDataset:
   """A FederatedDataset over a federated data file (lazy).
 
   Args:
@@ -98,9 +99,9 @@ def file_dataset(
     **reader_kwargs: passed to the format's reader.
 
   Returns:
-    builtin.FederatedDataset whose train and eval are ClientViews.
+    A `dataset.FederatedDataset` named "file" whose train and eval are
+    ClientViews.
   """
-  from fedjax_dp.data import builtin  # pylint: disable=g-import-not-at-top
   if scale is not None:
     raise ValueError("scale must be None")
   if not isinstance(num_classes, int) or num_classes < 2:
@@ -132,5 +133,5 @@ def file_dataset(
     eval_idx = rng.permutation(eval_source.num_clients)[:max_eval_clients]
   train = ClientView(source, train_idx.astype(np.int64), features)
   held = ClientView(eval_source, np.sort(eval_idx).astype(np.int64), features)
-  return builtin.FederatedDataset(
+  return dataset_lib.FederatedDataset(
       "file", train, held, tuple(train.feature_specs["x"][0]), num_classes)

@@ -50,10 +50,6 @@ checkpoints agree across subsets: id 0 is padding, ids 1..80 are LEAF's 80
 characters (`LEAF_CHARACTERS`) in LEAF's order, id 81 is out-of-vocabulary.
 """
 
-# Postponed annotations keep `builtin.FederatedDataset` out of import time,
-# so that `builtin` may import this module at its top without a cycle error.
-from __future__ import annotations
-
 import collections
 import os
 import pathlib
@@ -67,7 +63,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from fedjax_dp.data import builtin
+from fedjax_dp.data import dataset as dataset_lib
 from fedjax_dp.data import population
 
 # LEAF's character set (models/utils/language_utils.py), 80 characters.
@@ -565,7 +561,7 @@ def shakespeare_dataset(
     max_examples_per_client: int | None = None,
     eval_fraction: float = 0.2,
     seed: int = 0,
-) -> builtin.FederatedDataset:
+) -> dataset_lib.FederatedDataset:
   """Play x speaker clients for next-character prediction.
 
   Args:
@@ -583,7 +579,7 @@ def shakespeare_dataset(
     seed: int >= 0; the held-out clients depend on it and nothing else does.
 
   Returns:
-    A `builtin.FederatedDataset` named "shakespeare": features x and y int32
+    A `dataset.FederatedDataset` named "shakespeare": features x and y int32
     [seq_len] with ids in [0, VOCAB_SIZE), num_classes == VOCAB_SIZE,
     client ids "<play>/<SPEAKER>" in sorted order within each split.
 
@@ -634,5 +630,5 @@ def shakespeare_dataset(
     return population.FederatedPopulation.from_client_arrays(
         [ids[i] for i in chosen], [features[i] for i in chosen])
 
-  return builtin.FederatedDataset(
+  return dataset_lib.FederatedDataset(
       "shakespeare", split(~held), split(held), (seq_len,), VOCAB_SIZE)

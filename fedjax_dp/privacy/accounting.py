@@ -80,6 +80,27 @@ _RELATIONS = {
 }
 
 
+# The relations a ledger accounts under (defined beside the clip that fixes
+# their sensitivities).
+Relation = clipping.NeighbouringRelation
+
+
+def relation_named(name: str) -> Relation:
+  """The relation whose value is `name` (e.g. "add_or_remove_one").
+
+  Raises:
+    ValueError: no relation has that name.
+  """
+  return Relation(name)
+
+
+def dp_accounting_relation(relation: Relation
+                           ) -> dp_accounting.NeighboringRelation:
+  """dp_accounting's relation that accounts events recorded under
+  `relation` (local events are accounted as add/remove; see above)."""
+  return _RELATIONS[relation]
+
+
 class UnsupportedAccountingError(ValueError):
   """An accountant cannot account an event exactly as it ran."""
 

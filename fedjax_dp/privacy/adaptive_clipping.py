@@ -38,22 +38,20 @@ Privacy:
   Gaussians). `update_noise_multiplier` picks z_delta so that this equals the
   configured z: the round is then exactly as private as a fixed-clip round
   with noise multiplier z, and the count costs nothing extra in epsilon.
-  `dp_event` records both Gaussians; `accounting.as_single_gaussian` rewrites such an
-  event into the single equivalent Gaussian for accountants (PLD) that do not
-  take a composition inside a sampling event.
+  The round's event records both Gaussians (events.adaptive_clipping_parts in
+  the sampler's sampling, built by the privacy plan);
+  `accounting.as_single_gaussian` rewrites such an event into the single
+  equivalent Gaussian for accountants (PLD) that do not take a composition
+  inside a sampling event.
 """
 
 import math
 from typing import NamedTuple
 
-import dp_accounting
 import jax
 import jax.numpy as jnp
 
 from fedjax_dp import types
-from fedjax_dp.privacy import accounting
-from fedjax_dp.privacy import clipping
-from fedjax_dp.privacy import sampling
 
 DEFAULT_INITIAL_CLIP_NORM = 0.1
 DEFAULT_TARGET_QUANTILE = 0.5
@@ -142,8 +140,8 @@ def update(
     (state for the next round, this round's noisy fraction and clip norm).
 
   Privacy: releases sum_i (b_i - 1/2) + N(0, sigma_b^2), of add/remove
-    sensitivity 1/2; everything else is post-processing. `dp_event` accounts
-    it together with the update's noise.
+    sensitivity 1/2; everything else is post-processing. The privacy plan's
+    event accounts it together with the update's noise.
   """
   key, noise_key = jax.random.split(state.key)
   noisy = shifted_count(unclipped, valid) + hparams.count_stddev * (
@@ -157,11 +155,6 @@ def update(
 
 # ---------------------------------------------------------------------------
 # Host side: the noise split and the DP event, from one place.
-
-
-def count_sensitivity(relation: clipping.NeighbouringRelation) -> float:
-  """Sensitivity of the shifted count: 1/2 (add/remove), 1 (replace-one)."""
-  return 0.5 * clipping.sensitivity(1.0, relation)
 
 
 def update_noise_multiplier(noise_multiplier: float,
@@ -190,54 +183,3 @@ def update_noise_multiplier(noise_multiplier: float,
         "z, leaving no budget for the update; need count_stddev > z / 2 "
         f"(paper default: expected cohort size / 20)")
   return (z ** -2 - (2.0 * sb) ** -2) ** -0.5
-
-
-
-
-def dp_event(sampler: sampling.Sampler, noise_multiplier: float,
-             count_stddev: float) -> dp_accounting.DpEvent:
-  """The DP event of one adaptive-clipping round with `sampler`.
-
-  Args:
-    sampler: the cohort sampler (it fixes the neighbouring relation).
-    noise_multiplier: the configured total z (the same number a fixed-clip
-      round would give `sampler.dp_event`).
-    count_stddev: sigma_b.
-
-  Returns:
-    * Poisson without truncation (add/remove):
-      PoissonSampledDpEvent(q, ComposedDpEvent([Gaussian(z_delta),
-      Gaussian(sigma_b / (1/2))])).
-    * Fixed size (replace-one): SampledWithoutReplacementDpEvent(n, m,
-      ComposedDpEvent([Gaussian(z_delta / 2), Gaussian(sigma_b / 1)])).
-    * Truncated Poisson: dp_accounting has no truncated event with a
-      composition inside, so the single equivalent Gaussian (noise multiplier
-      exactly z, see the module docstring) in the sampler's own truncated
-      event.
-    * z = 0: the sampler's non-private event.
-
-  Raises:
-    ValueError: as `update_noise_multiplier`.
-  """
-  z_update = update_noise_multiplier(noise_multiplier, count_stddev)
-  if z_update == 0:
-    return sampler.dp_event(0.0)
-  if sampler.truncates:
-    return sampler.dp_event(accounting.effective_noise_multiplier(
-        z_update, 2.0 * float(count_stddev)))
-  update_sens = clipping.sensitivity(1.0, sampler.relation)
-  # A tuple, not a list: the event must be hashable (the ledger counts
-  # equal events).
-  parts = dp_accounting.ComposedDpEvent((
-      dp_accounting.GaussianDpEvent(z_update / update_sens),
-      dp_accounting.GaussianDpEvent(
-          float(count_stddev) / count_sensitivity(sampler.relation)),
-  ))
-  if isinstance(sampler, sampling.PoissonSampler):
-    return dp_accounting.PoissonSampledDpEvent(
-        sampler.sampling_probability, parts)
-  if isinstance(sampler, sampling.FixedSizeSampler):
-    return dp_accounting.SampledWithoutReplacementDpEvent(
-        source_dataset_size=sampler.population_size,
-        sample_size=sampler.cohort_size, event=parts)
-  raise TypeError(f"unknown sampler {sampler!r}")

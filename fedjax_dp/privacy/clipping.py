@@ -40,7 +40,8 @@ class NeighbouringRelation(enum.Enum):
 
 class ClipResult(NamedTuple):
   clipped: types.PyTree
-  # L2 norm of the update before clipping (float32 scalar).
+  # Norm of the update before clipping (float32 scalar; L2, or L1 for
+  # clip_by_l1_norm).
   norm: jax.Array
   # True where the update was scaled down (norm > clip_norm).
   was_clipped: jax.Array
@@ -66,6 +67,37 @@ def clip_by_global_norm(tree: types.PyTree, clip_norm: jax.Array) -> ClipResult:
   norm = tree_util.global_l2_norm(tree)
   clip_norm = jnp.asarray(clip_norm, jnp.float32)
   # max() guards a zero update: C / tiny is huge, so the scale is 1.
+  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
+  clipped = jax.tree_util.tree_map(
+      lambda x: (x.astype(jnp.float32) * scale).astype(x.dtype), tree)
+  return ClipResult(clipped, norm, norm > clip_norm)
+
+
+def l1_norm(tree: types.PyTree) -> jax.Array:
+  """Sum of absolute values of all leaves of `tree`, in float32."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves)
+
+
+def clip_by_l1_norm(tree: types.PyTree, clip_norm: jax.Array) -> ClipResult:
+  """Scales `tree` so that its L1 norm is at most `clip_norm` (Laplace).
+
+  Args:
+    tree: one client's update.
+    clip_norm: L1 bound C > 0 (traced array or float; +inf disables it).
+
+  Returns:
+    ClipResult whose `norm` is the pre-clip L1 norm.
+
+  Privacy: the returned tree has L1 norm <= C (the scale min(1, C / norm)
+    never exceeds 1; float32 rounding of the product is below 1 ulp per
+    coordinate), so the clipped sum has L1 sensitivity C under
+    add/remove-one-client neighbours and 2C under replace-one.
+  """
+  norm = l1_norm(tree)
+  clip_norm = jnp.asarray(clip_norm, jnp.float32)
   scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
   clipped = jax.tree_util.tree_map(
       lambda x: (x.astype(jnp.float32) * scale).astype(x.dtype), tree)

@@ -8,20 +8,17 @@ at most C_g, independently of the other groups.
 Privacy: after `clip_per_group`, group g has L2 norm <= C_g, hence the whole
 update has L2 norm <= S = sqrt(sum_g C_g^2). The clipped sum therefore has L2
 sensitivity S under add/remove-one-client neighbours (2S under replace-one),
-and Gaussian noise of std z * S (`noise_stddev`) is the Gaussian mechanism
-with noise multiplier z, accounted by the sampler's own event with that z
-(`dp_event`), exactly as a flat clip to S would be.
+and Gaussian noise of std z * S is the Gaussian mechanism with noise
+multiplier z, accounted by the sampler's own event with that z, exactly as a
+flat clip to S would be. The weights offered here keep S = C.
 """
 
 from typing import Callable, Mapping, NamedTuple
 
-import dp_accounting
 import jax
 import jax.numpy as jnp
 
 from fedjax_dp import types
-from fedjax_dp.privacy import clipping
-from fedjax_dp.privacy import sampling
 
 GroupFn = Callable[[tuple], str]
 
@@ -113,19 +110,6 @@ def overall_clip_norm(clip_norms: Mapping[str, jax.Array]) -> jax.Array:
   return jnp.sqrt(sum(jnp.square(c) for c in cs))
 
 
-def sensitivity(clip_norms: Mapping[str, jax.Array],
-                relation: clipping.NeighbouringRelation) -> jax.Array:
-  """L2 sensitivity of the sum: S (add/remove), 2S (replace-one)."""
-  return clipping.sensitivity(overall_clip_norm(clip_norms), relation)
-
-
-def noise_stddev(noise_multiplier, clip_norms: Mapping[str, jax.Array]
-                 ) -> jax.Array:
-  """sigma = z * S; exactly 0 when z = 0 (also with infinite clip norms)."""
-  z = jnp.asarray(noise_multiplier, jnp.float32)
-  return jnp.where(z == 0, 0.0, z * overall_clip_norm(clip_norms))
-
-
 def uniform_clip_norms(total_clip_norm: float,
                        groups: tuple[str, ...]) -> dict[str, float]:
   """C_g = C / sqrt(G) for G groups, so that S = C (same noise as flat)."""
@@ -144,9 +128,3 @@ def size_proportional_clip_norms(total_clip_norm: float, tree: types.PyTree,
   total = sum(sizes.values())
   return {g: float(total_clip_norm) * (d / total) ** 0.5
           for g, d in sizes.items()}
-
-
-def dp_event(sampler: sampling.Sampler,
-             noise_multiplier: float) -> dp_accounting.DpEvent:
-  """The round's event: the sampler's Gaussian event with z = sigma / S."""
-  return sampler.dp_event(noise_multiplier)

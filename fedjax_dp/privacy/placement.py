@@ -29,7 +29,9 @@ against.
 
 Every message that leaves a participating client carries its noise whatever
 the client's data: an update that is NaN or Inf is replaced by zero *before*
-the noise is added, so such a client sends noise, never an exact value.
+the noise is added, so such a client sends noise, never an exact value
+(`message`, with the noise of the placement: local Gaussian or Laplace noise,
+or a distributed share).
 
 Privacy:
   * central: the sampler's own event applies under its own relation
@@ -40,7 +42,7 @@ Privacy:
     participant's data replaced by the empty record (zero-out, dp_accounting's
     REPLACE_SPECIAL; the participants are the same on both sides, so the
     number of shares is too): the sum moves by at most C and carries noise
-    of std >= z C, i.e. `GaussianDpEvent(z)` per round (`distributed_dp_event`).
+    of std >= z C, i.e. `GaussianDpEvent(z)` per round.
     A replace-one guarantee follows with sensitivity 2C. If k participants
     collude with the server (they know and can subtract their shares), the
     guarantee is that of multiplier z sqrt((n - k) / n_min).
@@ -50,23 +52,16 @@ Privacy:
     clipping.NeighbouringRelation; accounted like add/remove, since the
     event already carries the 2C sensitivity). No amplification by sampling
     is credited: a client may take part in every round, and the guarantee
-    holds against whoever sees its messages. Laplace: laplace.local_dp_event.
+    holds against whoever sees its messages. Laplace: LaplaceDpEvent(z / 2)
+    likewise (privacy/laplace.py).
 """
 
-import math
-
-import dp_accounting
 import jax
 import jax.numpy as jnp
 from scipy import stats
 
 from fedjax_dp import types
-from fedjax_dp.privacy import clipping
-from fedjax_dp.privacy import laplace
 from fedjax_dp.privacy import noise
-
-PLACEMENTS = ("central", "distributed", "local")
-
 
 def share_stddev(noise_multiplier, clip_norm, min_participants) -> jax.Array:
   """z C / sqrt(n_min): n >= n_min i.i.d. shares carry >= N(0, (z C)^2)."""
@@ -74,8 +69,8 @@ def share_stddev(noise_multiplier, clip_norm, min_participants) -> jax.Array:
       jnp.asarray(min_participants, jnp.float32))
 
 
-def _message(clipped: types.PyTree, participates: jax.Array,
-             finite: jax.Array, add_noise) -> types.PyTree:
+def message(clipped: types.PyTree, participates: jax.Array,
+            finite: jax.Array, add_noise) -> types.PyTree:
   """A participant's noisy message; exactly 0 for a slot that takes no part.
 
   The update is selected away (not multiplied) where it is not finite, and
@@ -94,24 +89,8 @@ def with_gaussian_share(clipped: types.PyTree, participates: jax.Array,
                         key: types.PRNGKey) -> types.PyTree:
   """One slot's message under distributed noise: u (0 if not finite) + its
   share N(0, stddev^2) for a participant; 0 for a slot that takes no part."""
-  return _message(clipped, participates, finite,
-                  lambda u: noise.add_gaussian_noise(u, stddev, key))
-
-
-def with_local_noise(clipped: types.PyTree, participates: jax.Array,
-                     finite: jax.Array, mechanism: str, noise_multiplier,
-                     clip_norm, key: types.PRNGKey) -> types.PyTree:
-  """One client's message under local noise (0 for slots that take no part).
-
-  Gaussian: u + N(0, (z C)^2) per coordinate; Laplace: u + Laplace(z C); u is
-  replaced by 0 before the noise where it is not finite.
-  """
-  scale = noise.noise_stddev(noise_multiplier, clip_norm)
-  if mechanism == "laplace":
-    add = lambda u: laplace.add_laplace_noise(u, scale, key)
-  else:
-    add = lambda u: noise.add_gaussian_noise(u, scale, key)
-  return _message(clipped, participates, finite, add)
+  return message(clipped, participates, finite,
+                 lambda u: noise.add_gaussian_noise(u, stddev, key))
 
 
 def min_participants_for(num_candidates: int, participation_probability: float,
@@ -129,39 +108,3 @@ def min_participants_for(num_candidates: int, participation_probability: float,
                           float(participation_probability)))
   # ppf gives the smallest k with P[X <= k] >= p, so P[X < k] < p.
   return max(1, n)
-
-
-def distributed_dp_event(noise_multiplier: float) -> dp_accounting.DpEvent:
-  """One round of distributed Gaussian noise (REPLACE_SPECIAL relation).
-
-  The participants' shares sum to noise of std >= z C and one participant's
-  clipped update, replaced by the empty record, moves the sum by <= C:
-  `GaussianDpEvent(z)`. No amplification by sampling is credited (the
-  server sees who took part). z = 0 is not private.
-  """
-  z = float(noise_multiplier)
-  if not z >= 0 or math.isinf(z):
-    raise ValueError(f"noise_multiplier must be finite and >= 0, got {z!r}")
-  if z == 0:
-    return dp_accounting.NonPrivateDpEvent()
-  sensitivity = clipping.sensitivity(
-      1.0, clipping.NeighbouringRelation.REPLACE_SPECIAL)
-  return dp_accounting.GaussianDpEvent(z / sensitivity)
-
-
-def local_dp_event(mechanism: str,
-                   noise_multiplier: float) -> dp_accounting.DpEvent:
-  """Per-client event of one round of local noise (LOCAL relation).
-
-  Gaussian: GaussianDpEvent(z C / 2C) = GaussianDpEvent(z / 2); Laplace:
-  laplace.local_dp_event(z) = LaplaceDpEvent(z / 2). z = 0 is not private.
-  """
-  z = float(noise_multiplier)
-  if not z >= 0 or math.isinf(z):
-    raise ValueError(f"noise_multiplier must be finite and >= 0, got {z!r}")
-  if mechanism == "laplace":
-    return laplace.local_dp_event(z)
-  if z == 0:
-    return dp_accounting.NonPrivateDpEvent()
-  sensitivity = clipping.sensitivity(1.0, clipping.NeighbouringRelation.LOCAL)
-  return dp_accounting.GaussianDpEvent(z / sensitivity)

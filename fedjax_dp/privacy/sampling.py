@@ -1,9 +1,11 @@
-"""Client samplers and the DP events that describe them.
+"""Client samplers and the DP events that describe their sampling.
 
 Each sampler both draws the cohort (`sample`) and builds the dp_accounting
-event for a round that uses it (`dp_event`). Keeping the two in one class is
-what makes it impossible for the simulation and the ledger to disagree about
-how clients were chosen.
+event of a Gaussian round that uses it (`dp_event`), or wraps another
+mechanism's event in its sampling (`sampled`). Keeping the two in one class,
+and building every round's event in the privacy plan from the sampler the
+simulation uses (privacy/plan.py), is what makes it impossible for the
+simulation and the ledger to disagree about how clients were chosen.
 
 Privacy:
   * `PoissonSampler`: each client is included independently with
@@ -26,8 +28,7 @@ Privacy:
     (or once per run), and the events are tree_aggregation's, under
     replace-special neighbours.
 
-Every sampler draws round r's cohort with `sample_round(stream_key, r)` and
-describes round r with `round_event(z, r)`.
+Every sampler draws round r's cohort with `sample_round(stream_key, r)`.
 """
 
 import dataclasses
@@ -41,7 +42,11 @@ from scipy import stats
 
 from fedjax_dp import types
 from fedjax_dp.privacy import clipping
-from fedjax_dp.privacy import tree_aggregation
+
+# How often a client may take part under disjoint sampling (DP-FTRL): at most
+# once in each tree, or at most once in the whole run (tree_aggregation's
+# events take the same names).
+PARTICIPATIONS = ("once_per_tree", "once")
 
 # Default bound on the per-round probability that a Poisson draw overflows
 # its block, used to size the block when no capacity is given.
@@ -91,11 +96,6 @@ class _EveryRoundAlike:
     """Round `round_index`'s cohort: `sample(fold_in(stream_key, r))`."""
     return self.sample(jax.random.fold_in(stream_key, round_index))
 
-  def round_event(self, noise_multiplier: float,
-                  round_index: int) -> dp_accounting.DpEvent:
-    """Every round is alike: `dp_event(noise_multiplier)`."""
-    del round_index
-    return self.dp_event(noise_multiplier)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +189,22 @@ class PoissonSampler(_EveryRoundAlike):
         truncated_batch_size=self.capacity,
         noise_multiplier=noise_multiplier)
 
+  def sampled(self, event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
+    """`event` run on this sampler's cohort: PoissonSampledDpEvent(q, event).
+
+    Raises:
+      ValueError: the sampler truncates (dp_accounting's only truncated
+        event is the Gaussian one, `dp_event`).
+    """
+    if self.truncates:
+      raise ValueError(
+          f"dp_accounting has no truncated Poisson event around {event}; "
+          "only the Gaussian one (dp_event)")
+    if isinstance(event, dp_accounting.NonPrivateDpEvent):
+      return event
+    return dp_accounting.PoissonSampledDpEvent(self.sampling_probability,
+                                               event)
+
 
 def _check_cohort(sampler) -> None:
   _check_population_size(sampler.population_size)
@@ -254,11 +270,17 @@ class FixedSizeSampler(_ExactCohort, _EveryRoundAlike):
       # dp_accounting's RDP divides by z here; no noise is not private.
       return dp_accounting.NonPrivateDpEvent()
     sens_in_units_of_c = clipping.sensitivity(1.0, self.relation)
+    return self.sampled(dp_accounting.GaussianDpEvent(
+        noise_multiplier / sens_in_units_of_c))
+
+  def sampled(self, event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
+    """`event` run on this sampler's cohort (its multiplier already divided
+    by the replace-one sensitivity): SampledWithoutReplacementDpEvent."""
+    if isinstance(event, dp_accounting.NonPrivateDpEvent):
+      return event
     return dp_accounting.SampledWithoutReplacementDpEvent(
         source_dataset_size=self.population_size,
-        sample_size=self.cohort_size,
-        event=dp_accounting.GaussianDpEvent(
-            noise_multiplier / sens_in_units_of_c))
+        sample_size=self.cohort_size, event=event)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,15 +289,15 @@ class DisjointSampler(_ExactCohort):
 
   Round r belongs to tree r // restart_every, as its step
   (r % restart_every) + 1; the tree's cohorts are consecutive blocks of one
-  random permutation of the population (tree_aggregation.disjoint_cohort),
+  random permutation of the population (`disjoint_cohort`),
   so no client takes part twice in a tree ("once_per_tree"), or, with one
   permutation for the whole run, twice in the run ("once").
 
   Privacy: replace-special neighbours (one client's data replaced by the
   empty record, whose clipped update is 0; sensitivity C per step it takes
   part in). Which client is in which step is data-independent; the
-  guarantee does not rely on it being secret. `round_event` records a whole
-  tree's `SingleEpochTreeAggregationDpEvent` when the tree starts
+  guarantee does not rely on it being secret. The privacy plan records a
+  whole tree's `SingleEpochTreeAggregationDpEvent` when the tree starts
   (tree_aggregation.round_event); RDP accountant only.
   """
 
@@ -291,7 +313,7 @@ class DisjointSampler(_ExactCohort):
     if not 1 <= self.restart_every:
       raise ValueError(
           f"restart_every must be >= 1, got {self.restart_every!r}")
-    tree_aggregation.check_participation(
+    check_participation(
         self.population_size, self.cohort_size,
         min(self.restart_every, self.num_rounds), self.num_rounds,
         self.participation)
@@ -307,20 +329,42 @@ class DisjointSampler(_ExactCohort):
     if self.participation == "once":
       # One permutation for the whole run, cut into consecutive cohorts.
       tree_index, step = jnp.zeros((), jnp.int32), round_index + 1
-    indices = tree_aggregation.disjoint_cohort(
+    indices = disjoint_cohort(
         stream_key, tree_index, step, self.population_size, self.cohort_size)
     return (indices, jnp.ones((self.cohort_size,), bool),
             jnp.asarray(self.cohort_size, jnp.int32))
 
-  def round_event(self, noise_multiplier: float,
-                  round_index: int) -> dp_accounting.DpEvent:
-    """Round r's event (the whole tree's when a tree starts, else no-op)."""
-    _check_noise_multiplier(noise_multiplier)
-    if noise_multiplier == 0:
-      return dp_accounting.NonPrivateDpEvent()
-    return tree_aggregation.round_event(
-        round_index, noise_multiplier, self.num_rounds, self.restart_every,
-        self.participation)
+
+def disjoint_cohort(key: types.PRNGKey, tree_index: jax.Array,
+                    step: jax.Array, population_size: int,
+                    cohort_size: int) -> jax.Array:
+  """Cohort of step t (1-based) of a tree: disjoint from the tree's others.
+
+  A permutation of the population per tree (key folded with tree_index; pass
+  tree_index = 0 always for participation "once"), cut into consecutive
+  blocks of `cohort_size`. Needs restart_every * cohort_size <=
+  population_size (or num_rounds * cohort_size for "once"; see
+  `check_participation`). Data-independent, so it costs no privacy.
+  """
+  perm = jax.random.permutation(jax.random.fold_in(key, tree_index),
+                                population_size)
+  start = (jnp.asarray(step, jnp.int32) - 1) * cohort_size
+  return jax.lax.dynamic_slice(perm, (start,), (cohort_size,)).astype(
+      jnp.int32)
+
+
+def check_participation(population_size: int, cohort_size: int,
+                        restart_every: int, num_rounds: int,
+                        participation: str) -> None:
+  """Raises ValueError if disjoint cohorts cannot cover the needed steps."""
+  if participation not in PARTICIPATIONS:
+    raise ValueError(
+        f"participation must be one of {PARTICIPATIONS}, got {participation!r}")
+  steps = restart_every if participation == "once_per_tree" else num_rounds
+  if steps * cohort_size > population_size:
+    raise ValueError(
+        f"{steps} steps of {cohort_size} distinct clients need "
+        f"{steps * cohort_size} clients, population has {population_size}")
 
 
 Sampler = PoissonSampler | FixedSizeSampler | DisjointSampler

@@ -296,31 +296,6 @@ def decode(accumulated: types.PyTree, params: SecAggParams) -> SecAggResult:
                       sum(wrapped, jnp.zeros((), jnp.int32)))
 
 
-def aggregate(stacked: types.PyTree, valid: jax.Array, params: SecAggParams,
-              key: types.PRNGKey, max_trials: int = DEFAULT_MAX_TRIALS
-              ) -> tuple[SecAggResult, jax.Array]:
-  """Encodes every slot, sums mod 2^bits, decodes. Slot i uses fold_in(key, i).
-
-  Args:
-    stacked: clipped updates with a leading slot axis.
-    valid: bool [slots], the slots that take part.
-    params: encoding parameters.
-    key: the round's noise key.
-    max_trials: discrete Gaussian rejection rounds.
-
-  Returns:
-    (SecAggResult, total sampler failures).
-  """
-  num = valid.shape[0]
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))
-  finite = jax.vmap(lambda u: jnp.all(jnp.stack([
-      jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(u)])))(
-          stacked)
-  messages, failures = jax.vmap(encode, in_axes=(0, 0, 0, None, 0, None))(
-      stacked, valid, finite, params, keys, max_trials)
-  return decode(modular_sum(messages), params), jnp.sum(failures)
-
-
 # ---------------------------------------------------------------------------
 # Host side: calibration, checks and the DP event.
 

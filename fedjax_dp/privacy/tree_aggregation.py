@@ -40,8 +40,9 @@ step, at most ceil(log2(T + 1)) of them for a tree of T steps, each by <= C,
 with node noise sigma = z C: a Gaussian mechanism with L2 sensitivity
 sqrt(depth) C, which is dp_accounting's RDP for the event
 SingleEpochTreeAggregationDpEvent(z, T) (alpha depth / (2 z^2)). Only the
-RDP accountant takes it, and only under REPLACE_SPECIAL. `disjoint_cohort`
-draws cohorts that satisfy the participation constraint.
+RDP accountant takes it, and only under REPLACE_SPECIAL.
+`sampling.DisjointSampler` draws cohorts that satisfy the participation
+constraint.
 """
 
 import math
@@ -200,38 +201,6 @@ def update(state: TreeState, clipped_sum: types.PyTree, stddev: jax.Array,
       clipped_sum, inc)
   return (noisy, TreeState(state.key, t, tree_index),
           TreeOutput(t, tree_index, restart))
-
-
-def disjoint_cohort(key: types.PRNGKey, tree_index: jax.Array,
-                    step: jax.Array, population_size: int,
-                    cohort_size: int) -> jax.Array:
-  """Cohort of step t (1-based) of a tree: disjoint from the tree's others.
-
-  A permutation of the population per tree (key folded with tree_index; pass
-  tree_index = 0 always for participation "once"), cut into consecutive
-  blocks of `cohort_size`. Needs restart_every * cohort_size <=
-  population_size (or num_rounds * cohort_size for "once"; see
-  `check_participation`). Data-independent, so it costs no privacy.
-  """
-  perm = jax.random.permutation(jax.random.fold_in(key, tree_index),
-                                population_size)
-  start = (jnp.asarray(step, jnp.int32) - 1) * cohort_size
-  return jax.lax.dynamic_slice(perm, (start,), (cohort_size,)).astype(
-      jnp.int32)
-
-
-def check_participation(population_size: int, cohort_size: int,
-                        restart_every: int, num_rounds: int,
-                        participation: str) -> None:
-  """Raises ValueError if disjoint cohorts cannot cover the needed steps."""
-  if participation not in PARTICIPATIONS:
-    raise ValueError(
-        f"participation must be one of {PARTICIPATIONS}, got {participation!r}")
-  steps = restart_every if participation == "once_per_tree" else num_rounds
-  if steps * cohort_size > population_size:
-    raise ValueError(
-        f"{steps} steps of {cohort_size} distinct clients need "
-        f"{steps * cohort_size} clients, population has {population_size}")
 
 
 def tree_sizes(num_rounds: int, restart_every: int) -> list[int]:

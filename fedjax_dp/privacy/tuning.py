@@ -16,7 +16,6 @@ from dp_accounting.rdp import rdp_privacy_accountant
 import numpy as np
 
 from fedjax_dp.privacy import accounting
-from fedjax_dp.privacy import clipping
 
 @dataclasses.dataclass
 class TuningPrivacy:
@@ -62,7 +61,7 @@ def _run_event(events: Sequence[dp_accounting.DpEvent]):
 def _rdp_accountant(relation, orders=None) -> rdp.RdpAccountant:
   return rdp.RdpAccountant(
       orders=None if orders is None else list(orders),
-      neighboring_relation=accounting._RELATIONS[relation])  # pylint: disable=protected-access
+      neighboring_relation=accounting.dp_accounting_relation(relation))
 
 
 def _rdp_curve(event, relation, orders) -> np.ndarray:
@@ -88,7 +87,7 @@ def tuning_epsilon(
     per_config_events: Sequence[Sequence[dp_accounting.DpEvent]],
     delta: float,
     *,
-    relation: clipping.NeighbouringRelation,
+    relation: accounting.Relation,
     mean_num_runs: float | None = None,
     shape: float = math.inf,
 ) -> TuningPrivacy:

@@ -37,7 +37,7 @@ from fedjax_dp import sweep
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.algorithms import on_device
 from fedjax_dp.data import blocks
-from fedjax_dp.data import builtin
+from fedjax_dp.data import dataset as dataset_lib
 from fedjax_dp.data import population as population_lib
 
 INPUT_SHAPE = (8, 8, 1)
@@ -125,7 +125,7 @@ def device_population_clients(kind: str, seed: int = 0) -> list[dict]:
   return clients + ordinary_population(seed + 1, POPULATION - len(clients))
 
 
-def dataset_of(clients: list[dict]) -> builtin.FederatedDataset:
+def dataset_of(clients: list[dict]) -> dataset_lib.FederatedDataset:
   return worst_case.dataset(clients, INPUT_SHAPE, NUM_CLASSES, "contract")
 
 
@@ -225,8 +225,8 @@ class Case:
   # -- Releases ------------------------------------------------------------
 
   def _args(self, round_index):
-    return (None, self.sim.adaptive_hparams(), self.sim.secagg_params(),
-            self.sim.tree_state(self.streams, round_index))
+    return (None, self.sim.plan.adaptive_hparams(), self.sim.plan.secagg_params(),
+            self.sim.plan.tree_state(self.streams.noise, round_index))
 
   def release(self, block: dp_fedavg.CohortBlock, *, state=None,
               round_index: int = 0, hparams=None) -> np.ndarray:
@@ -256,9 +256,9 @@ class Case:
     state = self.sim.initial_state(0) if state is None else state
     states = jax.tree_util.tree_map(lambda x: jnp.stack([x] * len(lanes)),
                                     state)
-    hparams = [self.sim.hparams(c, self.sim.noise_multiplier) for c in lanes]
+    hparams = [self.sim.hparams(c, self.sim.plan.noise_multiplier) for c in lanes]
     stacked_hp = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *hparams)
-    keys = jnp.stack([simulation.stream_keys(c, self.sim.noise_multiplier)
+    keys = jnp.stack([simulation.stream_keys(c, self.sim.plan.noise_multiplier)
                       .noise for c in lanes])
     blocks_ = jax.tree_util.tree_map(lambda x: np.stack([x] * len(lanes)),
                                      block)
@@ -285,7 +285,7 @@ class Case:
     keys = on_device.multi_round_keys(self.streams)
     new, _, _, _ = self._multi_round(
         state, hparams, population, keys, round_index, 1,
-        sim.adaptive_hparams(), sim.secagg_params(), num_rounds=1)
+        sim.plan.adaptive_hparams(), sim.plan.secagg_params(), num_rounds=1)
     return (flat(new.params) - flat(state.params)) * float(
         hparams.denominator)
 

@@ -1,0 +1,25 @@
+"""Every PRNG stream of a run, in one place.
+
+A run's root key (`jax.random.key(seed)`, folded with the run's release
+identity; simulation.stream_keys) is split into independent streams by
+folding in these constants, and round r folds r into its stream (so a
+resumed run replays the same randomness). Two streams never share a
+constant at the same level, so no two released quantities share noise.
+"""
+
+# Folded into a run's root key.
+INIT = 0  # the model's initial parameters (seed alone)
+SAMPLE = 1  # round r's cohort: sampler.sample_round(sample, r)
+NOISE = 2  # round r's noise key: fold_in(noise, r)
+DATA = 3  # round r's example order (host NumPy words, or on the device)
+DROPOUT = 4  # simulated dropout (host NumPy words)
+CANARY = 5  # audit canaries' directions (seed alone)
+
+# Folded into the noise stream: the root of every DP-FTRL tree node's key
+# (far above any round index, which is folded into the same stream).
+TREE = 1 << 30
+
+# Folded into round r's noise key: sub-streams of the round's noise.
+COUNT_NOISE = 1  # adaptive clipping's noisy count
+CLIENT_NOISE = 2  # client-side noise, then fold_in(slot)
+EXAMPLE_NOISE = 3  # record-level DP-SGD inside a client, then fold_in(slot)
