@@ -271,26 +271,7 @@ class Config:
     self._validate_placement()
     self._validate_tree()
     self._validate_example_dp()
-    if self.per_layer_clipping not in (None, "uniform", "size_proportional"):
-      _fail("per_layer_clipping", "null, 'uniform' or 'size_proportional'",
-            self.per_layer_clipping)
-    if not isinstance(self.adaptive_clipping, bool):
-      _fail("adaptive_clipping", "true or false", self.adaptive_clipping)
-    if not 0 < self.target_unclipped_quantile < 1:
-      _fail("target_unclipped_quantile", "in (0, 1)",
-            self.target_unclipped_quantile)
-    if not (isinstance(self.clip_learning_rate, (int, float))
-            and 0 < self.clip_learning_rate < math.inf):
-      _fail("clip_learning_rate", "a finite number > 0",
-            self.clip_learning_rate)
-    if self.clip_count_stddev is not None and not (
-        isinstance(self.clip_count_stddev, (int, float))
-        and 0 < self.clip_count_stddev < math.inf):
-      _fail("clip_count_stddev", "a finite number > 0 (or None)",
-            self.clip_count_stddev)
-    if self.adaptive_clipping and math.isinf(self.clip_norm):
-      _fail("clip_norm", "finite with adaptive_clipping (it is the initial "
-            "clip)", self.clip_norm)
+    self._validate_clipping()
     if not _is_int(self.audit_canaries) or not (
         0 <= self.audit_canaries <= MAX_AUDIT_CANARIES):
       _fail("audit_canaries", f"an integer in [0, {MAX_AUDIT_CANARIES}]",
@@ -313,6 +294,28 @@ class Config:
         _fail(name, "a dict", getattr(self, name))
     # Last: it checks combinations with fields validated above.
     self._validate_rounds_per_call()
+
+  def _validate_clipping(self) -> None:
+    if self.per_layer_clipping not in (None, "uniform", "size_proportional"):
+      _fail("per_layer_clipping", "null, 'uniform' or 'size_proportional'",
+            self.per_layer_clipping)
+    if not isinstance(self.adaptive_clipping, bool):
+      _fail("adaptive_clipping", "true or false", self.adaptive_clipping)
+    if not 0 < self.target_unclipped_quantile < 1:
+      _fail("target_unclipped_quantile", "in (0, 1)",
+            self.target_unclipped_quantile)
+    if not (isinstance(self.clip_learning_rate, (int, float))
+            and 0 < self.clip_learning_rate < math.inf):
+      _fail("clip_learning_rate", "a finite number > 0",
+            self.clip_learning_rate)
+    if self.clip_count_stddev is not None and not (
+        isinstance(self.clip_count_stddev, (int, float))
+        and 0 < self.clip_count_stddev < math.inf):
+      _fail("clip_count_stddev", "a finite number > 0 (or None)",
+            self.clip_count_stddev)
+    if self.adaptive_clipping and math.isinf(self.clip_norm):
+      _fail("clip_norm", "finite with adaptive_clipping (it is the initial "
+            "clip)", self.clip_norm)
 
   def _validate_placement(self) -> None:
     if self.secagg_bits is not None:
@@ -364,18 +367,10 @@ class Config:
     v = self.rounds_per_call
     if not _is_int(v) or v < 1:
       _fail("rounds_per_call", "an integer >= 1", v)
-    if v == 1:
-      return
-    # What the host loop alone simulates (algorithms/on_device.py).
-    if self.audit_canaries:
-      _fail("audit_canaries", "0 with rounds_per_call > 1 (canaries take part "
-            "in the host loop only)", self.audit_canaries)
-    if self.dropout_rate:
-      _fail("dropout_rate", "0 with rounds_per_call > 1 (dropout is "
-            "simulated on the host)", self.dropout_rate)
-    if self.shard_clients:
-      _fail("shard_clients", "false or null with rounds_per_call > 1 (the "
-            "population is kept on one device)", self.shard_clients)
+    from fedjax_dp.privacy import plan as plan_lib  # pylint: disable=g-import-not-at-top
+    refused = plan_lib.refusal(self, "rounds_per_call")
+    if refused is not None:
+      raise refused.error(self)
 
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)

@@ -22,7 +22,7 @@ import os
 import pathlib
 
 
-from fedjax_dp.privacy import ledger_codec
+from fedjax_dp import run_directory
 
 # ---------------------------------------------------------------------------
 # Tables.
@@ -200,25 +200,19 @@ def plot_learning_curves(result, path: str | os.PathLike) -> None:
 
 
 def write_run(run, path: str | os.PathLike) -> None:
-  """What `runner.run` writes for one run, checkpoints aside.
-
-  config.json (with the resolved noise multiplier), metrics.jsonl,
-  summary.json and ledger.jsonl (one line per accounted round).
-  """
-  out = pathlib.Path(path)
-  out.mkdir(parents=True, exist_ok=True)
-  resolved = run.config.to_dict() | {
-      "resolved_noise_multiplier": run.noise_multiplier}
-  (out / "config.json").write_text(
-      json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-  with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
-    for m in run.history:
-      f.write(json.dumps(m) + "\n")
-  (out / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n")
-  (out / "ledger.jsonl").write_text("".join(
-      json.dumps({"round": e.round,
-                  "event": ledger_codec.encode_event(e.event)}) + "\n"
-      for e in run.ledger.entries))
+  """What `runner.run` writes for one run, checkpoints aside (through the
+  same writer): config.json (with the resolved noise multiplier),
+  ledger.jsonl (one line per accounted round), metrics.jsonl and
+  summary.json."""
+  directory = run_directory.RunDirectory(path)
+  directory.open(run.config.to_dict() | {
+      "resolved_noise_multiplier": run.noise_multiplier}, run.ledger, 0)
+  try:
+    for row in run.history:
+      directory.write_metrics(row)
+    directory.write_summary(run.summary)
+  finally:
+    directory.close()
 
 
 def write_sweep(result, run_dir: str | os.PathLike) -> pathlib.Path:

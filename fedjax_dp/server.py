@@ -68,9 +68,12 @@ def step(
     optimizer: optax.GradientTransformation,
 ) -> ServerState:
   """Applies one aggregated (noisy, averaged) client delta."""
-  opt_state = state.opt_state
-  opt_state.hyperparams["learning_rate"] = jnp.asarray(
-      learning_rate, jnp.asarray(opt_state.hyperparams["learning_rate"]).dtype)
+  # A new state with this round's learning rate (the caller's state is
+  # never modified in place).
+  hyperparams = dict(state.opt_state.hyperparams)
+  hyperparams["learning_rate"] = jnp.asarray(
+      learning_rate, jnp.asarray(hyperparams["learning_rate"]).dtype)
+  opt_state = state.opt_state._replace(hyperparams=hyperparams)
   pseudo_grad = jax.tree_util.tree_map(jnp.negative, average_update)
   updates, opt_state = optimizer.update(pseudo_grad, opt_state, state.params)
   return ServerState(optax.apply_updates(state.params, updates), opt_state,

@@ -135,8 +135,8 @@ def default_execution(config: config_lib.Config, capacity: int,
   `factored_features`: the round is the factored one of a model with
   per-client feature layers (`factored.FEATURE_MODELS`). Its chunk's clients
   meet at every local step (the dense head's shared products), so on CPU
-  twice as many clients as cores keep the cores busy in between (measured
-  on 2 cores: chunks of 4 beat chunks of 2 by 18%, docs/benchmarks.md).
+  twice as many clients as cores keep the cores busy in between
+  (docs/benchmarks.md).
   """
   on_cpu = jax.default_backend() == "cpu"
   per_core = 2 if factored_features else 1
@@ -152,10 +152,8 @@ def default_execution(config: config_lib.Config, capacity: int,
 
 # Local steps up to which "auto" picks the factored round. Its Gram
 # corrections read every earlier step's factors, so its cost per step grows
-# with the step. Measured against the plain round (2-core CPU, batch 10):
-# the CNN (20 clients) 0.82 vs 0.96 s per round at 10 steps, even at 15, 8%
-# slower at 20; the 2NN (200 clients) 0.24 vs 0.39 s at 10 steps, 0.46 vs
-# 0.56 s at 15, even at 20, 2.3x slower at 50.
+# with the step; these are where it stops beating the plain round
+# (docs/benchmarks.md, "Which shape won, and why").
 _MAX_FACTORED_FEATURE_STEPS = 12
 _MAX_FACTORED_DENSE_STEPS = 16
 

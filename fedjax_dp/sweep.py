@@ -6,18 +6,30 @@ Configurations that differ only in the round's array hyperparameters
 (`noise_multiplier`, `clip_norm`, `client_lr`, `server_lr`), in `seed`, or in
 host-only settings (`HOST_FIELDS`: name, target epsilon, delta, budget,
 accountant, evaluation cadence) share one *shape group*: one `jax.jit` of
-`jax.vmap(round_fn)` over a leading configuration axis of (server state, block,
-hparams, noise key) runs every round of all of them at once. Any other
-difference (model, cohort size, dataset, local epochs, ...) changes the
-program, so such configurations form separate groups, run one after another.
+`jax.vmap(round_fn)` over a leading configuration axis (server state, block,
+hparams, noise key, and what the mechanism carries: adaptive clipping's clip
+norm, secure aggregation's parameters; DP-FTRL's tree state comes from each
+lane's own noise key) runs every round of all of them at once. Any other
+difference (model, cohort size, dataset, mechanism, local epochs, ...)
+changes the program, so such configurations form separate groups, run one
+after another.
 
-Each configuration keeps what a single run keeps: its own random streams
-(cohort sampling, example order and noise from its seed and its own
-configuration, `simulation.stream_keys`; the initial model from its seed),
-its own `PrivacyLedger` with its own per-round DP event, its own metrics and
-evaluation. A configuration therefore ends with the same parameters and
-epsilon (within float tolerance) as `runner.run` of that configuration alone
-(tested).
+Every mechanism runs in a sweep (the privacy plan says what a sweep refuses:
+`plan.refusal(config, "sweep")`, audit canaries). Each configuration keeps
+what a single run keeps: its own privacy plan and `PrivacyLedger` with its
+own per-round DP events, its own random streams (cohort sampling, example
+order and noise from its seed and its own configuration,
+`simulation.stream_keys`; the initial model from its seed), its own metrics
+and evaluation. The runner's loop (`runner.run_rounds`) drives the lanes, so
+a configuration ends with the same parameters and epsilon (within float
+tolerance) as `runner.run` of that configuration alone (tested for every
+mechanism). A configuration whose model diverges or whose training fails
+stops there; the others go on.
+
+The sweep samples every cohort of a group in advance (sampling depends only
+on each configuration's keys) and trims the block to the largest cohort any
+configuration ever draws (rounded up to the chunk size): one shape, one
+compilation, no valid client dropped, and no padded chunk trained.
 
 Privacy: nothing is shared between configurations except compute: two
 configurations never share noise (nor cohorts), even with one seed, so
@@ -26,16 +38,6 @@ releasing several of them is the composition of independent mechanisms
 is that of its own run. Releasing the best of many configurations costs more
 privacy than any one of them: see `privacy.tuning.tuning_epsilon`, which
 `run_sweep` reports beside the per-config epsilons.
-
-Cost notes:
-  * The single-run round skips chunks of padding clients with `lax.cond`.
-    Under `vmap` the predicate is batched, so both branches run. To keep that
-    waste small the sweep samples every cohort of the group in advance
-    (sampling depends only on the seed's keys) and trims the block to the
-    largest cohort any configuration of the group ever draws (rounded up to
-    the chunk size): one shape, one compilation, and no valid client dropped.
-  * Evaluation runs per configuration on the host loop (one jitted pass over
-    the held-out clients each), every `eval_every` rounds, as in the runner.
 """
 
 import collections
@@ -52,8 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_dp import config as config_lib
-from fedjax_dp import evaluation
 from fedjax_dp import reports
+from fedjax_dp import round_calls
 from fedjax_dp import runner
 from fedjax_dp import simulation
 from fedjax_dp import tree_util
@@ -224,17 +226,36 @@ def _take(tree, i: int):
   return jax.tree_util.tree_map(lambda x: x[i], tree)
 
 
-def _make_step(round_fn, counter: list[int]):
+def _make_step(round_fn, plan: plan_lib.PrivacyPlan, counter: list[int]):
   """jit(vmap(round)) with per-configuration masking.
 
-  A configuration whose `active` flag is off (stopped for its budget), or
-  whose new global model is not finite (diverged), keeps its state.
+  Each lane carries what its single run carries from round to round: the
+  server state and, with adaptive clipping, the clip norm; DP-FTRL's tree
+  state before round r comes from the lane's own noise key (as the
+  runner's). A configuration whose `active` flag is off (stopped for its
+  budget), or whose new global model is not finite (diverged), keeps its
+  state (and clip norm).
+
+  Returns:
+    `step(states, clip_norms, block, hparams, base_keys, r, active,
+    adaptive, secagg) -> (states, clip_norms, metrics, finite)`;
+    `clip_norms`, `adaptive` and `secagg` are None where the mechanism has
+    none (metrics get "clip_norm", the clip each lane used, with adaptive
+    clipping).
   """
 
-  def step(states, block, hparams, base_keys, r, active):
+  def one_lane(state, block, hparams, key, adaptive, secagg, tree):
+    return round_fn(state, block, hparams, key, None, adaptive, secagg, tree)
+
+  def step(states, clip_norms, block, hparams, base_keys, r, active,
+           adaptive, secagg):
     counter[0] += 1  # Runs once per trace.
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(base_keys, r)
-    new, metrics = jax.vmap(round_fn)(states, block, hparams, keys)
+    trees = jax.vmap(lambda k: plan.tree_state(k, r))(base_keys)
+    if clip_norms is not None:
+      hparams = hparams._replace(clip_norm=clip_norms)
+    new, metrics = jax.vmap(one_lane)(states, block, hparams, keys,
+                                      adaptive, secagg, trees)
     finite = jax.vmap(tree_util.tree_all_finite)(new.params)
     update = active & finite
 
@@ -242,32 +263,35 @@ def _make_step(round_fn, counter: list[int]):
       return jnp.where(update.reshape(update.shape + (1,) * (n.ndim - 1)),
                        n, o)
 
-    return jax.tree_util.tree_map(keep, new, states), metrics, finite
+    if clip_norms is not None:
+      metrics["clip_norm"] = clip_norms
+      clip_norms = keep(metrics.pop("next_clip_norm"), clip_norms)
+    return (jax.tree_util.tree_map(keep, new, states), clip_norms, metrics,
+            finite)
 
   return jax.jit(step, donate_argnums=(0,))
 
 
 @dataclasses.dataclass
 class _Member:
-  """Host state of one configuration during its group's run."""
+  """One configuration of a shape group: its runner lane (plan, ledger,
+  metrics) and random streams; its final parameters once run."""
 
   index: int
-  config: config_lib.Config
-  sim: simulation.Simulation
-  # The configuration's own privacy plan (its z, delta and accountant).
-  plan: plan_lib.PrivacyPlan
-  noise_multiplier: float
-  event: Any
-  ledger: accounting.PrivacyLedger
+  lane: runner.Lane
   # The configuration's own random streams (as its single run's).
   streams: simulation.StreamKeys
-  history: list = dataclasses.field(default_factory=list)
-  eval_metrics: dict = dataclasses.field(default_factory=dict)
-  stopped: bool = False
-  stopped_for_budget: bool = False
-  diverged: bool = False
-  rounds_done: int = 0
   params: Any = None
+  # Adaptive clipping: where the lane's clip norm ended.
+  final_clip_norm: float | None = None
+
+  @property
+  def config(self) -> config_lib.Config:
+    return self.lane.config
+
+  @property
+  def plan(self) -> plan_lib.PrivacyPlan:
+    return self.lane.plan
 
 
 def run_sweep(
@@ -326,7 +350,7 @@ def run_sweep(
   sims: dict[str, simulation.Simulation] = {}
   groups: dict[tuple, list[int]] = collections.OrderedDict()
   for i, config in enumerate(configs):
-    check_sweepable(config, ids[i])
+    check_sweepable(config)
     skey = _key(config, ARRAY_FIELDS[:-1] + HOST_FIELDS)
     if skey not in sims:
       sims[skey] = simulation.build(_structural(config))
@@ -349,16 +373,17 @@ def run_sweep(
       sim = sims[_key(config, ARRAY_FIELDS[:-1] + HOST_FIELDS)]
       plan = _member_plan(sim.plan, config, z_cache)
       _check_budget(config, plan)
-      group.append(_Member(
-          i, config.replace(name=f"{config.name}-{ids[i]}"), sim, plan,
-          plan.noise_multiplier, plan.event(), plan.new_ledger(),
+      named = config.replace(name=f"{config.name}-{ids[i]}")
+      group.append(_Member(i, runner.Lane(
+          named, sim, plan, plan.new_ledger(), None, log,
+          name=f"{named.name}: "),
           simulation.stream_keys(config, plan.noise_multiplier)))
     info = _run_group(g, len(groups), group, sim0, max_configs_per_group,
                       progress, log)
     info.config_ids = [ids[i] for i in members]
     infos.append(info)
     for m in group:
-      runs[m.index] = _result(m, sim0, info.wall_time_s)
+      runs[m.index] = _result(m, info.wall_time_s)
 
   result = SweepResult(base=base, grid={k: list(v) for k, v in grid.items()},
                        config_ids=ids, configs=configs, swept=swept,
@@ -378,23 +403,12 @@ def run_sweep(
   return result
 
 
-def check_sweepable(config: config_lib.Config, config_id: str = "") -> None:
-  """Raises ValueError, naming the field, for what a sweep does not run.
-
-  The privacy plan says which mechanisms a sweep's lanes run
-  (`plan.refusal(config, "sweep")`); audits run with `runner.run`.
-  """
+def check_sweepable(config: config_lib.Config) -> None:
+  """Raises ValueError, naming the field, for what a sweep does not run
+  (the privacy plan's `refusal(config, "sweep")`)."""
   refused = plan_lib.refusal(config, "sweep")
   if refused is not None:
-    raise ValueError(
-        f"config field {refused.field!r} is "
-        f"{getattr(config, refused.field)!r}: {refused.reason}; run this "
-        "configuration with `fedjax-dp train`")
-  if config.audit_canaries:
-    raise ValueError(
-        "config field 'audit_canaries' must be 0 in a sweep (audits run "
-        f"with runner.run); configuration {config_id} has "
-        f"{config.audit_canaries}")
+    raise refused.error(config)
 
 
 def _member_plan(plan: plan_lib.PrivacyPlan, config: config_lib.Config,
@@ -414,7 +428,14 @@ def _member_plan(plan: plan_lib.PrivacyPlan, config: config_lib.Config,
       z_cache[key] = plan_lib.calibrate_noise_multiplier(
           plan, config.target_epsilon)
     z = z_cache[key]
-  return dataclasses.replace(plan, noise_multiplier=z)
+  plan = dataclasses.replace(plan, noise_multiplier=z)
+  if plan.secagg is not None:
+    # Secure aggregation's shares depend on this lane's z and clip norm.
+    s = plan.secagg
+    plan = dataclasses.replace(plan, secagg=plan_lib.secagg_setup(
+        plan.clip_norm, s.bits, config.secagg_scale, z, s.min_shares,
+        s.max_shares, s.dim))
+  return plan
 
 
 def _check_budget(config: config_lib.Config,
@@ -453,7 +474,7 @@ def _run_group(g: int, num_groups: int, members: list[_Member],
   largest = _cohort_sizes(sim0, members, sample_fn, rounds)
   slots = min(sim0.slots, max(chunk, -(-largest // chunk) * chunk))
   counter = [0]
-  step = _make_step(sim0.round_fn(), counter)
+  step = _make_step(sim0.round_fn(), sim0.plan, counter)
   # Every member's model is sim0's architecture, so one init serves all.
   init = jax.jit(jax.vmap(sim0.initial_state))
   size = len(members) if max_configs is None else min(max_configs,
@@ -475,136 +496,143 @@ def _run_group(g: int, num_groups: int, members: list[_Member],
     if len(chunks) > 1:
       desc += f" chunk {c + 1}/{len(chunks)}"
     _run_chunk(lanes, len(part), sim0, step, init, sample_fn, slots, rounds,
-               progress, desc, log, sharding)
+               progress, desc, sharding)
   return GroupInfo(config_ids=[], slots=slots, full_slots=sim0.slots,
                    num_traces=counter[0], num_chunks=len(chunks),
                    wall_time_s=time.perf_counter() - start,
                    num_devices=jax.device_count() if sharding else 1)
 
 
+class _LaneRounds:
+  """A chunk of a shape group's configurations as lanes of one vmapped
+  round per call (the runner's loop drives it; round_calls.py).
+
+  `lanes` may end with padding copies (so every chunk has one shape); only
+  the first `num_real` have runner lanes.
+  """
+
+  def __init__(self, lanes: list[_Member], num_real: int,
+               sim0: simulation.Simulation, step, init, sample_fn,
+               slots: int, sharding=None):
+    self._num_real, self._size, self._step = num_real, len(lanes), step
+
+    def place(tree):
+      # Lanes split over the devices along the configuration axis (the
+      # compiled step follows its inputs' sharding).
+      return tree if sharding is None else jax.device_put(tree, sharding)
+
+    self._hparams = place(_stack([m.lane.sim.hparams(
+        m.config, m.plan.noise_multiplier) for m in lanes]))
+    # Every configuration draws its own noise (`simulation.stream_keys`):
+    # lanes with one seed but different settings never share it.
+    self._noise_keys = place(jnp.stack([m.streams.noise for m in lanes]))
+    # What each lane's mechanism carries or needs besides (None: nothing).
+    plan0 = lanes[0].plan
+    self._adaptive = self._secagg = clip_norms = None
+    if plan0.adaptive_clip:
+      self._adaptive = place(_stack([m.plan.adaptive_hparams()
+                                     for m in lanes]))
+      clip_norms = place(jnp.asarray([m.config.clip_norm for m in lanes],
+                                     jnp.float32))
+    if plan0.secagg is not None:
+      self._secagg = place(_stack([m.plan.secagg_params() for m in lanes]))
+    states = place(init(jnp.asarray([m.config.seed for m in lanes],
+                                    jnp.int32)))
+    self.initial_carry = round_calls.Carry(states, clip_norms)
+
+    def prepare(r: int):
+      blocks, drawn, dropped = [], [], []
+      for m in lanes:
+        # (block, drawn, dropped, canary ids): a sweep has no canaries.
+        block, num_drawn, num_dropped = m.lane.sim.prepare(
+            r, m.streams, sample_fn)[:3]
+        if block.client_mask[slots:].any():
+          raise AssertionError("a cohort outgrew the sweep's trimmed block")
+        blocks.append(dp_fedavg.CohortBlock(
+            jax.tree_util.tree_map(lambda x: x[:slots], block.features),
+            block.example_mask[:slots], block.client_mask[:slots]))
+        drawn.append(num_drawn)
+        dropped.append(num_dropped)
+      stacked = place(jax.tree_util.tree_map(lambda *xs: np.stack(xs),
+                                             *blocks))
+      return r, stacked, drawn, dropped
+
+    self._cohorts = prefetch.Prefetcher(prepare, range(sim0.config.rounds),
+                                        depth=2)
+    self._next = iter(self._cohorts)
+
+  def call_end(self, r: int) -> int:
+    return r + 1
+
+  def params(self, carry: round_calls.Carry, lane: int):
+    return _take(carry.state.params, lane)
+
+  def start(self, carry: round_calls.Carry, r: int, end: int, active):
+    del end
+    q, block, drawn, dropped = next(self._next)
+    if q != r:
+      raise AssertionError(f"prepared round {q}, expected {r}")
+    # Padding copies never update.
+    mask = list(active) + [False] * (self._size - len(active))
+    states, clip_norms, metrics, finite = self._step(
+        carry.state, carry.clip_norm, block, self._hparams, self._noise_keys,
+        r, jnp.asarray(mask), self._adaptive, self._secagg)
+    return (round_calls.Carry(states, clip_norms),
+            (r, metrics, finite, drawn, dropped, list(active)))
+
+  def finish(self, pending) -> list[round_calls.Finished]:
+    r, metrics, finite, drawn, dropped, active = pending
+    metrics, finite = jax.device_get((metrics, finite))
+    out = []
+    for lane in range(self._num_real):
+      if not active[lane]:
+        out.append(round_calls.Finished([]))
+      elif not finite[lane]:
+        out.append(round_calls.Finished([], r))
+      else:
+        row = {k: np.asarray(v[lane]).item() for k, v in metrics.items()}
+        out.append(round_calls.Finished(
+            [round_calls.RoundRow(row, drawn[lane], dropped[lane])]))
+    return out
+
+  def close(self) -> None:
+    self._cohorts.close()
+
+
 def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, init,
                sample_fn, slots: int, rounds: int, progress: bool, desc: str,
-               log, sharding=None) -> None:
-  """The host loop of one vmapped chunk (mirrors `runner.run`)."""
+               sharding=None) -> None:
+  """Runs one vmapped chunk through the runner's loop; fills the real
+  members' final parameters."""
   real = lanes[:num_real]
-
-  def place(tree):
-    # Lanes split over the devices along the configuration axis (the
-    # compiled step follows its inputs' sharding).
-    return tree if sharding is None else jax.device_put(tree, sharding)
-
-  states = place(init(jnp.asarray([m.config.seed for m in lanes], jnp.int32)))
-  hparams = place(_stack([m.sim.hparams(m.config, m.noise_multiplier)
-                          for m in lanes]))
-  # Every configuration draws its own noise (`simulation.stream_keys`):
-  # lanes with one seed but different settings never share it.
-  noise_keys = place(jnp.stack([m.streams.noise for m in lanes]))
-  capacity = sim0.plan.sampler.capacity
-
-  def prepare(r: int):
-    blocks, drawn, dropped = [], [], []
-    for m in lanes:
-      # (block, drawn, dropped, ...): later fields serve features a sweep
-      # refuses (audit canaries).
-      block, num_drawn, num_dropped = m.sim.prepare(r, m.streams,
-                                                    sample_fn)[:3]
-      if block.client_mask[slots:].any():
-        raise AssertionError("a cohort outgrew the sweep's trimmed block")
-      blocks.append(dp_fedavg.CohortBlock(
-          jax.tree_util.tree_map(lambda x: x[:slots], block.features),
-          block.example_mask[:slots], block.client_mask[:slots]))
-      drawn.append(num_drawn)
-      dropped.append(num_dropped)
-    stacked = place(jax.tree_util.tree_map(lambda *xs: np.stack(xs), *blocks))
-    return r, stacked, drawn, dropped
-
+  calls = _LaneRounds(lanes, num_real, sim0, step, init, sample_fn, slots,
+                      sharding)
   bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm.tqdm(total=rounds, desc=desc, unit="round", leave=False)
   start = time.perf_counter()
-  cohorts = prefetch.Prefetcher(prepare, range(rounds), depth=2)
+  for m in real:
+    m.lane.start = start
   try:
-    for r, block, drawn, dropped in cohorts:
-      for m in real:
-        cfg = m.config
-        if not m.stopped and cfg.epsilon_budget is not None and \
-            m.ledger.epsilon_if(m.event) > cfg.epsilon_budget:
-          m.stopped = m.stopped_for_budget = True
-          log(f"{cfg.name}: stopping before round {r}: it would exceed "
-              f"epsilon_budget={cfg.epsilon_budget:g}")
-      if all(m.stopped for m in real):
-        break
-      active = np.array([not m.stopped for m in lanes])
-      # Each round's event enters its ledger before its result exists.
-      for m in real:
-        if not m.stopped:
-          m.ledger.record(r, m.event)
-      states, metrics, finite = step(states, block, hparams, noise_keys, r,
-                             jnp.asarray(active))
-      # Accounting runs on the host while the round computes.
-      eps = {m.index: m.ledger.epsilon() for m in real if not m.stopped}
-      metrics, finite = jax.device_get((metrics, finite))
-      for lane, m in enumerate(real):
-        if m.stopped:
-          continue
-        if not finite[lane]:
-          # runner.run raises ModelDivergedError here; a sweep keeps this
-          # configuration's last finite state and goes on with the others.
-          log(f"{m.config.name}: round {r}: the global model became "
-              "non-finite (NaN or Inf); this configuration stops here")
-          m.stopped = m.diverged = True
-          continue
-        row = {k: np.asarray(v[lane]).item() for k, v in metrics.items()}
-        row["round"] = r
-        row["num_drawn"] = drawn[lane]
-        row["num_dropped"] = dropped[lane]
-        row["truncated"] = drawn[lane] > capacity
-        row["epsilon"] = eps[m.index]
-        if (r + 1) % m.config.eval_every == 0 or r + 1 == rounds:
-          m.eval_metrics = evaluation.evaluate(
-              sim0.model, _take(states.params, lane), m.sim.eval_population)
-          row.update(m.eval_metrics)
-        row["elapsed_s"] = time.perf_counter() - start
-        m.history.append(row)
-        m.rounds_done = r + 1
-      if bar is not None:
-        bar.update(1)
+    carry = runner.run_rounds([m.lane for m in real], calls,
+                              calls.initial_carry, 0, bar)
   finally:
-    cohorts.close()
+    calls.close()
     if bar is not None:
       bar.close()
   for lane, m in enumerate(real):
-    m.params = jax.device_get(_take(states.params, lane))
-    if "eval_accuracy" not in (m.history[-1] if m.history else {}):
-      m.eval_metrics = evaluation.evaluate(sim0.model, m.params,
-                                           m.sim.eval_population)
+    m.params = jax.device_get(_take(carry.state.params, lane))
+    if carry.clip_norm is not None:
+      m.final_clip_norm = float(carry.clip_norm[lane])
 
 
-def _result(m: _Member, sim0: simulation.Simulation,
-            wall_time_s: float) -> runner.RunResult:
-  """The member's RunResult, with the runner's summary keys."""
-  config = m.config
-  summary = {
-      "name": config.name,
-      "rounds_completed": m.rounds_done,
-      "rounds_planned": config.rounds,
-      "stopped_for_budget": m.stopped_for_budget,
-      "noise_multiplier": m.noise_multiplier,
-      "clip_norm": config.clip_norm,
-      "delta": config.delta,
-      "accountant": config.accountant,
-      "epsilon": m.ledger.epsilon(),
-      "wall_time_s": wall_time_s,
-      **m.eval_metrics,
-  }
-  for name in accounting.ACCOUNTANTS:
-    # As the runner: each accountant that can account these rounds exactly.
-    try:
-      summary[f"epsilon_{name}"] = m.ledger.epsilon(name)
-    except accounting.UnsupportedAccountingError:
-      summary[f"epsilon_{name}"] = None
-  if m.diverged:
-    summary["diverged"] = True
-  return runner.RunResult(config, m.params, m.ledger, m.noise_multiplier,
-                          m.rounds_done, m.history, summary)
+def _result(m: _Member, wall_time_s: float) -> runner.RunResult:
+  """The member's RunResult, with the runner's summary (its wall time is
+  that of its configuration chunk)."""
+  summary = m.lane.summary(m.params, m.final_clip_norm)
+  summary["wall_time_s"] = wall_time_s
+  lane = m.lane
+  return runner.RunResult(lane.config, m.params, lane.ledger,
+                          lane.plan.noise_multiplier, lane.rounds_done,
+                          lane.history, summary)

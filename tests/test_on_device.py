@@ -244,6 +244,14 @@ def test_bad_configs_name_the_field():
     pytest.param(dict(noise_placement="distributed", secagg_bits=20,
                       accountant="rdp", noise_multiplier=8.0), id="secagg",
                  marks=pytest.mark.slow),
+    # Client-side noise: each slot's own key on the device as on the host.
+    pytest.param(dict(noise_placement="local"), id="local",
+                 marks=pytest.mark.slow),
+    pytest.param(dict(noise_placement="distributed", min_participants=2),
+                 id="distributed", marks=pytest.mark.slow),
+    # Record-level DP-SGD inside each client.
+    pytest.param(dict(example_clip_norm=1.0, example_noise_multiplier=0.5),
+                 id="dp_sgd", marks=pytest.mark.slow),
 ])
 def test_other_mechanisms_equal_the_host_loop(changes):
   cfg = _config(rounds=4, eval_every=4, adaptive_clipping=False, **changes)

@@ -100,8 +100,8 @@ def _contributions(case, kind):
   if case.variant == "sweep_lanes":
     def releases(valid):
       return case.lane_releases(case.block(clients, valid), state=state)
-    bounds = [case.contribution_bound(c.clip_norm)
-              for c in case.lane_configs]
+    bounds = [worst_case.contribution_bound(sim, c.clip_norm)
+              for sim, c in zip(case.lane_sims, case.lane_configs)]
   else:
     def releases(valid):
       return [case.release(case.block(clients, valid), state=state)]
@@ -165,22 +165,25 @@ def _noise_release(case, round_index=0, valid=None):
   return [case.release(block, round_index=round_index)]
 
 
-def _expected_stddev(case, clip_norm):
+def _expected_stddev(case, clip_norm, sim=None):
   """Per-coordinate std of the release the ledger's event implies, for the
-  six (or, on the device, all) participants of `_noise_release`."""
+  six (or, on the device, all) participants of `_noise_release` (`sim`: a
+  sweep lane's own)."""
   participants = ct.POPULATION if case.variant == "on_device" else 6
   if case.config.mechanism == "tree":
     participants = min(participants, case.sim.plan.sampler.cohort_size)
-  return worst_case.release_noise_stddev(case.sim, participants, clip_norm)
+  return worst_case.release_noise_stddev(sim or case.sim, participants,
+                                         clip_norm)
 
 
 def _check_noise_law(case):
   """The noise's std and law are those the ledger's event assumes."""
   clips = ([c.clip_norm for c in case.lane_configs]
            if case.variant == "sweep_lanes" else [case.config.clip_norm])
-  for release, clip in zip(_noise_release(case), clips):
+  sims = (case.lane_sims if case.variant == "sweep_lanes" else [case.sim])
+  for release, clip, sim in zip(_noise_release(case), clips, sims):
     d = release.size
-    std = _expected_stddev(case, clip)
+    std = _expected_stddev(case, clip, sim)
     laplace = case.config.mechanism == "laplace"
     # The sample std's relative error is ~ sqrt((kurtosis - 1) / (4 d)):
     # 1 / sqrt(2 d) for a Gaussian, sqrt(5 / (4 d)) for a Laplace; 6 of

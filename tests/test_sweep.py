@@ -55,6 +55,7 @@ def _assert_same_as_single_run(swept_run, config):
   assert swept_run.ledger.events == alone.ledger.events
   assert swept_run.summary["eval_accuracy"] == pytest.approx(
       alone.summary["eval_accuracy"], abs=1e-6)
+  return alone
 
 
 def test_every_configuration_equals_its_single_run(grid_sweep):
@@ -213,3 +214,51 @@ def test_configurations_of_one_seed_never_share_noise():
           d), (i, j)
   # Each lane is still its single run.
   _assert_same_as_single_run(result.runs[3], result.configs[3])
+
+
+# Every mechanism runs in a sweep; each lane equals its single run.
+_MECHANISM_SWEEPS = {
+    "adaptive": (dict(adaptive_clipping=True, clip_norm=0.5,
+                      clip_count_stddev=2.0),
+                 {"noise_multiplier": [0.5, 1.0]}),
+    "dp_ftrl": (dict(mechanism="tree", sampling="disjoint", accountant="rdp",
+                     tree_restart_every=2, rounds=4),
+                {"noise_multiplier": [0.5, 1.0]}),
+    "local": (dict(noise_placement="local"), {"clip_norm": [0.5, 1.0]}),
+    "distributed": (dict(noise_placement="distributed", min_participants=2),
+                    {"noise_multiplier": [0.5, 1.0]}),
+    "secagg": (dict(noise_placement="distributed", secagg_bits=32,
+                    accountant="rdp", min_participants=2),
+               {"clip_norm": [0.5, 1.0]}),
+    "dp_sgd": (dict(example_clip_norm=1.0, example_noise_multiplier=0.5),
+               {"noise_multiplier": [0.5, 1.0]}),
+    "dropout": (dict(dropout_rate=0.3), {"noise_multiplier": [0.5, 1.0]}),
+}
+# The fast subset runs by default; CI's slow selection runs the rest.
+_DEFAULT_MECHANISMS = ("adaptive", "dp_ftrl", "secagg")
+
+
+@pytest.mark.parametrize("name", [
+    n if n in _DEFAULT_MECHANISMS else pytest.param(
+        n, marks=pytest.mark.slow) for n in _MECHANISM_SWEEPS])
+def test_every_mechanism_sweeps_equal_to_single_runs(name):
+  changes, grid = _MECHANISM_SWEEPS[name]
+  base = _tiny(**changes)
+  result = sweep.run_sweep(base, grid, tuning=False, **_QUIET)
+  assert len(result.groups) == 1 and result.groups[0].num_traces == 1
+  finals = set()
+  for swept, config in zip(result.runs, result.configs):
+    alone = _assert_same_as_single_run(swept, config)
+    finals.add(np.asarray(swept.params["Dense_0"]["kernel"]).tobytes())
+    for key in ("final_clip_norm", "example_epsilon"):
+      assert (key in swept.summary) == (key in alone.summary), key
+      if key in alone.summary:
+        assert swept.summary[key] == pytest.approx(alone.summary[key],
+                                                   rel=1e-5)
+  assert len(finals) == len(result.runs)  # the lanes really differ
+
+
+def test_audit_canaries_are_refused_by_the_plan_in_a_sweep():
+  with pytest.raises(ValueError, match="'audit_canaries' must be 0 in a "
+                     "sweep"):
+    sweep.run_sweep(_tiny(audit_canaries=4), {"seed": [0, 1]}, **_QUIET)

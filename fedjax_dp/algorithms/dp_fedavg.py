@@ -145,6 +145,112 @@ def _unrolled_map(fn, in_axes):
   return mapped
 
 
+def _make_clipped_client(model, client_optimizer_fn,
+                         plan: plan_lib.Privatizer, unroll_local_steps):
+  """One slot's part of the round: local training (DP-SGD with record-level
+  DP), the audit canary in its place, the plan's clip, and under
+  client-side noise the slot's message."""
+  example_dp = plan.example_dp
+  if example_dp:
+    client_update = client_lib.make_dp_sgd_client_update(
+        model, client_optimizer_fn, plan_lib.noisy_batch_gradient,
+        unroll=unroll_local_steps)
+  else:
+    client_update = client_lib.make_client_update(
+        model, client_optimizer_fn, unroll=unroll_local_steps)
+
+  def clipped_client(params, features, example_mask, valid, canary_id,
+                     slot_id, hparams, canaries, noise_key, secagg):
+    if example_dp:
+      key = jax.random.fold_in(
+          jax.random.fold_in(noise_key, streams.EXAMPLE_NOISE), slot_id)
+      out = client_update(params, features, example_mask, hparams.client_lr,
+                          hparams.example_clip_norm,
+                          hparams.example_noise_multiplier, key)
+    else:
+      out = client_update(params, features, example_mask, hparams.client_lr)
+    delta = out.delta
+    if canaries is not None:
+      canary_delta = jax.tree_util.tree_map(
+          lambda d: canaries.norm * d[jnp.maximum(canary_id, 0)],
+          canaries.directions)
+      delta = jax.tree_util.tree_map(
+          lambda c, d: jnp.where(canary_id >= 0, c, d), canary_delta, delta)
+    clip = plan.clip(delta, hparams.clip_norm)
+    # A client whose update is NaN or Inf contributes nothing (it is excluded
+    # by `where`, which also keeps NaN out of the sum). Whether to drop it
+    # depends only on that client's own data, so the sum's sensitivity is
+    # unchanged.
+    finite = jnp.isfinite(clip.norm)
+    msg, failures = None, jnp.zeros((), jnp.int32)
+    if plan.sends_messages:
+      key = jax.random.fold_in(
+          jax.random.fold_in(noise_key, streams.CLIENT_NOISE), slot_id)
+      msg, failures = plan.message(
+          clip.clipped, valid, finite, key, hparams.noise_multiplier,
+          hparams.clip_norm, hparams.min_participants, secagg)
+    return clip, msg, failures, finite, out.loss, out.num_examples
+
+  return clipped_client
+
+
+def _make_block_sum(clipped_client, plan: plan_lib.Privatizer,
+                    clients_per_chunk: int, vmap_clients: bool):
+  """The sums of a block's clipped deltas and messages, chunk by chunk
+  (vmapped, or independent copies per client), and per-client diagnostics."""
+  separate = plan.sends_messages
+
+  def clipped_sum_of(params, features, example_mask, client_mask, canary_ids,
+                     slot_ids, hparams, canaries, noise_key, secagg):
+    num_clients = client_mask.shape[0]
+    if num_clients % clients_per_chunk:
+      raise ValueError(
+          f"block holds {num_clients} clients (per device), not a multiple "
+          f"of clients_per_chunk={clients_per_chunk}")
+    block = (features, example_mask, client_mask, canary_ids, slot_ids)
+    batch = jax.vmap if vmap_clients else _unrolled_map
+    vmapped = batch(
+        clipped_client,
+        in_axes=(None, 0, 0, 0, 0, 0, None, None, None, None))
+    zeros = tree_util.tree_zeros_like(params)
+    msg_zeros = jax.tree_util.tree_map(
+        lambda x: jnp.zeros(x.shape, plan.message_dtype), params)
+    init = (zeros, msg_zeros if separate else None, jnp.zeros((), jnp.int32))
+
+    def train_chunk(i, carry):
+      sums, per_client = carry
+      index = order[i]
+      features, example_mask, valid, ids, slots = chunk_rows(
+          block, index, clients_per_chunk)
+      clip, msgs, fails, finite, loss, n = vmapped(
+          params, features, example_mask, valid, ids, slots, hparams,
+          canaries, noise_key, secagg)
+      # uint32 message sums wrap around: the modular sum of secure
+      # aggregation.
+      chunk_sums = (tree_util.masked_sum(clip.clipped, valid & finite),
+                    tree_util.masked_sum(msgs, None) if separate else None,
+                    jnp.sum(fails))
+      outputs = (clip.norm, clip.was_clipped, valid & ~finite, loss, n)
+      sums = jax.tree_util.tree_map(jnp.add, sums, chunk_sums)
+      per_client = jax.tree_util.tree_map(
+          lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
+              acc, x, index * clients_per_chunk, 0), per_client, outputs)
+      return sums, per_client
+
+    # Only chunks holding a valid client are trained (their per-client
+    # outputs stay zero). Padding slots send nothing under any placement,
+    # so skipping their chunks changes nothing.
+    order, num_active = active_chunks(client_mask, clients_per_chunk)
+    per_client = (jnp.zeros((num_clients,), jnp.float32),
+                  jnp.zeros((num_clients,), bool),
+                  jnp.zeros((num_clients,), bool),
+                  jnp.zeros((num_clients,), jnp.float32),
+                  jnp.zeros((num_clients,), jnp.int32))
+    return jax.lax.fori_loop(0, num_active, train_chunk, (init, per_client))
+
+  return clipped_sum_of
+
+
 def build_round(
     model: types.Model,
     client_optimizer_fn: client_lib.ClientOptimizerFn,
@@ -186,99 +292,11 @@ def build_round(
     adaptive=None, secagg=None, tree=None) -> (new_state, metrics)`;
     secure aggregation needs `secagg` and DP-FTRL its tree state.
   """
+  clipped_client = _make_clipped_client(model, client_optimizer_fn,
+                                        privatizer, unroll_local_steps)
+  clipped_sum_of = _make_block_sum(clipped_client, privatizer,
+                                   clients_per_chunk, vmap_clients)
   plan = privatizer
-  example_dp = plan.example_dp
-  if example_dp:
-    client_update = client_lib.make_dp_sgd_client_update(
-        model, client_optimizer_fn, plan_lib.noisy_batch_gradient,
-        unroll=unroll_local_steps)
-  else:
-    client_update = client_lib.make_client_update(
-        model, client_optimizer_fn, unroll=unroll_local_steps)
-  separate = plan.sends_messages
-
-  def clipped_client(params, features, example_mask, valid, canary_id,
-                     slot_id, hparams, canaries, noise_key, secagg):
-    if example_dp:
-      key = jax.random.fold_in(
-          jax.random.fold_in(noise_key, streams.EXAMPLE_NOISE), slot_id)
-      out = client_update(params, features, example_mask, hparams.client_lr,
-                          hparams.example_clip_norm,
-                          hparams.example_noise_multiplier, key)
-    else:
-      out = client_update(params, features, example_mask, hparams.client_lr)
-    delta = out.delta
-    if canaries is not None:
-      canary_delta = jax.tree_util.tree_map(
-          lambda d: canaries.norm * d[jnp.maximum(canary_id, 0)],
-          canaries.directions)
-      delta = jax.tree_util.tree_map(
-          lambda c, d: jnp.where(canary_id >= 0, c, d), canary_delta, delta)
-    clip = plan.clip(delta, hparams.clip_norm)
-    # A client whose update is NaN or Inf contributes nothing (it is excluded
-    # by `where`, which also keeps NaN out of the sum). Whether to drop it
-    # depends only on that client's own data, so the sum's sensitivity is
-    # unchanged.
-    finite = jnp.isfinite(clip.norm)
-    msg, failures = None, jnp.zeros((), jnp.int32)
-    if separate:
-      key = jax.random.fold_in(
-          jax.random.fold_in(noise_key, streams.CLIENT_NOISE), slot_id)
-      msg, failures = plan.message(
-          clip.clipped, valid, finite, key, hparams.noise_multiplier,
-          hparams.clip_norm, hparams.min_participants, secagg)
-    return clip, msg, failures, finite, out.loss, out.num_examples
-
-  def sum_messages(msgs):
-    # uint32 sums wrap around: the modular sum of secure aggregation.
-    return tree_util.masked_sum(msgs, None)
-
-  def clipped_sum_of(params, features, example_mask, client_mask, canary_ids,
-                     slot_ids, hparams, canaries, noise_key, secagg):
-    """Sums of the block's messages (and clipped deltas), and diagnostics."""
-    num_clients = client_mask.shape[0]
-    if num_clients % clients_per_chunk:
-      raise ValueError(
-          f"block holds {num_clients} clients (per device), not a multiple "
-          f"of clients_per_chunk={clients_per_chunk}")
-    block = (features, example_mask, client_mask, canary_ids, slot_ids)
-    batch = jax.vmap if vmap_clients else _unrolled_map
-    vmapped = batch(
-        clipped_client,
-        in_axes=(None, 0, 0, 0, 0, 0, None, None, None, None))
-    zeros = tree_util.tree_zeros_like(params)
-    msg_zeros = jax.tree_util.tree_map(
-        lambda x: jnp.zeros(x.shape, plan.message_dtype), params)
-    init = (zeros, msg_zeros if separate else None, jnp.zeros((), jnp.int32))
-
-    def train_chunk(i, carry):
-      sums, per_client = carry
-      index = order[i]
-      features, example_mask, valid, ids, slots = chunk_rows(
-          block, index, clients_per_chunk)
-      clip, msgs, fails, finite, loss, n = vmapped(
-          params, features, example_mask, valid, ids, slots, hparams,
-          canaries, noise_key, secagg)
-      chunk_sums = (tree_util.masked_sum(clip.clipped, valid & finite),
-                    sum_messages(msgs) if separate else None, jnp.sum(fails))
-      outputs = (clip.norm, clip.was_clipped, valid & ~finite, loss, n)
-      # uint32 message sums wrap around like secure aggregation's sum.
-      sums = jax.tree_util.tree_map(jnp.add, sums, chunk_sums)
-      per_client = jax.tree_util.tree_map(
-          lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
-              acc, x, index * clients_per_chunk, 0), per_client, outputs)
-      return sums, per_client
-
-    # Only chunks holding a valid client are trained (their per-client
-    # outputs stay zero). Padding slots send nothing under any placement,
-    # so skipping their chunks changes nothing.
-    order, num_active = active_chunks(client_mask, clients_per_chunk)
-    per_client = (jnp.zeros((num_clients,), jnp.float32),
-                  jnp.zeros((num_clients,), bool),
-                  jnp.zeros((num_clients,), bool),
-                  jnp.zeros((num_clients,), jnp.float32),
-                  jnp.zeros((num_clients,), jnp.int32))
-    return jax.lax.fori_loop(0, num_active, train_chunk, (init, per_client))
 
   def round_fn(state: server_lib.ServerState, block: CohortBlock,
                hparams: RoundHparams, noise_key: types.PRNGKey,

@@ -70,6 +70,7 @@ step every client still holds the global feature weights: vmapped, that step
 is one ordinary convolution over the chunk's examples, not a grouped one.
 """
 
+import functools
 from typing import Callable
 
 import jax
@@ -364,6 +365,136 @@ def _default_chunk(num_clients: int, num_rows_per_client: int) -> int:
   return -(-num_clients // -(-num_clients // limit))
 
 
+def _chunk_step(carry, chunk, *, kernels, biases, lr, features, canary_norms,
+                num_canaries, clip_norm):
+  """One chunk's clipped contributions added to the running sums, and its
+  per-client outputs (norm, clipped, non-finite, loss, examples)."""
+  cx, cy, cm, cvalid, cids = chunk
+  sums, feature_sums, canary_weights = carry
+  factors_a, factors_g, trained_norm, loss, feature_deltas = (
+      _factored_chunk(kernels, biases, cx, cy, cm, lr, features))
+  is_canary = cids >= 0
+  norm = trained_norm
+  if canary_norms is not None:
+    norm = jnp.where(is_canary, canary_norms[jnp.maximum(cids, 0)],
+                     trained_norm)
+  # As in dp_fedavg: a client whose update is NaN or Inf contributes
+  # nothing; whether it is dropped depends only on its own data.
+  finite = jnp.isfinite(norm)
+  scale = clipping.clip_scale(norm, clip_norm)
+  keep = cvalid & finite & ~is_canary
+  keep3 = keep[:, None, None]
+  # Excluded clients are selected away, never multiplied by zero.
+  scale3 = jnp.where(keep, scale, 0.0)[:, None, None]
+  scaled_g = [jnp.where(keep3, g * scale3, 0.0) for g in factors_g]
+
+  def accumulate(sums, mask_inputs):
+    new_sums = []
+    for (ks, bs), a, sg in zip(sums, factors_a, scaled_g):
+      if mask_inputs:
+        a = jnp.where(keep3, a, 0.0)
+      ks = ks - lr * jnp.einsum("kre,krd->ed", sg, a,
+                                preferred_element_type=jnp.float32)
+      bs = bs - lr * jnp.sum(sg, axis=(0, 1))
+      new_sums.append((ks, bs))
+    return new_sums
+
+  # A finite Gram-based norm implies finite factors (their Gram
+  # diagonals are finite), so only a chunk holding a non-finite
+  # trained norm needs the factors themselves masked.
+  sums = jax.lax.cond(jnp.all(jnp.isfinite(trained_norm)),
+                      lambda s: accumulate(s, False),
+                      lambda s: accumulate(s, True), sums)
+  if features is not None:
+    scaled = jax.tree_util.tree_map(
+        lambda d: d * scale.reshape((-1,) + (1,) * (d.ndim - 1)),
+        feature_deltas)
+    feature_sums = jax.tree_util.tree_map(
+        jnp.add, feature_sums, tree_util.masked_sum(scaled, keep))
+  if num_canaries:
+    weight = jnp.where(cvalid & finite & is_canary, scale, 0.0)
+    canary_weights = canary_weights + jax.ops.segment_sum(
+        weight, jnp.maximum(cids, 0), num_segments=num_canaries)
+  n = jnp.sum(cm.astype(jnp.int32), axis=(1, 2))
+  return (sums, feature_sums, canary_weights), (
+      norm, norm > clip_norm,
+      cvalid & ~finite, loss, n)
+
+
+def _clipped_sum_tree(params, names, sums, feature_sums, feature_params,
+                      canaries, canary_weights, num_canaries):
+  """The clipped sum as a tree shaped like `params`: the dense layers' sums
+  (kept transposed), the feature layers', and the canaries' clipped
+  contributions along their directions."""
+  clipped_sum = {n: {"kernel": ks.T.astype(params[n]["kernel"].dtype),
+                     "bias": bs.astype(params[n]["bias"].dtype)}
+                 for n, (ks, bs) in zip(names, sums)}
+  clipped_sum.update(jax.tree_util.tree_map(
+      lambda total, p: total.astype(p.dtype), feature_sums, feature_params))
+  clipped_sum = jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(params),
+      jax.tree_util.tree_leaves(clipped_sum))
+  if num_canaries:
+    clipped_sum = jax.tree_util.tree_map(
+        lambda total, d: total + jnp.tensordot(
+            canary_weights * canaries.norm, d.astype(jnp.float32),
+            axes=1).astype(total.dtype),
+        clipped_sum, canaries.directions)
+  return clipped_sum
+
+
+def _canary_slots(canaries, num_clients: int):
+  """(canary id per slot, number of canaries, each canary's submitted norm
+  or None). A canary slot submits norm * directions[id] instead of its
+  training result (as in dp_fedavg); its clipped contribution is added as a
+  weight on its direction, not through the factors."""
+  if canaries is None:
+    return jnp.full((num_clients,), -1, jnp.int32), 0, None
+  num_canaries = jax.tree_util.tree_leaves(canaries.directions)[0].shape[0]
+  canary_norms = canaries.norm * jnp.sqrt(sum(
+      jnp.sum(jnp.square(d.astype(jnp.float32)).reshape(num_canaries, -1),
+              axis=1)
+      for d in jax.tree_util.tree_leaves(canaries.directions)))
+  return canaries.ids.astype(jnp.int32), num_canaries, canary_norms
+
+
+def _over_chunks(compute_chunk, carry, data, k: int):
+  """Runs `compute_chunk` over the chunks of k slots that hold a valid
+  client (and a last, smaller chunk); returns the carry and the per-client
+  outputs of every slot (zeros for skipped chunks)."""
+  valid = data[3]
+  num_clients = valid.shape[0]
+  num_full = num_clients // k
+  rest = num_clients - num_full * k
+
+  def skip_chunk(carry, chunk):
+    c = chunk[3].shape[0]
+    return carry, (jnp.zeros((c,), jnp.float32), jnp.zeros((c,), bool),
+                   jnp.zeros((c,), bool), jnp.zeros((c,), jnp.float32),
+                   jnp.zeros((c,), jnp.int32))
+
+  def train_chunk(i, loop_carry):
+    carry, per_client = loop_carry
+    index = order[i]
+    # Slices of the block itself: no chunked copy of the whole block.
+    carry, outs = compute_chunk(carry, dp_fedavg.chunk_rows(data, index, k))
+    per_client = [jax.lax.dynamic_update_slice_in_dim(acc, o, index * k, 0)
+                  for acc, o in zip(per_client, outs)]
+    return carry, per_client
+
+  order, num_active = dp_fedavg.active_chunks(valid[:num_full * k], k)
+  per_client = [jnp.zeros((num_full * k,), dtype) for dtype in
+                (jnp.float32, bool, bool, jnp.float32, jnp.int32)]
+  carry, outs = jax.lax.fori_loop(0, num_active, train_chunk,
+                                  (carry, per_client))
+  if rest:
+    tail = jax.tree_util.tree_map(lambda a: a[num_full * k:], data)
+    carry, tail_outs = jax.lax.cond(jnp.any(tail[3]), compute_chunk,
+                                    skip_chunk, carry, tail)
+    outs = [jnp.concatenate([o, t]) for o, t in zip(outs, tail_outs)]
+  return carry, outs
+
+
 def build_factored_round(
     model: types.Model,
     client_optimizer_fn: client_lib.ClientOptimizerFn,
@@ -446,83 +577,16 @@ def build_factored_round(
     if features is None:
       x = x.reshape(num_clients, num_steps, batch, -1)
     valid = block.client_mask
-    if canaries is not None:
-      # A canary slot submits norm * directions[id] instead of its training
-      # result (as in dp_fedavg); its clipped contribution is added as a
-      # weight on its direction, not through the factors.
-      canary_ids = canaries.ids.astype(jnp.int32)
-      num_canaries = jax.tree_util.tree_leaves(canaries.directions)[0].shape[0]
-      canary_norms = canaries.norm * jnp.sqrt(sum(
-          jnp.sum(jnp.square(d.astype(jnp.float32)).reshape(num_canaries, -1),
-                  axis=1)
-          for d in jax.tree_util.tree_leaves(canaries.directions)))
-    else:
-      canary_ids = jnp.full((num_clients,), -1, jnp.int32)
-      num_canaries = 0
-      canary_norms = None
+    canary_ids, num_canaries, canary_norms = _canary_slots(canaries,
+                                                           num_clients)
 
     k = clients_per_chunk or _default_chunk(num_clients, num_steps * batch)
     k = min(k, num_clients)
-    num_full = num_clients // k
-    rest = num_clients - num_full * k
 
-    def compute_chunk(carry, chunk):
-      cx, cy, cm, cvalid, cids = chunk
-      sums, feature_sums, canary_weights = carry
-      factors_a, factors_g, trained_norm, loss, feature_deltas = (
-          _factored_chunk(kernels, biases, cx, cy, cm, lr, features))
-      is_canary = cids >= 0
-      norm = trained_norm
-      if canary_norms is not None:
-        norm = jnp.where(is_canary, canary_norms[jnp.maximum(cids, 0)],
-                         trained_norm)
-      # As in dp_fedavg: a client whose update is NaN or Inf contributes
-      # nothing; whether it is dropped depends only on its own data.
-      finite = jnp.isfinite(norm)
-      scale = jnp.minimum(1.0, hparams.clip_norm / jnp.maximum(norm, 1e-30))
-      keep = cvalid & finite & ~is_canary
-      keep3 = keep[:, None, None]
-      # Excluded clients are selected away, never multiplied by zero.
-      scale3 = jnp.where(keep, scale, 0.0)[:, None, None]
-      scaled_g = [jnp.where(keep3, g * scale3, 0.0) for g in factors_g]
-
-      def accumulate(sums, mask_inputs):
-        new_sums = []
-        for (ks, bs), a, sg in zip(sums, factors_a, scaled_g):
-          if mask_inputs:
-            a = jnp.where(keep3, a, 0.0)
-          ks = ks - lr * jnp.einsum("kre,krd->ed", sg, a,
-                                    preferred_element_type=jnp.float32)
-          bs = bs - lr * jnp.sum(sg, axis=(0, 1))
-          new_sums.append((ks, bs))
-        return new_sums
-
-      # A finite Gram-based norm implies finite factors (their Gram
-      # diagonals are finite), so only a chunk holding a non-finite
-      # trained norm needs the factors themselves masked.
-      sums = jax.lax.cond(jnp.all(jnp.isfinite(trained_norm)),
-                          lambda s: accumulate(s, False),
-                          lambda s: accumulate(s, True), sums)
-      if features is not None:
-        scaled = jax.tree_util.tree_map(
-            lambda d: d * scale.reshape((-1,) + (1,) * (d.ndim - 1)),
-            feature_deltas)
-        feature_sums = jax.tree_util.tree_map(
-            jnp.add, feature_sums, tree_util.masked_sum(scaled, keep))
-      if num_canaries:
-        weight = jnp.where(cvalid & finite & is_canary, scale, 0.0)
-        canary_weights = canary_weights + jax.ops.segment_sum(
-            weight, jnp.maximum(cids, 0), num_segments=num_canaries)
-      n = jnp.sum(cm.astype(jnp.int32), axis=(1, 2))
-      return (sums, feature_sums, canary_weights), (
-          norm, norm > hparams.clip_norm,
-          cvalid & ~finite, loss, n)
-
-    def skip_chunk(carry, chunk):
-      c = chunk[3].shape[0]
-      return carry, (jnp.zeros((c,), jnp.float32), jnp.zeros((c,), bool),
-                     jnp.zeros((c,), bool), jnp.zeros((c,), jnp.float32),
-                     jnp.zeros((c,), jnp.int32))
+    compute_chunk = functools.partial(
+        _chunk_step, kernels=kernels, biases=biases, lr=lr,
+        features=features, canary_norms=canary_norms,
+        num_canaries=num_canaries, clip_norm=hparams.clip_norm)
 
     # Kernel sums are kept transposed, [out, in]: the product (s G)^T A
     # then reads the large factor A (the inputs) in its natural layout
@@ -533,44 +597,14 @@ def build_factored_round(
     feature_sums = jax.tree_util.tree_map(
         lambda p: jnp.zeros(p.shape, jnp.float32), feature_params)
     carry = (sums, feature_sums, jnp.zeros((num_canaries,), jnp.float32))
-    data = (x, y, m, valid, canary_ids)
-
-    def train_chunk(i, loop_carry):
-      carry, per_client = loop_carry
-      index = order[i]
-      # Slices of the block itself: no chunked copy of the whole block.
-      carry, outs = compute_chunk(carry, dp_fedavg.chunk_rows(data, index, k))
-      per_client = [jax.lax.dynamic_update_slice_in_dim(acc, o, index * k, 0)
-                    for acc, o in zip(per_client, outs)]
-      return carry, per_client
-
-    order, num_active = dp_fedavg.active_chunks(valid[:num_full * k], k)
-    per_client = [jnp.zeros((num_full * k,), dtype) for dtype in
-                  (jnp.float32, bool, bool, jnp.float32, jnp.int32)]
-    carry, outs = jax.lax.fori_loop(0, num_active, train_chunk,
-                                    (carry, per_client))
-    if rest:
-      tail = jax.tree_util.tree_map(lambda a: a[num_full * k:], data)
-      carry, tail_outs = jax.lax.cond(jnp.any(tail[3]), compute_chunk,
-                                      skip_chunk, carry, tail)
-      outs = [jnp.concatenate([o, t]) for o, t in zip(outs, tail_outs)]
+    carry, outs = _over_chunks(compute_chunk, carry,
+                               (x, y, m, valid, canary_ids), k)
     norms, was_clipped, nonfinite, client_loss, num_examples = outs
     sums, feature_sums, canary_weights = carry
 
-    clipped_sum = {n: {"kernel": ks.T.astype(params[n]["kernel"].dtype),
-                       "bias": bs.astype(params[n]["bias"].dtype)}
-                   for n, (ks, bs) in zip(names, sums)}
-    clipped_sum.update(jax.tree_util.tree_map(
-        lambda total, p: total.astype(p.dtype), feature_sums, feature_params))
-    clipped_sum = jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(params),
-        jax.tree_util.tree_leaves(clipped_sum))
-    if num_canaries:
-      clipped_sum = jax.tree_util.tree_map(
-          lambda total, d: total + jnp.tensordot(
-              canary_weights * canaries.norm, d.astype(jnp.float32),
-              axes=1).astype(total.dtype),
-          clipped_sum, canaries.directions)
+    clipped_sum = _clipped_sum_tree(params, names, sums, feature_sums,
+                                    feature_params, canaries, canary_weights,
+                                    num_canaries)
     return dp_fedavg.noise_and_step(
         state, clipped_sum,
         (norms, was_clipped, nonfinite, client_loss, num_examples), valid,

@@ -9,14 +9,12 @@ convolution whose batch and feature dimensions are swapped, and inside a
 slow generic kernel. `conv_general_dilated` below computes exactly the same
 convolution but with a custom VJP that states both gradients as ordinary
 NHWC x HWIO convolutions (with explicit transposes around them), which run on
-the fast kernel everywhere. Measured on the 2-core CI machine: the weight
-gradient of the CNN's second layer for one client (batch 10) inside a scan
-went from 67 ms to 2.1 ms; outside loops both are ~1.5-2 ms.
+the fast kernel everywhere (docs/benchmarks.md, "Which shape won, and why").
 
 `max_pool_2x2` is 2x2/stride-2 max pooling as a reshape and a max. Its
 gradient is elementwise (autodiff of `max`), where `reduce_window`'s
-gradient is XLA's `select-and-scatter`, which is slow on CPU (the CNN round
-1.6 s -> 1.1 s). The forward values are identical; at ties (several window
+gradient is XLA's `select-and-scatter`, which is slow on CPU
+(docs/benchmarks.md). The forward values are identical; at ties (several window
 entries equal to the maximum) the gradient is shared equally among them
 instead of going to one entry, another valid subgradient. After a ReLU, ties
 at zero get zero gradient either way.

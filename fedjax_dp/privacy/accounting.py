@@ -141,18 +141,9 @@ _TAIL_MASS = 1e-15
 
 # The most points a PLD composition may hold in either of its two pmfs; a
 # composition that would hold more is built on a coarser grid. Time and
-# memory grow with it (an FFT of that length per pmf): measured on 2 CPU
-# cores, PoissonSampled(q=0.01, Gaussian(z=1)) at delta=1e-5 gives
-#   rounds  grid    pld     rdp     time  peak memory
-#   1e6     1e-4    139.0   150.9   1.5s  0.5 GB
-#   1e7     2e-4    1015    1104    2.8s  0.6 GB
-#   1e9     3.2e-3  86467   99359   2.5s  0.5 GB
-# Twice the points (a 1.6e-3 grid at 1e9 rounds) gives 85810 in 4.6 s and
-# 0.7 GB: the coarser grid costs little here. The grid is coarsest for small
-# z (1e9 rounds at z=0.5: 1.28e-2, still 27% below rdp). Where each round's
-# privacy loss is far below even the default grid (1e9 rounds at z=1000),
-# the grid itself makes pld looser than rdp (3.84 against 1.31), coarsened
-# or not.
+# memory grow with it (an FFT of that length per pmf); the cost and the
+# looseness of the coarser grid are measured in docs/benchmarks.md
+# ("Accounting many rounds").
 PLD_MAX_POINTS = 2**22
 
 
@@ -696,6 +687,14 @@ def calibrate_noise_multiplier(
   z is searched in [MIN_CALIBRATED_NOISE_MULTIPLIER,
   MAX_CALIBRATED_NOISE_MULTIPLIER]; the time does not grow with `rounds`
   (apart from the PLD's own cost, which is bounded).
+
+  Why not `dp_accounting.mechanism_calibration.calibrate_dp_mechanism`: it
+  bisects over a fresh dp_accounting accountant per probe, composing the
+  whole run each time, while the epsilon a run reports is this module's
+  (`epsilon_of_counts`: truncated Poisson rounds widened by their slack,
+  PLD compositions on a bounded grid, one curve per distinct event), which
+  no dp_accounting accountant computes. Calibrating on the same function
+  the ledger reports is what guarantees the calibrated run meets its target.
 
   Args:
     make_event: z -> the DP event of one round (a sampler's `dp_event`).

@@ -47,6 +47,14 @@ class ClipResult(NamedTuple):
   was_clipped: jax.Array
 
 
+def clip_scale(norm: jax.Array, clip_norm: jax.Array) -> jax.Array:
+  """min(1, C / norm): the factor that brings an update of norm `norm` (or a
+  certified upper bound of it) within C. Never above 1; exactly 1 for a
+  zero update (the max() guard makes C / tiny huge) and for C = inf."""
+  clip_norm = jnp.asarray(clip_norm, jnp.float32)
+  return jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
+
+
 def clip_by_global_norm(tree: types.PyTree, clip_norm: jax.Array) -> ClipResult:
   """Scales `tree` so that its global L2 norm is at most `clip_norm`.
 
@@ -65,9 +73,7 @@ def clip_by_global_norm(tree: types.PyTree, clip_norm: jax.Array) -> ClipResult:
     scale, which is computed as min(1, C / norm) and so never exceeds 1).
   """
   norm = tree_util.global_l2_norm(tree)
-  clip_norm = jnp.asarray(clip_norm, jnp.float32)
-  # max() guards a zero update: C / tiny is huge, so the scale is 1.
-  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
+  scale = clip_scale(norm, clip_norm)
   clipped = jax.tree_util.tree_map(
       lambda x: (x.astype(jnp.float32) * scale).astype(x.dtype), tree)
   return ClipResult(clipped, norm, norm > clip_norm)
@@ -97,8 +103,7 @@ def clip_by_l1_norm(tree: types.PyTree, clip_norm: jax.Array) -> ClipResult:
     add/remove-one-client neighbours and 2C under replace-one.
   """
   norm = l1_norm(tree)
-  clip_norm = jnp.asarray(clip_norm, jnp.float32)
-  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
+  scale = clip_scale(norm, clip_norm)
   clipped = jax.tree_util.tree_map(
       lambda x: (x.astype(jnp.float32) * scale).astype(x.dtype), tree)
   return ClipResult(clipped, norm, norm > clip_norm)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_dp import types
+from fedjax_dp.privacy import clipping
 
 GroupFn = Callable[[tuple], str]
 
@@ -94,7 +95,7 @@ def clip_per_group(tree: types.PyTree, clip_norms: Mapping[str, jax.Array],
   scales = {}
   for g, n in norms.items():
     c = jnp.asarray(clip_norms[g], jnp.float32)
-    scales[g] = jnp.minimum(1.0, c / jnp.maximum(n, 1e-30))
+    scales[g] = clipping.clip_scale(n, c)
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   clipped = [(x.astype(jnp.float32) * scales[g]).astype(x.dtype)
              for g, x in zip(groups, leaves)]

@@ -280,49 +280,60 @@ def resolve_min_participants(config, sampler: sampling.Sampler) -> int:
 
 class Refusal(NamedTuple):
   """Why an execution path cannot run a configuration: the config field
-  and why."""
+  and what it must be there."""
 
   field: str
-  reason: str
+  must_be: str
+
+  def error(self, config) -> ValueError:
+    return ValueError(f"config field {self.field!r} must be {self.must_be}; "
+                      f"got {getattr(config, self.field)!r}")
 
 
 def refusal(config, path: str) -> Refusal | None:
-  """Why execution path `path` cannot run `config`'s privacy settings, or
-  None: the one place that says which paths take which mechanisms.
+  """Why execution path `path` cannot run `config`, or None: the one place
+  that says which paths take which mechanisms and features.
 
   Paths:
     "factored": the factored round of dense and CNN models covers central
       Gaussian noise with whole-update clipping, without record-level DP.
-    "sweep": a sweep's vmapped lanes run central Gaussian or Laplace noise
-      with a fixed clip norm (adaptive clipping's clip, DP-FTRL's trees,
-      client-side noise and record-level DP keep per-run state or ledgers).
+    "sweep": a sweep's vmapped lanes run every mechanism (each lane carries
+      its own clip norm, tree state, secure-aggregation parameters and
+      ledger); audit canaries run with `runner.run` only.
+    "rounds_per_call": rounds on the device run every mechanism; canaries
+      and dropout are simulated by the host loop only, and the population
+      stays on one device.
   """
   noise_kind, where = Noise(config.mechanism), Placement(
       config.noise_placement)
   if path == "factored":
     if noise_kind is not Noise.GAUSSIAN:
-      return Refusal("mechanism", "the factored round covers 'gaussian' only")
+      return Refusal("mechanism", "'gaussian' in the factored round")
     if where is not Placement.CENTRAL:
-      return Refusal("noise_placement",
-                     "the factored round covers 'central' only")
+      return Refusal("noise_placement", "'central' in the factored round")
     if config.per_layer_clipping is not None:
-      return Refusal("per_layer_clipping", "the factored round clips the "
-                     "whole update")
+      return Refusal("per_layer_clipping", "null in the factored round")
     if config.example_clip_norm is not None:
-      return Refusal("example_clip_norm", "the factored round does not run "
-                     "record-level DP-SGD")
+      return Refusal("example_clip_norm", "null in the factored round "
+                     "(no record-level DP-SGD there)")
     return None
   if path == "sweep":
-    if config.adaptive_clipping:
-      return Refusal("adaptive_clipping", "its clip norm is per-run state")
-    for field, bad in (("noise_placement", where is not Placement.CENTRAL),
-                       ("mechanism", noise_kind is Noise.TREE),
-                       ("example_clip_norm",
-                        config.example_clip_norm is not None)):
-      if bad:
-        return Refusal(field, "sweeps run central Gaussian or Laplace noise "
-                       "only (DP-FTRL's trees, client-side noise and "
-                       "record-level DP keep per-run state or ledgers)")
+    if config.audit_canaries:
+      return Refusal("audit_canaries", "0 in a sweep (audits run with "
+                     "runner.run)")
+    return None
+  if path == "rounds_per_call":
+    if config.rounds_per_call == 1:
+      return None
+    if config.audit_canaries:
+      return Refusal("audit_canaries", "0 with rounds_per_call > 1 (canaries "
+                     "take part in the host loop only)")
+    if config.dropout_rate:
+      return Refusal("dropout_rate", "0 with rounds_per_call > 1 (dropout is "
+                     "simulated on the host)")
+    if config.shard_clients:
+      return Refusal("shard_clients", "false or null with rounds_per_call > "
+                     "1 (the population is kept on one device)")
     return None
   raise ValueError(f"unknown execution path {path!r}")
 

@@ -87,9 +87,6 @@ UNSUPPORTED = {
        "noise without per-layer clipping or record-level DP"
        for m in ("laplace", "per_layer", "local", "distributed", "secagg",
                  "dp_ftrl", "dp_sgd")},
-    **{("sweep_lanes", m): "sweeps run central Gaussian or Laplace noise"
-       for m in ("adaptive", "local", "distributed", "secagg", "dp_ftrl",
-                 "dp_sgd")},
 }
 
 KINDS = worst_case.KINDS
@@ -168,10 +165,14 @@ class Case:
                                   static_argnames="num_rounds")
     elif variant == "sweep_lanes":
       sweep.check_sweepable(self.config)
-      # Two lanes of one seed: this clip norm and twice it.
+      # Two lanes of one seed: this clip norm and twice it, each with its
+      # own privacy plan (as a sweep builds them).
       self.lane_configs = [self.config,
                            self.config.replace(clip_norm=2 * CLIP)]
-      self._step = sweep._make_step(self.sim.round_fn(), [0])  # pylint: disable=protected-access
+      self.lane_sims = [
+          dataclasses.replace(self.sim, plan=sweep._member_plan(  # pylint: disable=protected-access
+              self.sim.plan, c, {})) for c in self.lane_configs]
+      self._step = sweep._make_step(self.sim.round_fn(), self.sim.plan, [0])  # pylint: disable=protected-access
     else:
       self._round = jax.jit(self.sim.round_fn())
 
@@ -256,14 +257,25 @@ class Case:
     state = self.sim.initial_state(0) if state is None else state
     states = jax.tree_util.tree_map(lambda x: jnp.stack([x] * len(lanes)),
                                     state)
-    hparams = [self.sim.hparams(c, self.sim.plan.noise_multiplier) for c in lanes]
-    stacked_hp = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *hparams)
+    hparams = [self.sim.hparams(c, self.sim.plan.noise_multiplier)
+               for c in lanes]
+    stack = lambda trees: jax.tree_util.tree_map(  # pylint: disable=g-long-lambda
+        lambda *xs: jnp.stack(xs), *trees)
+    stacked_hp = stack(hparams)
+    plans = [s.plan for s in self.lane_sims]
+    adaptive = secagg = clip_norms = None
+    if self.sim.plan.adaptive_clip:
+      adaptive = stack([p.adaptive_hparams() for p in plans])
+      clip_norms = jnp.asarray([c.clip_norm for c in lanes], jnp.float32)
+    if self.sim.plan.secagg is not None:
+      secagg = stack([p.secagg_params() for p in plans])
     keys = jnp.stack([simulation.stream_keys(c, self.sim.plan.noise_multiplier)
                       .noise for c in lanes])
     blocks_ = jax.tree_util.tree_map(lambda x: np.stack([x] * len(lanes)),
                                      block)
-    new, _, _ = self._step(states, blocks_, stacked_hp, keys, round_index,
-                           jnp.ones((len(lanes),), bool))
+    new, _, _, _ = self._step(states, clip_norms, blocks_, stacked_hp, keys,
+                              round_index, jnp.ones((len(lanes),), bool),
+                              adaptive, secagg)
     before = flat(state.params)
     return [(flat(jax.tree_util.tree_map(lambda x, i=i: x[i], new.params))
              - before) * float(hp.denominator)
