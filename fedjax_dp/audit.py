@@ -400,27 +400,6 @@ def epsilon_lower_bound(inserted_cosines, held_out_cosines, delta: float,
   return float(_bounds_at(np.array([threshold]), ev1, ev0, alpha, delta)[0])
 
 
-class AuditResult(NamedTuple):
-  epsilon_est: float
-  # `epsilon_lower_bound` of the two groups: a bound only for i.i.d. draws,
-  # an estimate for the canaries of one run.
-  epsilon_threshold_est: float
-  fit: GaussianFit
-  num_inserted: int
-  num_held_out: int
-
-
-def audit(inserted_cosines, held_out_cosines, delta: float,
-          confidence: float = 0.95) -> AuditResult:
-  """Both estimates (epsilon_est and the thresholding one), with the fit."""
-  return AuditResult(
-      estimate_epsilon(inserted_cosines, held_out_cosines, delta),
-      epsilon_lower_bound(inserted_cosines, held_out_cosines, delta,
-                          confidence),
-      fit_gaussians(inserted_cosines, held_out_cosines),
-      int(np.size(inserted_cosines)), int(np.size(held_out_cosines)))
-
-
 def max_over_rounds(running: jax.Array | None,
                     round_cosines: jax.Array) -> jax.Array:
   """Running per-canary maximum of cosines over rounds (all-iterates audit)."""

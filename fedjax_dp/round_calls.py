@@ -126,9 +126,7 @@ class HostRounds:
       hparams = hparams._replace(clip_norm=carry.clip_norm)
     noise = self._streams.noise
     state, metrics = self._round(
-        carry.state, dp_fedavg.CohortBlock(block.features, block.example_mask,
-                                           block.client_mask),
-        hparams, jax.random.fold_in(noise, r), canaries, self._adaptive,
+        carry.state, block, hparams, jax.random.fold_in(noise, r), canaries, self._adaptive,
         self._secagg, self._sim.plan.tree_state(noise, r))
     clip_norm, canary_max = carry.clip_norm, carry.canary_max
     if clip_norm is not None:

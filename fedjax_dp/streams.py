@@ -19,7 +19,9 @@ CANARY = 5  # audit canaries' directions (seed alone)
 # (far above any round index, which is folded into the same stream).
 TREE = 1 << 30
 
-# Folded into round r's noise key: sub-streams of the round's noise.
+# Folded into round r's noise key: sub-streams of the round's noise. The
+# round's key itself is only their parent; no noise is drawn from it.
+CENTRAL_NOISE = 0  # the server's noise on the clipped sum
 COUNT_NOISE = 1  # adaptive clipping's noisy count
 CLIENT_NOISE = 2  # client-side noise, then fold_in(slot)
 EXAMPLE_NOISE = 3  # record-level DP-SGD inside a client, then fold_in(slot)

@@ -59,11 +59,11 @@ from fedjax_dp import round_calls
 from fedjax_dp import runner
 from fedjax_dp import simulation
 from fedjax_dp import tree_util
-from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.data import prefetch
 from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import plan as plan_lib
 from fedjax_dp.privacy import tuning as tuning_lib
+from fedjax_dp.data import blocks
 
 # Fields that are arrays of the round (or the seed of its streams): they never
 # split a shape group.
@@ -541,20 +541,20 @@ class _LaneRounds:
     self.initial_carry = round_calls.Carry(states, clip_norms)
 
     def prepare(r: int):
-      blocks, drawn, dropped = [], [], []
+      cohort_blocks, drawn, dropped = [], [], []
       for m in lanes:
         # (block, drawn, dropped, canary ids): a sweep has no canaries.
         block, num_drawn, num_dropped = m.lane.sim.prepare(
             r, m.streams, sample_fn)[:3]
         if block.client_mask[slots:].any():
           raise AssertionError("a cohort outgrew the sweep's trimmed block")
-        blocks.append(dp_fedavg.CohortBlock(
+        cohort_blocks.append(blocks.ClientBlock(
             jax.tree_util.tree_map(lambda x: x[:slots], block.features),
             block.example_mask[:slots], block.client_mask[:slots]))
         drawn.append(num_drawn)
         dropped.append(num_dropped)
       stacked = place(jax.tree_util.tree_map(lambda *xs: np.stack(xs),
-                                             *blocks))
+                                             *cohort_blocks))
       return r, stacked, drawn, dropped
 
     self._cohorts = prefetch.Prefetcher(prepare, range(sim0.config.rounds),

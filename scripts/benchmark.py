@@ -290,6 +290,7 @@ def measure(spec: dict) -> dict:
   from fedjax_dp import server as server_lib
   from fedjax_dp import tree_util
   from fedjax_dp.algorithms import dp_fedavg
+  from fedjax_dp.data import blocks
   from fedjax_dp.models import registry
   from fedjax_dp.privacy import clipping
   from fedjax_dp.privacy import noise
@@ -298,7 +299,7 @@ def measure(spec: dict) -> dict:
   model = registry.get_model(spec["model"], INPUT_SHAPE, NUM_CLASSES)
   features, example_mask, client_mask = make_cohort_block(
       spec["cohort"], spec["population"])
-  block = dp_fedavg.CohortBlock(
+  block = blocks.ClientBlock(
       jax.device_put(features), jax.device_put(example_mask),
       jax.device_put(client_mask))
   del features, example_mask, client_mask

@@ -23,6 +23,7 @@ from fedjax_dp import client as client_lib
 from fedjax_dp import server as server_lib
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.models import registry
+from fedjax_dp.data import blocks
 
 CLIENTS, STEPS, BATCH = 40, 2, 8
 SEQ_LEN, VOCAB = 80, 86  # Shakespeare-like next-character prediction
@@ -40,7 +41,7 @@ def _block(name: str, rng: np.random.Generator):
     x = rng.normal(size=lead + IMAGE).astype(np.float32)
     y = rng.integers(0, CLASSES, lead).astype(np.int32)
     model = registry.get_model(name, IMAGE, CLASSES)
-  block = dp_fedavg.CohortBlock({"x": x, "y": y}, np.ones(lead, bool),
+  block = blocks.ClientBlock({"x": x, "y": y}, np.ones(lead, bool),
                                 np.ones((CLIENTS,), bool))
   return model, block
 

@@ -29,7 +29,6 @@ import jax
 from fedjax_dp import config as config_lib
 from fedjax_dp import runner
 from fedjax_dp import simulation
-from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.algorithms import on_device
 from fedjax_dp.data import prefetch
 
@@ -52,14 +51,12 @@ def rounds_only(config: config_lib.Config, k: int, repeats: int
   sample_fn = jax.jit(sim.plan.sampler.sample_round)
 
   def host_rounds(state, rounds):
-    blocks = prefetch.Prefetcher(
+    cohorts = prefetch.Prefetcher(
         lambda r: sim.prepare(r, streams, sample_fn)[0], rounds, depth=2)
-    with blocks:
-      for r, block in zip(rounds, blocks):
+    with cohorts:
+      for r, block in zip(rounds, cohorts):
         state, metrics = round_fn(
-            state, dp_fedavg.CohortBlock(block.features, block.example_mask,
-                                         block.client_mask),
-            hparams, jax.random.fold_in(noise_key, r))
+            state, block, hparams, jax.random.fold_in(noise_key, r))
         jax.device_get(metrics)
     return state
 

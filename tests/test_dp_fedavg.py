@@ -10,10 +10,12 @@ from scipy import stats
 
 from fedjax_dp import client as client_lib
 from fedjax_dp import server as server_lib
+from fedjax_dp import streams
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.models import registry
 from fedjax_dp.privacy import noise
 from fedjax_dp.privacy import plan as plan_lib
+from fedjax_dp.data import blocks
 
 NUM_CLASSES = 3
 INPUT = (5,)
@@ -34,7 +36,7 @@ def _block(num_clients=4, steps=3, batch=4, seed=0, valid=None, full=False):
     mask[:, -1] = False  # a trailing all-padding step for every client
   if valid is None:
     valid = np.ones((num_clients,), bool)
-  return dp_fedavg.CohortBlock({"x": x, "y": y}, mask, np.asarray(valid))
+  return blocks.ClientBlock({"x": x, "y": y}, mask, np.asarray(valid))
 
 
 def _hparams(client_lr=0.3, server_lr=1.0, clip=1.0, z=0.0, denom=4.0):
@@ -63,7 +65,9 @@ def _reference_round(model, params, block, hp, noise_key):
     scale = min(1.0, float(hp.clip_norm) / norm) if norm > 0 else 1.0
     total = jax.tree_util.tree_map(lambda t, d: t + scale * d, total, delta)
   sigma = noise.noise_stddev(hp.noise_multiplier, hp.clip_norm)
-  noisy = noise.add_gaussian_noise(total, sigma, noise_key)
+  # The server's noise comes from the round key's central sub-stream.
+  noisy = noise.add_gaussian_noise(
+      total, sigma, jax.random.fold_in(noise_key, streams.CENTRAL_NOISE))
   return jax.tree_util.tree_map(
       lambda w, u: w + float(hp.server_lr) * u / float(hp.denominator),
       params, noisy)
@@ -117,7 +121,7 @@ def test_cnn_round_equals_reference_loop(vmap):
   y = rng.integers(0, NUM_CLASSES, (4, 2, 3)).astype(np.int32)
   mask = np.ones((4, 2, 3), bool)
   mask[1, 1] = False  # one client with an all-padding step
-  block = dp_fedavg.CohortBlock({"x": x, "y": y}, mask,
+  block = blocks.ClientBlock({"x": x, "y": y}, mask,
                                 np.array([True, True, False, True]))
   hp = _hparams(client_lr=0.05, clip=0.5, z=0.0, denom=3.0)
   params, state, _ = _run_round(model, block, hp, chunk=2, unroll=True,
@@ -180,7 +184,7 @@ def test_padding_changes_nothing():
       [pad(block.features["y"], 0), np.zeros((4, 3, 1), np.int32)], axis=2)
   padded_mask = np.concatenate(
       [pad(block.example_mask, True), np.zeros((4, 3, 1), bool)], axis=2)
-  padded = dp_fedavg.CohortBlock(
+  padded = blocks.ClientBlock(
       {"x": padded_x, "y": padded_y}, padded_mask,
       np.array([True, True, True, False]))
   _, state2, metrics2 = _run_round(model, padded, hp, chunk=2)
@@ -192,7 +196,7 @@ def test_padding_changes_nothing():
 def test_noise_on_the_average_has_std_z_c_over_denominator():
   model = registry.get_model("mlp_2nn", (20,), 10, hidden=(100,))
   rng = np.random.default_rng(0)
-  block = dp_fedavg.CohortBlock(
+  block = blocks.ClientBlock(
       {"x": rng.normal(size=(2, 1, 2, 20)).astype(np.float32),
        "y": np.zeros((2, 1, 2), np.int32)},
       np.ones((2, 1, 2), bool), np.ones((2,), bool))
@@ -288,7 +292,7 @@ def test_per_layer_clipping_round_equals_per_group_reference(scheme):
              {g: np.sqrt(sizes[g] / total) for g in groups})
   expected = jax.tree_util.tree_map(np.zeros_like, params)
   for c in range(3):
-    one = dp_fedavg.CohortBlock(
+    one = blocks.ClientBlock(
         {k: v[c:c + 1] for k, v in block.features.items()},
         block.example_mask[c:c + 1], np.array([True]))
     noclip = _hparams(clip=1e9, z=0.0, denom=1.0)

@@ -15,6 +15,7 @@ from fedjax_dp import server as server_lib
 from fedjax_dp import tree_util
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.models import registry
+from fedjax_dp.data import blocks
 
 
 def _small(**changes):
@@ -60,12 +61,12 @@ def test_nonfinite_client_updates_are_neutralised_and_counted():
   poisoned[3, 1, 2, 1] = np.inf
   state_bad, metrics_bad = fn(
       server_lib.init(params, opt),
-      dp_fedavg.CohortBlock({"x": poisoned, "y": y}, mask,
+      blocks.ClientBlock({"x": poisoned, "y": y}, mask,
                             np.ones((4,), bool)), hp, jax.random.key(1))
   # The same round with the two poisoned clients masked out.
   state_ref, _ = fn(
       server_lib.init(params, opt),
-      dp_fedavg.CohortBlock({"x": x, "y": y}, mask,
+      blocks.ClientBlock({"x": x, "y": y}, mask,
                             np.array([True, False, True, False])), hp,
       jax.random.key(1))
   assert int(metrics_bad["num_nonfinite"]) == 2

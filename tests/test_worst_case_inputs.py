@@ -96,7 +96,7 @@ def _cancelling_block(magnitude, seed=0):
   y[0, 0] = np.arange(CLASSES)
   mask = np.zeros((2, 1, CLASSES), bool)
   mask[0] = True
-  return dp_fedavg.CohortBlock({"x": x, "y": y}, mask, np.array([True, False]))
+  return blocks.ClientBlock({"x": x, "y": y}, mask, np.array([True, False]))
 
 
 # (model, input magnitude, scale of the last layer): each makes the float32
@@ -157,7 +157,7 @@ def test_a_non_finite_participant_still_sends_its_noise(placement):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 1, 4) + SHAPE).astype(np.float32)
   x[0, 0, 0, 0, 0, 0] = np.nan  # the one participant's update is NaN
-  block = dp_fedavg.CohortBlock(
+  block = blocks.ClientBlock(
       {"x": x, "y": np.zeros((2, 1, 4), np.int32)}, np.ones((2, 1, 4), bool),
       np.array([True, False]))
   z = 1.0
@@ -187,7 +187,7 @@ def test_dp_sgd_drops_a_non_finite_example_not_its_client():
   bad = x.copy()
   bad[0, 0, 1, 0, 0, 0] = np.nan
   bad[0, 0, 4, 1, 1, 0] = np.float32(3e38)  # finite, overflows the logits
-  block = lambda xs, m: dp_fedavg.CohortBlock({"x": xs, "y": y}, m,
+  block = lambda xs, m: blocks.ClientBlock({"x": xs, "y": y}, m,
                                               np.array([True, False]))
   got, metrics = _release(fn, params, block(bad, mask), hp)
   assert int(metrics["num_nonfinite"]) == 0
@@ -239,7 +239,7 @@ def test_padding_holds_zeros_not_another_clients_examples():
 
 def test_one_clients_nan_excludes_that_client_only():
   made = _block_of(_population())
-  block = dp_fedavg.CohortBlock(made.features, made.example_mask,
+  block = blocks.ClientBlock(made.features, made.example_mask,
                                 made.client_mask)
   params = _model("mlp_2nn").init(jax.random.key(0))
   for shape in ("plain", "factored"):
@@ -259,7 +259,7 @@ def test_one_clients_nan_excludes_that_client_only():
     ("plain", {}), ("factored", {}), ("plain", {"example_dp": True})])
 def test_nan_in_a_clients_padded_examples_changes_nothing(shape, kwargs):
   made = _block_of(_population(first_nan=False))
-  clean = dp_fedavg.CohortBlock(made.features, made.example_mask,
+  clean = blocks.ClientBlock(made.features, made.example_mask,
                                 made.client_mask)
   x = made.features["x"].copy()
   x[~made.example_mask] = np.nan  # whatever a block holds in padding

@@ -32,6 +32,7 @@ from fedjax_dp.privacy import adaptive_clipping
 from fedjax_dp.privacy import plan as plan_lib
 from fedjax_dp.privacy import secure_aggregation
 from fedjax_dp.privacy import tree_aggregation
+from fedjax_dp.data import blocks
 
 
 class RoundHparams(NamedTuple):
@@ -59,14 +60,6 @@ class RoundHparams(NamedTuple):
     return cls(f(client_lr), f(server_lr), f(clip_norm), f(noise_multiplier),
                f(denominator), f(example_clip_norm),
                f(example_noise_multiplier), f(min_participants))
-
-
-class CohortBlock(NamedTuple):
-  """Device view of data.blocks.ClientBlock."""
-
-  features: dict
-  example_mask: jax.Array  # [clients, steps, batch]
-  client_mask: jax.Array  # [clients]
 
 
 CLIENTS_AXIS = "clients"
@@ -298,7 +291,7 @@ def build_round(
                                    clients_per_chunk, vmap_clients)
   plan = privatizer
 
-  def round_fn(state: server_lib.ServerState, block: CohortBlock,
+  def round_fn(state: server_lib.ServerState, block: blocks.ClientBlock,
                hparams: RoundHparams, noise_key: types.PRNGKey,
                canaries: Canaries | None = None,
                adaptive: adaptive_clipping.AdaptiveClipHparams | None = None,

@@ -85,6 +85,7 @@ from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.models import cnn
 from fedjax_dp.privacy import clipping
 from fedjax_dp.privacy import plan as plan_lib
+from fedjax_dp.data import blocks
 
 # Models built only of flatten -> (dense -> ReLU)* -> dense.
 DENSE_MODELS = ("mlp_2nn", "2nn", "logistic")
@@ -549,7 +550,7 @@ def build_factored_round(
     raise ValueError(f"clients_per_chunk must be given for {model.name!r}")
   _check_plain_sgd(client_optimizer_fn)
 
-  def round_fn(state: server_lib.ServerState, block: dp_fedavg.CohortBlock,
+  def round_fn(state: server_lib.ServerState, block: blocks.ClientBlock,
                hparams: dp_fedavg.RoundHparams, noise_key: types.PRNGKey,
                canaries: "dp_fedavg.Canaries | None" = None,
                adaptive=None, secagg=None, tree=None):

@@ -43,6 +43,7 @@ from fedjax_dp import types
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.data import population as population_lib
 from fedjax_dp.data import source as source_lib
+from fedjax_dp.data import blocks
 
 # Share of an accelerator's memory the padded population may take. The rest
 # holds what every round needs anyway -- parameters, optimizer state, the
@@ -169,7 +170,7 @@ def _random_order(key: types.PRNGKey, n: jax.Array, width: int) -> jax.Array:
 def build_cohort_block(
     sim: simulation.Simulation
 ) -> Callable[[DevicePopulation, MultiRoundKeys, jax.Array],
-              tuple[dp_fedavg.CohortBlock, jax.Array]]:
+              tuple[blocks.ClientBlock, jax.Array]]:
   """Builds `cohort_block(population, keys, r) -> (block, num_drawn)`.
 
   Round r's cohort is `sim.plan.sampler.sample_round(keys.sample, r)`, as on the
@@ -228,7 +229,7 @@ def build_cohort_block(
       features[name] = gathered.reshape(
           (slots, num_steps, batch) + gathered.shape[2:])
     example_mask = mask.reshape(slots, num_steps, batch)
-    return dp_fedavg.CohortBlock(features, example_mask,
+    return blocks.ClientBlock(features, example_mask,
                                  client_mask), num_drawn
 
   return cohort_block

@@ -16,7 +16,9 @@ from fedjax_dp.data import population as population_lib
 
 
 class ClientBlock(NamedTuple):
-  """A cohort laid out for local training.
+  """A cohort laid out for local training: NumPy arrays on the host, the
+  same fields as device arrays inside the compiled round (one block type for
+  both).
 
   Attributes:
     features: feature name -> array [clients, steps, batch, ...].

@@ -693,9 +693,10 @@ class Privatizer:
           "secagg_near_overflow": decoded.num_near_overflow,
           "secagg_wrapped": decoded.num_wrapped,
           "secagg_sampler_failures": failures}, tree
+    key = jax.random.fold_in(noise_key, streams.CENTRAL_NOISE)
     if self.noise is Noise.LAPLACE:
       scale = laplace.noise_scale(noise_multiplier, clip_norm)
-      return laplace.add_laplace_noise(clipped_sum, scale, noise_key), {}, tree
+      return laplace.add_laplace_noise(clipped_sum, scale, key), {}, tree
     if self.noise is Noise.TREE:
       restart = self.restart_every
       noisy, tree, step = tree_aggregation.update(
@@ -703,7 +704,7 @@ class Privatizer:
           levels=tree_aggregation.num_levels(restart))
       return noisy, {"tree_index": step.tree_index,
                      "tree_step": step.step}, tree
-    return noise.add_gaussian_noise(clipped_sum, stddev, noise_key), {}, tree
+    return noise.add_gaussian_noise(clipped_sum, stddev, key), {}, tree
 
   def aborted(self, num_participants: jax.Array,
               min_participants: jax.Array) -> jax.Array | None:

@@ -34,7 +34,6 @@ from fedjax_dp import config as config_lib
 from fedjax_dp import worst_case
 from fedjax_dp import simulation
 from fedjax_dp import sweep
-from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.algorithms import on_device
 from fedjax_dp.data import blocks
 from fedjax_dp.data import dataset as dataset_lib
@@ -186,7 +185,7 @@ class Case:
   # -- Blocks --------------------------------------------------------------
 
   def block(self, clients: list[dict], valid=None, *, padding_fill=None,
-            seed: int = 0) -> dp_fedavg.CohortBlock:
+            seed: int = 0) -> blocks.ClientBlock:
     """The block of a cohort (slot i holds clients[i]; `valid` masks slots),
     laid out by data.blocks.make_block as a run lays it out."""
     n = len(clients)
@@ -221,7 +220,7 @@ class Case:
             v.ndim - 3))
         return np.where(keep, v, garbage)
       features = {k: fill(v) for k, v in features.items()}
-    return dp_fedavg.CohortBlock(features, made.example_mask, made.client_mask)
+    return blocks.ClientBlock(features, made.example_mask, made.client_mask)
 
   # -- Releases ------------------------------------------------------------
 
@@ -229,7 +228,7 @@ class Case:
     return (None, self.sim.plan.adaptive_hparams(), self.sim.plan.secagg_params(),
             self.sim.plan.tree_state(self.streams.noise, round_index))
 
-  def release(self, block: dp_fedavg.CohortBlock, *, state=None,
+  def release(self, block: blocks.ClientBlock, *, state=None,
               round_index: int = 0, hparams=None) -> np.ndarray:
     """The round's released sum (float64, flattened) for this block."""
     state = self.sim.initial_state(0) if state is None else state
@@ -250,7 +249,7 @@ class Case:
         hparams.denominator)
     return release, jax.device_get(metrics)
 
-  def lane_releases(self, block: dp_fedavg.CohortBlock, *, state=None,
+  def lane_releases(self, block: blocks.ClientBlock, *, state=None,
                     round_index: int = 0) -> list[np.ndarray]:
     """Sweep lanes: each lane's release, one vmapped step over the lanes."""
     lanes = self.lane_configs

@@ -10,6 +10,7 @@ from fedjax_dp import client as client_lib
 from fedjax_dp import server as server_lib
 from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.models import registry
+from fedjax_dp.data import blocks
 
 
 def main():
@@ -17,7 +18,7 @@ def main():
   model = registry.get_model("mlp_2nn", (6,), 4, hidden=(16,))
   rng = np.random.default_rng(0)
   clients = 32
-  block = dp_fedavg.CohortBlock(
+  block = blocks.ClientBlock(
       {"x": rng.normal(size=(clients, 3, 5, 6)).astype(np.float32),
        "y": rng.integers(0, 4, (clients, 3, 5)).astype(np.int32)},
       rng.random((clients, 3, 5)) < 0.8,
