@@ -4,10 +4,11 @@ Cross-silo: the 6 training hospitals take part in every round. Each one
 trains with DP-SGD: every patient's gradient is clipped to
 example_clip_norm and Gaussian noise of std example_noise_multiplier *
 example_clip_norm is added to every local step's sum, divided by the public
-batch size (privacy/dp_sgd.py). Every local step runs and is noised, so the
-number of steps is public (capped by max_examples_per_client). The
-example-level ledger (metrics `example_epsilon`) holds one
-SelfComposedDpEvent(Gaussian(z_ex), local_epochs) per round: the guarantee
+batch size (privacy/plan.py, noisy_batch_gradient). Every local step runs
+and is noised, so the number of steps is public (capped by
+max_examples_per_client). The example-level ledger (metrics
+`example_epsilon`) holds one SelfComposedDpEvent(Gaussian(z_ex),
+local_epochs) per round: the guarantee
 for one patient's record, whoever sees the hospital's update. No
 client-level noise is added (noise_multiplier=0, clip_norm=inf): with 6
 silos a hospital-level guarantee is necessarily weak (see

@@ -4,8 +4,8 @@ A client runs a fixed number of local steps (`lax.scan` over the step axis of
 its block): in non-private training, steps whose batch is entirely padding
 change neither the parameters nor the optimizer state, so clients of different
 sizes share one shape. DP-SGD training (example-level DP, see
-`privacy.plan.noisy_batch_gradient`) runs and noises every step instead. The result is the
-model delta (final minus initial parameters).
+`privacy.plan.noisy_batch_gradient`) runs and noises every step instead. The
+result is the model delta (final minus initial parameters).
 """
 
 from typing import Callable, NamedTuple

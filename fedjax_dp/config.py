@@ -173,7 +173,7 @@ class Config:
   # or traced as independent copies that XLA:CPU runs concurrently (False).
   # None: chosen by backend (False on CPU, True on accelerators).
   vmap_clients: bool | None = None
-  # Rounds per compiled call (algorithms/on_device.py). 1: the host loop, one
+  # Rounds per compiled call (on_device.py). 1: the host loop, one
   # call per round. K > 1: the training population is kept on the device
   # (it must fit a memory budget) and up to K rounds -- sampling, data layout
   # and training -- run in one call, their K privacy events recorded before

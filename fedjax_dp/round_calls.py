@@ -12,7 +12,7 @@ caller, whose lanes are configurations (sweep.py).
     (data/prefetch.py), while the device computes the round before. Audit
     canaries and dropout are simulated here.
   * `DeviceRounds`: calls of up to `rounds_per_call` rounds with the
-    population on the device (algorithms/on_device.py); a call also ends
+    population on the device (on_device.py); a call also ends
     at an evaluation round, so both callers evaluate the same models.
 
 What the rounds carry from one to the next is a `Carry`: the server state,
@@ -28,7 +28,7 @@ from fedjax_dp import audit
 from fedjax_dp import simulation
 from fedjax_dp import tree_util
 from fedjax_dp.algorithms import dp_fedavg
-from fedjax_dp.algorithms import on_device
+from fedjax_dp import on_device
 from fedjax_dp.data import prefetch
 
 

@@ -29,7 +29,7 @@ import jax
 from fedjax_dp import config as config_lib
 from fedjax_dp import runner
 from fedjax_dp import simulation
-from fedjax_dp.algorithms import on_device
+from fedjax_dp import on_device
 from fedjax_dp.data import prefetch
 
 

@@ -1,4 +1,4 @@
-"""Several rounds per compiled call (algorithms/on_device.py) vs host loop."""
+"""Several rounds per compiled call (on_device.py) vs host loop."""
 
 import json
 import shutil
@@ -11,7 +11,7 @@ from fedjax_dp import checkpoint
 from fedjax_dp import config as config_lib
 from fedjax_dp import runner
 from fedjax_dp import simulation
-from fedjax_dp.algorithms import on_device
+from fedjax_dp import on_device
 from fedjax_dp.privacy import tree_aggregation
 
 QUIET = {"progress": False, "log": lambda s: None}

@@ -34,7 +34,7 @@ from fedjax_dp import config as config_lib
 from fedjax_dp import worst_case
 from fedjax_dp import simulation
 from fedjax_dp import sweep
-from fedjax_dp.algorithms import on_device
+from fedjax_dp import on_device
 from fedjax_dp.data import blocks
 from fedjax_dp.data import dataset as dataset_lib
 from fedjax_dp.data import population as population_lib

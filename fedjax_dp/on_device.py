@@ -143,7 +143,7 @@ def device_population(sim: simulation.Simulation,
         f"config field 'rounds_per_call' > 1 keeps the training population on "
         f"the device: {source.num_clients} clients padded to {width} examples "
         f"each take {needed / 2**20:.1f} MiB, over the budget of "
-        f"{budget / 2**20:.1f} MiB (algorithms/on_device.py); set "
+        f"{budget / 2**20:.1f} MiB (on_device.py); set "
         "rounds_per_call=1")
   if not isinstance(source, population_lib.FederatedPopulation):
     source = source.subset(range(source.num_clients))
