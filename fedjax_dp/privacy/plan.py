@@ -342,9 +342,10 @@ def refusal(config, path: str) -> Refusal | None:
 class PrivacyPlan:
   """Every privacy decision of one run (see the module docstring).
 
-  Built by `build`; frozen and hashable, so a compiled round may close over
-  it. Array hyperparameters that sweeps vary (clip norm, noise multiplier)
-  reach the round as arguments; this holds what is static.
+  Built by `build`; frozen and hashable (sweeps cache calibrations by it).
+  The compiled round closes over its static part, `privatizer`; the array
+  hyperparameters that sweeps vary (clip norm, noise multiplier) reach the
+  round as arguments.
   """
 
   noise: Noise
@@ -394,7 +395,8 @@ class PrivacyPlan:
 
   def event(self, round_index: int = 0,
             noise_multiplier: float | None = None) -> dp_accounting.DpEvent:
-    """Round `round_index`'s DP event (default: this plan's own z)."""
+    """Round `round_index`'s DP event (default: this plan's own z), under
+    `relation` (see the module docstring for each mechanism's)."""
     z = self.noise_multiplier if noise_multiplier is None else float(
         noise_multiplier)
     unit = clipping.sensitivity(1.0, self.relation)
