@@ -21,6 +21,17 @@ def _fail(field: str, allowed: str, value: Any) -> None:
   raise ValueError(f"config field {field!r} must be {allowed}; got {value!r}")
 
 
+def _check_positive_finite(config, name: str, none_word: str | None = None):
+  """Field `name` must be a finite number > 0 (or None, spelled
+  `none_word` in the message, where that is allowed)."""
+  v = getattr(config, name)
+  if none_word is not None and v is None:
+    return
+  if not (isinstance(v, (int, float)) and 0 < v < math.inf):
+    _fail(name, "a finite number > 0" + (
+        f" (or {none_word})" if none_word else ""), v)
+
+
 # The largest seed: JAX's default (threefry) keys are built from 32 bits of
 # it, so larger seeds would silently collide with smaller ones.
 MAX_SEED = 2**32 - 1
@@ -231,9 +242,7 @@ class Config:
       _fail("server_optimizer", f"one of {list(server.SERVER_OPTIMIZERS)}",
             self.server_optimizer)
     for name in ("client_lr", "server_lr"):
-      v = getattr(self, name)
-      if not (isinstance(v, (int, float)) and 0 < v < math.inf):
-        _fail(name, "a finite number > 0", v)
+      _check_positive_finite(self, name)
     if not (isinstance(self.dropout_rate, (int, float))
             and 0 <= self.dropout_rate < 1):
       _fail("dropout_rate", "in [0, 1)", self.dropout_rate)
@@ -251,9 +260,7 @@ class Config:
               and 0 <= self.noise_multiplier < math.inf):
       _fail("noise_multiplier", "a finite number >= 0", self.noise_multiplier)
     for name in ("target_epsilon", "epsilon_budget"):
-      v = getattr(self, name)
-      if v is not None and not (isinstance(v, (int, float)) and 0 < v < math.inf):
-        _fail(name, "a finite number > 0 (or None)", v)
+      _check_positive_finite(self, name, "None")
     if self.target_epsilon is not None and self.noise_multiplier is not None:
       _fail("target_epsilon", "None when noise_multiplier is given (set "
             "noise_multiplier=None to calibrate it)", self.target_epsilon)
@@ -304,15 +311,8 @@ class Config:
     if not 0 < self.target_unclipped_quantile < 1:
       _fail("target_unclipped_quantile", "in (0, 1)",
             self.target_unclipped_quantile)
-    if not (isinstance(self.clip_learning_rate, (int, float))
-            and 0 < self.clip_learning_rate < math.inf):
-      _fail("clip_learning_rate", "a finite number > 0",
-            self.clip_learning_rate)
-    if self.clip_count_stddev is not None and not (
-        isinstance(self.clip_count_stddev, (int, float))
-        and 0 < self.clip_count_stddev < math.inf):
-      _fail("clip_count_stddev", "a finite number > 0 (or None)",
-            self.clip_count_stddev)
+    _check_positive_finite(self, "clip_learning_rate")
+    _check_positive_finite(self, "clip_count_stddev", "None")
     if self.adaptive_clipping and math.isinf(self.clip_norm):
       _fail("clip_norm", "finite with adaptive_clipping (it is the initial "
             "clip)", self.clip_norm)
@@ -338,10 +338,7 @@ class Config:
       if self.secagg_bits is None:
         _fail("secagg_scale", "null unless secagg_bits is set",
               self.secagg_scale)
-      if not (isinstance(self.secagg_scale, (int, float))
-              and 0 < self.secagg_scale < math.inf):
-        _fail("secagg_scale", "a finite number > 0 (or null)",
-              self.secagg_scale)
+      _check_positive_finite(self, "secagg_scale", "null")
 
   def _validate_tree(self) -> None:
     if self.tree_restart_every is not None and (

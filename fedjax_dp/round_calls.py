@@ -81,17 +81,35 @@ class AuditCanaries(NamedTuple):
   norm: float
 
 
-class HostRounds:
+class _SingleRun:
+  """What both callers of a single run share: the round's arguments, and
+  the one lane's model."""
+
+  def __init__(self, sim: simulation.Simulation):
+    self._hparams = sim.hparams()
+    self._adaptive = sim.plan.adaptive_hparams()
+    self._secagg = sim.plan.secagg_params()
+
+  def _hparams_for(self, carry: Carry):
+    """The round's hyperparameters, with adaptive clipping's carried clip."""
+    if carry.clip_norm is None:
+      return self._hparams
+    return self._hparams._replace(clip_norm=carry.clip_norm)
+
+  def params(self, carry: Carry, lane: int):
+    del lane
+    return carry.state.params
+
+
+class HostRounds(_SingleRun):
   """One compiled round per call, cohorts prepared on the host."""
 
   def __init__(self, sim: simulation.Simulation, first_round: int,
                canaries: AuditCanaries | None = None):
+    super().__init__(sim)
     self._sim = sim
     self._round = jax.jit(sim.round_fn(), donate_argnums=(0,))
     self._streams = sim.streams()
-    self._hparams = sim.hparams()
-    self._adaptive = sim.plan.adaptive_hparams()
-    self._secagg = sim.plan.secagg_params()
     self._canaries = canaries
     sample_fn = jax.jit(sim.plan.sampler.sample_round)
 
@@ -106,10 +124,6 @@ class HostRounds:
   def call_end(self, r: int) -> int:
     return r + 1
 
-  def params(self, carry: Carry, lane: int):
-    del lane
-    return carry.state.params
-
   def start(self, carry: Carry, r: int, end: int, active=None):
     """Starts round r (end = r + 1); returns the new carry and what
     `finish` collects."""
@@ -121,12 +135,9 @@ class HostRounds:
     if self._canaries is not None:
       canaries = dp_fedavg.Canaries(self._canaries.directions, canary_ids,
                                     jnp.float32(self._canaries.norm))
-    hparams = self._hparams
-    if carry.clip_norm is not None:
-      hparams = hparams._replace(clip_norm=carry.clip_norm)
     noise = self._streams.noise
     state, metrics = self._round(
-        carry.state, block, hparams, jax.random.fold_in(noise, r), canaries, self._adaptive,
+        carry.state, block, self._hparams_for(carry), jax.random.fold_in(noise, r), canaries, self._adaptive,
         self._secagg, self._sim.plan.tree_state(noise, r))
     clip_norm, canary_max = carry.clip_norm, carry.canary_max
     if clip_norm is not None:
@@ -150,7 +161,7 @@ class HostRounds:
     self._cohorts.close()
 
 
-class DeviceRounds:
+class DeviceRounds(_SingleRun):
   """Calls of up to `rounds_per_call` rounds, the population on the device.
 
   Building it refuses what runs on the host only and a population over the
@@ -158,15 +169,13 @@ class DeviceRounds:
   """
 
   def __init__(self, sim: simulation.Simulation):
+    super().__init__(sim)
     config = sim.config
     self._multi_round = jax.jit(on_device.build_multi_round(sim),
                                 static_argnames="num_rounds",
                                 donate_argnums=(0,))
     self._population = on_device.device_population(sim)
     self._keys = on_device.multi_round_keys(sim.streams())
-    self._hparams = sim.hparams()
-    self._adaptive = sim.plan.adaptive_hparams()
-    self._secagg = sim.plan.secagg_params()
     self._rounds, self._eval_every = config.rounds, config.eval_every
     # The longest call that can occur: the compiled loop's static length.
     self.max_rounds = min(config.rounds_per_call, config.eval_every,
@@ -178,17 +187,10 @@ class DeviceRounds:
     return min(r + self.max_rounds, self._rounds,
                (r // self._eval_every + 1) * self._eval_every)
 
-  def params(self, carry: Carry, lane: int):
-    del lane
-    return carry.state.params
-
   def start(self, carry: Carry, r: int, end: int, active=None):
     del active
-    hparams = self._hparams
-    if carry.clip_norm is not None:
-      hparams = hparams._replace(clip_norm=carry.clip_norm)
     state, next_clip, metrics, aux = self._multi_round(
-        carry.state, hparams, self._population, self._keys, r, end - r,
+        carry.state, self._hparams_for(carry), self._population, self._keys, r, end - r,
         self._adaptive, self._secagg, num_rounds=self.max_rounds)
     clip_norm = next_clip if carry.clip_norm is not None else None
     return Carry(state, clip_norm, None), (r, end, metrics, aux)

@@ -7,6 +7,7 @@ configurations of the same shape with one compiled, vmapped round.
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -307,6 +308,24 @@ class Simulation:
     return block, int(num_drawn), num_dropped, canary_ids
 
 
+def _model_and_shape(config: config_lib.Config,
+                     dataset: dataset_lib.FederatedDataset):
+  """The config's model for `dataset`, and its parameters' shapes.
+
+  Raises:
+    ValueError: naming `model_kwargs`, for an architecture that does not
+      build (checked on shapes only, before anything runs).
+  """
+  model = registry.get_model(config.model, dataset.input_shape,
+                             dataset.num_classes, **config.model_kwargs)
+  try:
+    return model, jax.eval_shape(model.init, jax.random.key(0))
+  except (TypeError, ValueError, ArithmeticError) as e:
+    raise ValueError(
+        f"config field 'model_kwargs' ({config.model_kwargs}) does not "
+        f"build model {config.model!r}: {e}") from None
+
+
 def build(config: config_lib.Config,
           dataset: dataset_lib.FederatedDataset | None = None) -> Simulation:
   """Validates `config` and builds its Simulation (loads data, no compiling).
@@ -321,30 +340,16 @@ def build(config: config_lib.Config,
     dataset = builtin.load(config.dataset, seed=config.seed,
                            **config.dataset_kwargs)
   train = dataset.train
-  built = {}
-
-  def model_size() -> int:
-    # The model is built after the sampler's settings are checked (a cohort
-    # larger than the population fails before anything is traced).
-    if "shape" not in built:
-      built["model"] = registry.get_model(
-          config.model, dataset.input_shape, dataset.num_classes,
-          **config.model_kwargs)
-      try:  # shapes only: a bad architecture option fails here, not mid-run
-        built["shape"] = jax.eval_shape(built["model"].init,
-                                        jax.random.key(0))
-      except (TypeError, ValueError, ArithmeticError) as e:
-        raise ValueError(
-            f"config field 'model_kwargs' ({config.model_kwargs}) does not "
-            f"build model {config.model!r}: {e}") from None
-    return tree_util.tree_size(built["shape"])
-
+  # The model is built after the sampler's settings are checked (a cohort
+  # larger than the population fails before anything is traced), once.
+  model_and_shape = functools.cache(lambda: _model_and_shape(config, dataset))
   # Audit canaries are clients too: the sampler (and so the accounting) runs
   # over the real clients plus the inserted canaries.
-  plan = plan_lib.build(config, train.num_clients + config.audit_canaries,
-                        model_size)
-  num_params = model_size()
-  model = built["model"]
+  plan = plan_lib.build(
+      config, train.num_clients + config.audit_canaries,
+      lambda: tree_util.tree_size(model_and_shape()[1]))
+  model, params_shape = model_and_shape()
+  num_params = tree_util.tree_size(params_shape)
   sampler = plan.sampler
   shard = config.shard_clients
   if shard is None:

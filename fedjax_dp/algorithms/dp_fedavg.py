@@ -139,11 +139,11 @@ def _unrolled_map(fn, in_axes):
 
 
 def _make_clipped_client(model, client_optimizer_fn,
-                         plan: plan_lib.Privatizer, unroll_local_steps):
+                         privatizer: plan_lib.Privatizer, unroll_local_steps):
   """One slot's part of the round: local training (DP-SGD with record-level
-  DP), the audit canary in its place, the plan's clip, and under
+  DP), the audit canary in its place, the privatizer's clip, and under
   client-side noise the slot's message."""
-  example_dp = plan.example_dp
+  example_dp = privatizer.example_dp
   if example_dp:
     client_update = client_lib.make_dp_sgd_client_update(
         model, client_optimizer_fn, plan_lib.noisy_batch_gradient,
@@ -169,17 +169,17 @@ def _make_clipped_client(model, client_optimizer_fn,
           canaries.directions)
       delta = jax.tree_util.tree_map(
           lambda c, d: jnp.where(canary_id >= 0, c, d), canary_delta, delta)
-    clip = plan.clip(delta, hparams.clip_norm)
+    clip = privatizer.clip(delta, hparams.clip_norm)
     # A client whose update is NaN or Inf contributes nothing (it is excluded
     # by `where`, which also keeps NaN out of the sum). Whether to drop it
     # depends only on that client's own data, so the sum's sensitivity is
     # unchanged.
     finite = jnp.isfinite(clip.norm)
     msg, failures = None, jnp.zeros((), jnp.int32)
-    if plan.sends_messages:
+    if privatizer.sends_messages:
       key = jax.random.fold_in(
           jax.random.fold_in(noise_key, streams.CLIENT_NOISE), slot_id)
-      msg, failures = plan.message(
+      msg, failures = privatizer.message(
           clip.clipped, valid, finite, key, hparams.noise_multiplier,
           hparams.clip_norm, hparams.min_participants, secagg)
     return clip, msg, failures, finite, out.loss, out.num_examples
@@ -187,11 +187,11 @@ def _make_clipped_client(model, client_optimizer_fn,
   return clipped_client
 
 
-def _make_block_sum(clipped_client, plan: plan_lib.Privatizer,
+def _make_block_sum(clipped_client, privatizer: plan_lib.Privatizer,
                     clients_per_chunk: int, vmap_clients: bool):
   """The sums of a block's clipped deltas and messages, chunk by chunk
   (vmapped, or independent copies per client), and per-client diagnostics."""
-  separate = plan.sends_messages
+  separate = privatizer.sends_messages
 
   def clipped_sum_of(params, features, example_mask, client_mask, canary_ids,
                      slot_ids, hparams, canaries, noise_key, secagg):
@@ -207,7 +207,7 @@ def _make_block_sum(clipped_client, plan: plan_lib.Privatizer,
         in_axes=(None, 0, 0, 0, 0, 0, None, None, None, None))
     zeros = tree_util.tree_zeros_like(params)
     msg_zeros = jax.tree_util.tree_map(
-        lambda x: jnp.zeros(x.shape, plan.message_dtype), params)
+        lambda x: jnp.zeros(x.shape, privatizer.message_dtype), params)
     init = (zeros, msg_zeros if separate else None, jnp.zeros((), jnp.int32))
 
     def train_chunk(i, carry):
@@ -289,7 +289,6 @@ def build_round(
                                         privatizer, unroll_local_steps)
   clipped_sum_of = _make_block_sum(clipped_client, privatizer,
                                    clients_per_chunk, vmap_clients)
-  plan = privatizer
 
   def round_fn(state: server_lib.ServerState, block: blocks.ClientBlock,
                hparams: RoundHparams, noise_key: types.PRNGKey,
@@ -297,9 +296,9 @@ def build_round(
                adaptive: adaptive_clipping.AdaptiveClipHparams | None = None,
                secagg: secure_aggregation.SecAggParams | None = None,
                tree: tree_aggregation.TreeState | None = None):
-    if plan.secure_aggregation and secagg is None:
+    if privatizer.secure_aggregation and secagg is None:
       raise ValueError("this round simulates secure aggregation: pass secagg")
-    if plan.restart_every is not None and tree is None:
+    if privatizer.restart_every is not None and tree is None:
       raise ValueError("the tree mechanism needs the round's tree state")
     params = state.params
     num_clients = block.client_mask.shape[0]
@@ -336,9 +335,9 @@ def build_round(
     participants = jnp.sum(block.client_mask.astype(jnp.int32))
     new_state, metrics = noise_and_step(
         state, clipped_sum, per_client, block.client_mask, hparams, noise_key,
-        server_optimizer, plan, canaries, adaptive,
+        server_optimizer, privatizer, canaries, adaptive,
         message_sum=message_sum, failures=failures, tree=tree, secagg=secagg)
-    aborted = plan.aborted(participants, hparams.min_participants)
+    aborted = privatizer.aborted(participants, hparams.min_participants)
     if aborted is not None:
       # Fewer participants than the public minimum the shares are sized for:
       # the aggregation aborts and nothing is released (the state, and so the
@@ -360,7 +359,7 @@ def noise_and_step(
     hparams: RoundHparams,
     noise_key: types.PRNGKey,
     server_optimizer: optax.GradientTransformation,
-    plan: plan_lib.Privatizer,
+    privatizer: plan_lib.Privatizer,
     canaries: "Canaries | None" = None,
     adaptive: adaptive_clipping.AdaptiveClipHparams | None = None,
     *,
@@ -371,9 +370,9 @@ def noise_and_step(
 ) -> tuple[server_lib.ServerState, dict]:
   """The second half of every round shape: noise, average, server step.
 
-  Privacy: the plan releases the sum (`PrivacyPlan.release`: central noise
-  added once to the sum of clipped deltas, or the sum of the clients' noisy
-  messages), which is divided by the public denominator. With adaptive
+  Privacy: the privatizer releases the sum (`Privatizer.release`: central
+  noise added once to the sum of clipped deltas, or the sum of the clients'
+  noisy messages), which is divided by the public denominator. With adaptive
   clipping the round also releases the noisy count of unclipped clients
   (privacy/adaptive_clipping.py).
 
@@ -387,7 +386,7 @@ def noise_and_step(
     hparams: the round's hyperparameters.
     noise_key: the round's noise key.
     server_optimizer: optax optimizer with an injectable learning rate.
-    plan: the round's privacy steps (`PrivacyPlan.privatizer`).
+    privatizer: the round's privacy steps (`PrivacyPlan.privatizer`).
     canaries: audit canaries in this round, if any.
     adaptive: adaptive clipping's arguments, if enabled.
     message_sum: the sum of the clients' messages under client-side noise.
@@ -402,10 +401,10 @@ def noise_and_step(
   valid = client_mask & ~nonfinite
   num_valid = jnp.sum(valid.astype(jnp.int32))
   # Client-side noise comes from every participant, finite or not.
-  stddev = plan.noise_stddev_of_sum(
+  stddev = privatizer.noise_stddev_of_sum(
       hparams.noise_multiplier, hparams.clip_norm, hparams.min_participants,
       jnp.sum(client_mask.astype(jnp.int32)))
-  noisy_sum, release_metrics, _ = plan.release(
+  noisy_sum, release_metrics = privatizer.release(
       clipped_sum, message_sum, failures, stddev, hparams.noise_multiplier,
       hparams.clip_norm, noise_key, tree, secagg)
   average = tree_util.tree_scale(noisy_sum, 1.0 / hparams.denominator)

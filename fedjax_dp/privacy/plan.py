@@ -45,6 +45,7 @@ Privacy: every guarantee is stated under `relation`:
 
 import dataclasses
 import enum
+import functools
 from typing import Any, Callable, NamedTuple
 
 import dp_accounting
@@ -88,8 +89,15 @@ class Placement(enum.Enum):
 DEFAULT_ABORT_PROBABILITY = 0.01
 
 
+def _must_be(field: str, allowed: str, value: Any) -> ValueError:
+  """The error for a config field outside what it is allowed to be (the
+  wording of the config's own validation)."""
+  return ValueError(f"config field {field!r} must be {allowed}; got "
+                    f"{value!r}")
+
+
 def _fail(field: str, allowed: str, value: Any) -> None:
-  raise ValueError(f"config field {field!r} must be {allowed}; got {value!r}")
+  raise _must_be(field, allowed, value)
 
 
 def check_combination(config) -> None:
@@ -286,8 +294,7 @@ class Refusal(NamedTuple):
   must_be: str
 
   def error(self, config) -> ValueError:
-    return ValueError(f"config field {self.field!r} must be {self.must_be}; "
-                      f"got {getattr(config, self.field)!r}")
+    return _must_be(self.field, self.must_be, getattr(config, self.field))
 
 
 def refusal(config, path: str) -> Refusal | None:
@@ -396,7 +403,18 @@ class PrivacyPlan:
   def event(self, round_index: int = 0,
             noise_multiplier: float | None = None) -> dp_accounting.DpEvent:
     """Round `round_index`'s DP event (default: this plan's own z), under
-    `relation` (see the module docstring for each mechanism's)."""
+    `relation` (see the module docstring for each mechanism's).
+
+    Cached: the loop asks for every round's event, and only DP-FTRL's
+    rounds differ (building a secure-aggregation event walks every possible
+    number of participants).
+    """
+    if self.noise is not Noise.TREE:
+      round_index = 0
+    return _cached_event(self, int(round_index), noise_multiplier)
+
+  def _event(self, round_index: int,
+             noise_multiplier: float | None) -> dp_accounting.DpEvent:
     z = self.noise_multiplier if noise_multiplier is None else float(
         noise_multiplier)
     unit = clipping.sensitivity(1.0, self.relation)
@@ -676,9 +694,10 @@ class Privatizer:
   def release(self, clipped_sum: types.PyTree, message_sum: types.PyTree,
               failures: jax.Array, stddev: jax.Array, noise_multiplier,
               clip_norm, noise_key: types.PRNGKey, tree, secagg
-              ) -> tuple[types.PyTree, dict, Any]:
-    """The released (noisy) sum of the round, its metrics, and the tree
-    state after it (DP-FTRL; else `tree` unchanged).
+              ) -> tuple[types.PyTree, dict]:
+    """The released (noisy) sum of the round and its metrics (DP-FTRL's
+    tree state before the round is `tree`; the next round's is rebuilt from
+    the run's keys, `PrivacyPlan.tree_state`).
 
     Central placement adds the noise once to the sum of clipped updates
     (Gaussian of std `stddev`, Laplace of scale z C, or the tree's noise
@@ -688,25 +707,24 @@ class Privatizer:
     if self.placement is Placement.LOCAL or (
         self.placement is Placement.DISTRIBUTED and
         not self.secure_aggregation):
-      return message_sum, {}, tree
+      return message_sum, {}
     if self.secure_aggregation:
       decoded = secure_aggregation.decode(message_sum, secagg)
       return decoded.sum, {
           "secagg_near_overflow": decoded.num_near_overflow,
           "secagg_wrapped": decoded.num_wrapped,
-          "secagg_sampler_failures": failures}, tree
+          "secagg_sampler_failures": failures}
     key = jax.random.fold_in(noise_key, streams.CENTRAL_NOISE)
     if self.noise is Noise.LAPLACE:
       scale = laplace.noise_scale(noise_multiplier, clip_norm)
-      return laplace.add_laplace_noise(clipped_sum, scale, key), {}, tree
+      return laplace.add_laplace_noise(clipped_sum, scale, key), {}
     if self.noise is Noise.TREE:
       restart = self.restart_every
-      noisy, tree, step = tree_aggregation.update(
+      noisy, _, step = tree_aggregation.update(
           tree, clipped_sum, stddev, restart,
           levels=tree_aggregation.num_levels(restart))
-      return noisy, {"tree_index": step.tree_index,
-                     "tree_step": step.step}, tree
-    return noise.add_gaussian_noise(clipped_sum, stddev, key), {}, tree
+      return noisy, {"tree_index": step.tree_index, "tree_step": step.step}
+    return noise.add_gaussian_noise(clipped_sum, stddev, key), {}
 
   def aborted(self, num_participants: jax.Array,
               min_participants: jax.Array) -> jax.Array | None:
@@ -717,6 +735,12 @@ class Privatizer:
     if self.placement is not Placement.DISTRIBUTED:
       return None
     return num_participants.astype(jnp.float32) < min_participants
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_event(plan: PrivacyPlan, round_index: int,
+                  noise_multiplier: float | None) -> dp_accounting.DpEvent:
+  return plan._event(round_index, noise_multiplier)  # pylint: disable=protected-access
 
 
 def calibrate_noise_multiplier(plan: PrivacyPlan, target_epsilon: float
