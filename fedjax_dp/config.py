@@ -365,7 +365,7 @@ class Config:
     if not _is_int(v) or v < 1:
       _fail("rounds_per_call", "an integer >= 1", v)
     from fedjax_dp.privacy import plan as plan_lib  # pylint: disable=g-import-not-at-top
-    refused = plan_lib.refusal(self, "rounds_per_call")
+    refused = plan_lib.refusal(self, "rounds_per_call") if v > 1 else None
     if refused is not None:
       raise refused.error(self)
 

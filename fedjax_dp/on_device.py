@@ -10,8 +10,8 @@ array, and one call runs K rounds in a loop (`lax.fori_loop`), each round
     sample (sim.plan.sampler.sample_round, the host's function and keys)
     -> gather the cohort's rows -> lay them out as [slots, steps, batch]
        with the masks of data/blocks.make_block
-    -> sim.round_fn() with the host's noise key, hparams, secagg and tree
-       arguments.
+    -> sim.round_fn() with the host's noise key, hparams and secagg
+       arguments; the server state carries the mechanism's state.
 
 The runner records the K rounds' DP events in the ledger (and ledger.jsonl)
 before the call, so no computed result is ever unaccounted.
@@ -44,6 +44,7 @@ from fedjax_dp.algorithms import dp_fedavg
 from fedjax_dp.data import population as population_lib
 from fedjax_dp.data import source as source_lib
 from fedjax_dp.data import blocks
+from fedjax_dp.privacy import plan as plan_lib
 
 # Share of an accelerator's memory the padded population may take. The rest
 # holds what every round needs anyway -- parameters, optimizer state, the
@@ -86,16 +87,11 @@ def multi_round_keys(streams: simulation.StreamKeys) -> MultiRoundKeys:
 def check_supported(sim: simulation.Simulation) -> None:
   """Raises ValueError, naming the config field, for what only the host
   loop runs."""
-  config = sim.config
-  if config.audit_canaries:
-    raise ValueError(
-        "config field 'audit_canaries' must be 0 with rounds_per_call > 1 "
-        "(canaries take part in the host loop only); set rounds_per_call=1")
-  if config.dropout_rate:
-    raise ValueError(
-        "config field 'dropout_rate' must be 0 with rounds_per_call > 1 "
-        "(dropout is simulated on the host); set rounds_per_call=1")
+  refused = plan_lib.refusal(sim.config, "rounds_per_call")
+  if refused is not None:
+    raise refused.error(sim.config)
   if sim.mesh is not None:
+    # Sharded by default (shard_clients=None on several devices).
     raise ValueError(
         "config field 'shard_clients' must be false with rounds_per_call > 1 "
         "(the population is kept on one device); set shard_clients=false or "
@@ -240,19 +236,17 @@ def build_multi_round(sim: simulation.Simulation) -> Callable:
 
   Returns:
     `multi_round(state, hparams, population, keys, first_round, num_active,
-    adaptive=None, secagg=None, *, num_rounds) -> (state, clip_norm,
-    metrics, aux)`, which runs rounds first_round, ..., first_round +
-    num_active - 1 (num_active <= num_rounds, traced) in one loop and
-    returns their outputs stacked to the static length `num_rounds`, so one
-    compilation serves every shorter call (the run's last, or one cut short
-    by the epsilon budget or an eval round). Round r is the host loop's
-    round r: the cohort of `build_cohort_block`, `sim.round_fn()` with
-    `fold_in(keys.noise, r)`, `hparams` (its clip norm carried from round to
-    round under adaptive clipping, as the runner does), `adaptive`, `secagg`
-    and the tree state before round r. `metrics` are the round's metrics
-    stacked over `num_rounds` (zeros past num_active; with adaptive clipping
-    "clip_norm" is the clip the round used), `clip_norm` the clip norm for
-    the next round, and `aux` holds per round "num_drawn" (the sampler's
+    adaptive=None, secagg=None, *, num_rounds) -> (state, metrics, aux)`,
+    which runs rounds first_round, ..., first_round + num_active - 1
+    (num_active <= num_rounds, traced) in one loop and returns their
+    outputs stacked to the static length `num_rounds`, so one compilation
+    serves every shorter call (the run's last, or one cut short by the
+    epsilon budget or an eval round). Round r is the host loop's round r:
+    the cohort of `build_cohort_block`, `sim.round_fn()` with
+    `fold_in(keys.noise, r)`, `hparams`, `adaptive` and `secagg`; the server
+    state carries the mechanism's state from round to round, as in the host
+    loop. `metrics` are the round's metrics stacked over `num_rounds` (zeros
+    past num_active), and `aux` holds per round "num_drawn" (the sampler's
     draw before truncation) and "params_finite".
 
   Raises:
@@ -262,7 +256,6 @@ def build_multi_round(sim: simulation.Simulation) -> Callable:
   check_supported(sim)
   round_fn = sim.round_fn()
   cohort_block = build_cohort_block(sim)
-  plan = sim.plan
 
   def multi_round(state, hparams: dp_fedavg.RoundHparams,
                   population: DevicePopulation, keys: MultiRoundKeys,
@@ -270,25 +263,19 @@ def build_multi_round(sim: simulation.Simulation) -> Callable:
                   num_rounds: int):
     first_round = jnp.asarray(first_round, jnp.int32)
 
-    def one_round(carry, r):
-      state, clip_norm = carry
+    def one_round(state, r):
       block, num_drawn = cohort_block(population, keys, r)
-      tree = plan.tree_state(keys.noise, r)
-      state, metrics = round_fn(
-          state, block, hparams._replace(clip_norm=clip_norm),
-          jax.random.fold_in(keys.noise, r), None, adaptive, secagg, tree)
-      if adaptive is not None:
-        metrics["clip_norm"] = clip_norm
-        clip_norm = metrics.pop("next_clip_norm")
+      state, metrics = round_fn(state, block, hparams,
+                                jax.random.fold_in(keys.noise, r), None,
+                                adaptive, secagg)
       aux = {"num_drawn": num_drawn,
              "params_finite": tree_util.tree_all_finite(state.params)}
-      return (state, clip_norm), (metrics, aux)
+      return state, (metrics, aux)
 
     # A loop of num_active (traced) iterations writing into outputs of
     # static length num_rounds: one compilation serves every call length,
     # and rounds past num_active are not computed at all.
-    carry = (state, hparams.clip_norm)
-    _, out_shapes = jax.eval_shape(one_round, carry, first_round)
+    _, out_shapes = jax.eval_shape(one_round, state, first_round)
     outputs = jax.tree_util.tree_map(
         lambda s: jnp.zeros((num_rounds,) + s.shape, s.dtype), out_shapes)
 
@@ -300,8 +287,8 @@ def build_multi_round(sim: simulation.Simulation) -> Callable:
       return carry, outputs
 
     num_active = jnp.minimum(jnp.asarray(num_active, jnp.int32), num_rounds)
-    (state, clip_norm), (metrics, aux) = jax.lax.fori_loop(
-        0, num_active, body, (carry, outputs))
-    return state, clip_norm, metrics, aux
+    state, (metrics, aux) = jax.lax.fori_loop(0, num_active, body,
+                                              (state, outputs))
+    return state, metrics, aux
 
   return multi_round

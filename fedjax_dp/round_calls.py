@@ -15,8 +15,9 @@ caller, whose lanes are configurations (sweep.py).
     population on the device (on_device.py); a call also ends
     at an evaluation round, so both callers evaluate the same models.
 
-What the rounds carry from one to the next is a `Carry`: the server state,
-adaptive clipping's clip norm, and the audit's best canary cosines.
+What the rounds carry from one to the next is a `Carry`: the server state
+(with the mechanism's own state: adaptive clipping's clip norm, DP-FTRL's
+tree) and the audit's best canary cosines.
 """
 
 from typing import Any, NamedTuple
@@ -35,22 +36,24 @@ from fedjax_dp.data import prefetch
 class Carry(NamedTuple):
   """The state the rounds carry (and a checkpoint holds)."""
 
-  state: Any  # server_lib.ServerState
-  clip_norm: jax.Array | None = None  # adaptive clipping's next clip
+  state: Any  # server_lib.ServerState, its `privacy` the mechanism's state
   canary_max: jax.Array | None = None  # audit: best cosine per canary
+
+  def clip_norm(self) -> jax.Array | None:
+    """Adaptive clipping: the clip norm of the next round (else None)."""
+    privacy = self.state.privacy
+    return None if privacy is None else privacy.clip_norm
 
   def tree(self) -> dict:
     """The checkpoint's tree of arrays."""
     tree = {"server": self.state}
     if self.canary_max is not None:
       tree["canary_max"] = self.canary_max
-    if self.clip_norm is not None:
-      tree["clip_norm"] = self.clip_norm
     return tree
 
   @classmethod
   def from_tree(cls, tree: dict) -> "Carry":
-    return cls(tree["server"], tree.get("clip_norm"), tree.get("canary_max"))
+    return cls(tree["server"], tree.get("canary_max"))
 
 
 class RoundRow(NamedTuple):
@@ -89,12 +92,6 @@ class _SingleRun:
     self._hparams = sim.hparams()
     self._adaptive = sim.plan.adaptive_hparams()
     self._secagg = sim.plan.secagg_params()
-
-  def _hparams_for(self, carry: Carry):
-    """The round's hyperparameters, with adaptive clipping's carried clip."""
-    if carry.clip_norm is None:
-      return self._hparams
-    return self._hparams._replace(clip_norm=carry.clip_norm)
 
   def params(self, carry: Carry, lane: int):
     del lane
@@ -135,19 +132,16 @@ class HostRounds(_SingleRun):
     if self._canaries is not None:
       canaries = dp_fedavg.Canaries(self._canaries.directions, canary_ids,
                                     jnp.float32(self._canaries.norm))
-    noise = self._streams.noise
     state, metrics = self._round(
-        carry.state, block, self._hparams_for(carry), jax.random.fold_in(noise, r), canaries, self._adaptive,
-        self._secagg, self._sim.plan.tree_state(noise, r))
-    clip_norm, canary_max = carry.clip_norm, carry.canary_max
-    if clip_norm is not None:
-      metrics["clip_norm"] = clip_norm
-      clip_norm = metrics.pop("next_clip_norm")
+        carry.state, block, self._hparams,
+        jax.random.fold_in(self._streams.noise, r), canaries, self._adaptive,
+        self._secagg)
+    canary_max = carry.canary_max
     if canaries is not None:
       canary_max = audit.max_over_rounds(canary_max,
                                          metrics.pop("canary_cosines"))
     finite = tree_util.tree_all_finite(state.params)
-    return (Carry(state, clip_norm, canary_max),
+    return (Carry(state, canary_max),
             (r, metrics, finite, num_drawn, num_dropped))
 
   def finish(self, pending) -> list[Finished]:
@@ -189,11 +183,10 @@ class DeviceRounds(_SingleRun):
 
   def start(self, carry: Carry, r: int, end: int, active=None):
     del active
-    state, next_clip, metrics, aux = self._multi_round(
-        carry.state, self._hparams_for(carry), self._population, self._keys, r, end - r,
-        self._adaptive, self._secagg, num_rounds=self.max_rounds)
-    clip_norm = next_clip if carry.clip_norm is not None else None
-    return Carry(state, clip_norm, None), (r, end, metrics, aux)
+    state, metrics, aux = self._multi_round(
+        carry.state, self._hparams, self._population, self._keys, r,
+        end - r, self._adaptive, self._secagg, num_rounds=self.max_rounds)
+    return Carry(state), (r, end, metrics, aux)
 
   def finish(self, pending) -> list[Finished]:
     r, end, metrics, aux = pending

@@ -501,18 +501,15 @@ def _first_carry(sim: simulation.Simulation):
   """The carry before round 0, the audit's canaries and the initial model
   (or None and None without an audit)."""
   config = sim.config
-  clip_norm = (jnp.float32(config.clip_norm) if config.adaptive_clipping
-               else None)
-  state = sim.initial_state(config.seed)
+  state = sim.initial_state()
   if not config.audit_canaries:
-    return round_calls.Carry(state, clip_norm), None, None
-  initial_params = sim.initial_state(config.seed).params  # not donated
+    return round_calls.Carry(state), None, None
+  initial_params = sim.initial_params(config.seed)  # not donated
   canaries = round_calls.AuditCanaries(
       sim.canary_directions(config.seed, initial_params),
       1e3 * config.clip_norm if config.clip_norm < float("inf") else 1.0)
   canary_max = jnp.full((2 * config.audit_canaries,), -1.0, jnp.float32)
-  return round_calls.Carry(state, clip_norm, canary_max), canaries, \
-      initial_params
+  return round_calls.Carry(state, canary_max), canaries, initial_params
 
 
 def run(
@@ -592,7 +589,7 @@ def run(
     if directory is not None:
       directory.close()
   params = carry.state.params
-  summary = lane.summary(params, carry.clip_norm)
+  summary = lane.summary(params, carry.clip_norm())
   if canaries is not None:
     summary["audit"] = _audit_summary(config, canaries.directions,
                                       initial_params, params,

@@ -8,7 +8,7 @@ is overwritten each round from an array argument, so sweeps can vary it
 without recompiling.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +20,15 @@ SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
 
 
 class ServerState(NamedTuple):
+  """What the server carries from one round to the next."""
+
   params: types.Params
   opt_state: optax.OptState
   round: jax.Array  # int32 scalar: rounds completed
+  # The privacy mechanism's own state (adaptive clipping's clip norm,
+  # DP-FTRL's tree), from the run's privacy plan; None where the mechanism
+  # carries nothing. The round updates it; the server step keeps it.
+  privacy: Any = None
 
 
 def server_optimizer(
@@ -56,9 +62,12 @@ def server_optimizer(
   return optax.inject_hyperparams(make)(learning_rate=1.0)
 
 
-def init(params: types.Params,
-         optimizer: optax.GradientTransformation) -> ServerState:
-  return ServerState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+def init(params: types.Params, optimizer: optax.GradientTransformation,
+         privacy: Any = None) -> ServerState:
+  """The state before round 0; `privacy` is the plan's
+  `PrivacyPlan.initial_state` (None where the mechanism carries nothing)."""
+  return ServerState(params, optimizer.init(params), jnp.zeros((), jnp.int32),
+                     privacy)
 
 
 def step(
@@ -76,5 +85,5 @@ def step(
   opt_state = state.opt_state._replace(hyperparams=hyperparams)
   pseudo_grad = jax.tree_util.tree_map(jnp.negative, average_update)
   updates, opt_state = optimizer.update(pseudo_grad, opt_state, state.params)
-  return ServerState(optax.apply_updates(state.params, updates), opt_state,
-                     state.round + 1)
+  return state._replace(params=optax.apply_updates(state.params, updates),
+                        opt_state=opt_state, round=state.round + 1)

@@ -116,12 +116,16 @@ _MAX_CPU_CHUNK = 8
 class Execution(NamedTuple):
   """How `dp_fedavg.build_round` lays out the round (results are equal).
 
-  Field names are build_round's keyword arguments.
+  The first four fields are build_round's keyword arguments.
   """
 
-  clients_per_chunk: int
+  clients_per_chunk: int | None
   unroll_local_steps: bool
   vmap_clients: bool
+  # The factored backend computes the clipped sum (`uses_factored_round`).
+  factored: bool = False
+  # Each device's share of the block is a whole number of these clients.
+  slot_multiple: int = 1
 
 
 def default_execution(config: config_lib.Config, capacity: int,
@@ -148,7 +152,7 @@ def default_execution(config: config_lib.Config, capacity: int,
       config.unroll_local_steps)
   vmap = (not on_cpu) if config.vmap_clients is None else bool(
       config.vmap_clients)
-  return Execution(chunk, unroll, vmap)
+  return Execution(chunk, unroll, vmap, slot_multiple=chunk)
 
 
 # Local steps up to which "auto" picks the factored round. Its Gram
@@ -162,7 +166,8 @@ _MAX_FACTORED_DENSE_STEPS = 16
 def uses_factored_round(config: config_lib.Config,
                         mesh: jax.sharding.Mesh | None,
                         num_steps: int | None = None) -> bool:
-  """Whether the run computes its rounds with `factored.build_factored_round`.
+  """Whether the run's round computes its clipped sum with the factored
+  backend (algorithms/factored.py).
 
   "auto" picks it where it covers the configuration and the clients take
   few local steps (`num_steps`; None: not known, counted as few): at most
@@ -182,7 +187,7 @@ def uses_factored_round(config: config_lib.Config,
         "config field 'round_shape' is 'factored', but the factored round "
         "covers only dense models (logistic, mlp_2nn) and the McMahan CNN "
         "(cnn) under plain client SGD on one device with central Gaussian "
-        "noise, without per-layer clipping or record-level DP")
+        "or tree noise, without per-layer clipping or record-level DP")
   if c.model in factored.FEATURE_MODELS:
     eligible_auto = (eligible and jax.default_backend() == "cpu"
                      and (num_steps or 0) <= _MAX_FACTORED_FEATURE_STEPS)
@@ -190,6 +195,21 @@ def uses_factored_round(config: config_lib.Config,
     eligible_auto = eligible and (num_steps or 0) <= _MAX_FACTORED_DENSE_STEPS
   return c.round_shape == "factored" or (c.round_shape == "auto" and
                                          eligible_auto)
+
+
+def layout(config: config_lib.Config, capacity: int,
+           mesh: jax.sharding.Mesh | None, num_steps: int) -> Execution:
+  """The round's whole layout, decided here only: backend (per-client or
+  factored), chunking, vmapped or independent clients, unrolling."""
+  factored_round = uses_factored_round(config, mesh, num_steps)
+  with_features = factored_round and config.model in factored.FEATURE_MODELS
+  execution = default_execution(config, capacity,
+                                factored_features=with_features)
+  if factored_round and not with_features:
+    # A dense model's factored chunks are sized from the block unless the
+    # config sets them.
+    execution = execution._replace(clients_per_chunk=config.clients_per_chunk)
+  return execution._replace(factored=factored_round)
 
 
 @dataclasses.dataclass
@@ -216,25 +236,17 @@ class Simulation:
     """This run's random streams (`stream_keys` of its config and z)."""
     return stream_keys(self.config, self.plan.noise_multiplier)
 
-  def uses_factored_round(self) -> bool:
-    return uses_factored_round(self.config, self.mesh, self.num_steps)
-
   def round_fn(self):
     """The unjitted round (same for every config of this shape)."""
-    client_optimizer_fn = client_lib.client_optimizer(
-        self.config.client_optimizer, self.config.client_momentum)
-    if self.uses_factored_round():
-      with_features = self.config.model in factored.FEATURE_MODELS
-      return factored.build_factored_round(
-          self.model, client_optimizer_fn, self.server_optimizer,
-          self.plan.privatizer,
-          clients_per_chunk=(self.execution.clients_per_chunk
-                             if with_features else
-                             self.config.clients_per_chunk),
-          vmap_clients=self.execution.vmap_clients)
+    e = self.execution
     return dp_fedavg.build_round(
-        self.model, client_optimizer_fn, self.server_optimizer,
-        self.plan.privatizer, **self.execution._asdict(), mesh=self.mesh)
+        self.model,
+        client_lib.client_optimizer(self.config.client_optimizer,
+                                    self.config.client_momentum),
+        self.server_optimizer, self.plan.privatizer,
+        clients_per_chunk=e.clients_per_chunk, vmap_clients=e.vmap_clients,
+        unroll_local_steps=e.unroll_local_steps, factored=e.factored,
+        mesh=self.mesh)
 
   def hparams(self, config: config_lib.Config | None = None,
               noise_multiplier: float | None = None) -> dp_fedavg.RoundHparams:
@@ -253,10 +265,18 @@ class Simulation:
         example_noise_multiplier=config.example_noise_multiplier,
         min_participants=plan.min_participants)
 
-  def initial_state(self, seed: int) -> server_lib.ServerState:
-    root = jax.random.key(seed)
-    params = self.model.init(jax.random.fold_in(root, streams_lib.INIT))
-    return server_lib.init(params, self.server_optimizer)
+  def initial_params(self, seed: int | jax.Array) -> types.Params:
+    """The model initialised from `seed` (the same for every run of it)."""
+    return self.model.init(jax.random.fold_in(jax.random.key(seed),
+                                              streams_lib.INIT))
+
+  def initial_state(self, seed: int | None = None) -> server_lib.ServerState:
+    """The server state before round 0: the model initialised from `seed`
+    (default: the config's), the optimizer's state, and the mechanism's
+    state from this run's noise stream (`PrivacyPlan.initial_state`)."""
+    seed = self.config.seed if seed is None else seed
+    return server_lib.init(self.initial_params(seed), self.server_optimizer,
+                           self.plan.initial_state(self.streams().noise))
 
   def canary_directions(self, seed: int, params_like) -> types.Params:
     """2 * audit_canaries unit directions: the first half are inserted."""
@@ -360,13 +380,9 @@ def build(config: config_lib.Config,
     max_examples = min(max_examples, config.max_examples_per_client)
   num_steps = blocks.num_local_steps(max_examples, config.batch_size,
                                      config.local_epochs)
-  execution = default_execution(
-      config, sampler.capacity,
-      factored_features=(config.model in factored.FEATURE_MODELS
-                         and uses_factored_round(config, mesh, num_steps)))
-  chunk = execution.clients_per_chunk
+  execution = layout(config, sampler.capacity, mesh, num_steps)
   # Every device gets a whole number of chunks.
-  per_block = chunk * (mesh.size if mesh is not None else 1)
+  per_block = execution.slot_multiple * (mesh.size if mesh is not None else 1)
   slots = -(-sampler.capacity // per_block) * per_block
   blocks.check_block_size(train.feature_specs, slots, num_steps,
                           config.batch_size)

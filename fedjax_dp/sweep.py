@@ -57,6 +57,7 @@ from fedjax_dp import config as config_lib
 from fedjax_dp import reports
 from fedjax_dp import round_calls
 from fedjax_dp import runner
+from fedjax_dp import server as server_lib
 from fedjax_dp import simulation
 from fedjax_dp import tree_util
 from fedjax_dp.data import prefetch
@@ -226,36 +227,29 @@ def _take(tree, i: int):
   return jax.tree_util.tree_map(lambda x: x[i], tree)
 
 
-def _make_step(round_fn, plan: plan_lib.PrivacyPlan, counter: list[int]):
+def _make_step(round_fn, counter: list[int]):
   """jit(vmap(round)) with per-configuration masking.
 
   Each lane carries what its single run carries from round to round: the
-  server state and, with adaptive clipping, the clip norm; DP-FTRL's tree
-  state before round r comes from the lane's own noise key (as the
-  runner's). A configuration whose `active` flag is off (stopped for its
-  budget), or whose new global model is not finite (diverged), keeps its
-  state (and clip norm).
+  server state, with its mechanism's state (adaptive clipping's clip norm,
+  DP-FTRL's tree from the lane's own noise key). A configuration whose
+  `active` flag is off (stopped for its budget), or whose new global model
+  is not finite (diverged), keeps its state.
 
   Returns:
-    `step(states, clip_norms, block, hparams, base_keys, r, active,
-    adaptive, secagg) -> (states, clip_norms, metrics, finite)`;
-    `clip_norms`, `adaptive` and `secagg` are None where the mechanism has
-    none (metrics get "clip_norm", the clip each lane used, with adaptive
-    clipping).
+    `step(states, block, hparams, base_keys, r, active, adaptive, secagg)
+    -> (states, metrics, finite)`; `adaptive` and `secagg` are None where
+    the mechanism has none.
   """
 
-  def one_lane(state, block, hparams, key, adaptive, secagg, tree):
-    return round_fn(state, block, hparams, key, None, adaptive, secagg, tree)
+  def one_lane(state, block, hparams, key, adaptive, secagg):
+    return round_fn(state, block, hparams, key, None, adaptive, secagg)
 
-  def step(states, clip_norms, block, hparams, base_keys, r, active,
-           adaptive, secagg):
+  def step(states, block, hparams, base_keys, r, active, adaptive, secagg):
     counter[0] += 1  # Runs once per trace.
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(base_keys, r)
-    trees = jax.vmap(lambda k: plan.tree_state(k, r))(base_keys)
-    if clip_norms is not None:
-      hparams = hparams._replace(clip_norm=clip_norms)
     new, metrics = jax.vmap(one_lane)(states, block, hparams, keys,
-                                      adaptive, secagg, trees)
+                                      adaptive, secagg)
     finite = jax.vmap(tree_util.tree_all_finite)(new.params)
     update = active & finite
 
@@ -263,11 +257,7 @@ def _make_step(round_fn, plan: plan_lib.PrivacyPlan, counter: list[int]):
       return jnp.where(update.reshape(update.shape + (1,) * (n.ndim - 1)),
                        n, o)
 
-    if clip_norms is not None:
-      metrics["clip_norm"] = clip_norms
-      clip_norms = keep(metrics.pop("next_clip_norm"), clip_norms)
-    return (jax.tree_util.tree_map(keep, new, states), clip_norms, metrics,
-            finite)
+    return jax.tree_util.tree_map(keep, new, states), metrics, finite
 
   return jax.jit(step, donate_argnums=(0,))
 
@@ -470,13 +460,15 @@ def _run_group(g: int, num_groups: int, members: list[_Member],
   start = time.perf_counter()
   rounds = sim0.config.rounds
   sample_fn = jax.jit(sim0.plan.sampler.sample_round)
-  chunk = sim0.execution.clients_per_chunk
+  chunk = sim0.execution.slot_multiple
   largest = _cohort_sizes(sim0, members, sample_fn, rounds)
   slots = min(sim0.slots, max(chunk, -(-largest // chunk) * chunk))
   counter = [0]
-  step = _make_step(sim0.round_fn(), sim0.plan, counter)
-  # Every member's model is sim0's architecture, so one init serves all.
-  init = jax.jit(jax.vmap(sim0.initial_state))
+  step = _make_step(sim0.round_fn(), counter)
+  # Every member's model is sim0's architecture, so one init serves all
+  # (each lane's mechanism state is its own plan's).
+  init = jax.jit(jax.vmap(lambda seed: server_lib.init(
+      sim0.initial_params(seed), sim0.server_optimizer)))
   size = len(members) if max_configs is None else min(max_configs,
                                                        len(members))
   sharding = _config_sharding()
@@ -528,17 +520,17 @@ class _LaneRounds:
     self._noise_keys = place(jnp.stack([m.streams.noise for m in lanes]))
     # What each lane's mechanism carries or needs besides (None: nothing).
     plan0 = lanes[0].plan
-    self._adaptive = self._secagg = clip_norms = None
+    self._adaptive = self._secagg = None
     if plan0.adaptive_clip:
       self._adaptive = place(_stack([m.plan.adaptive_hparams()
                                      for m in lanes]))
-      clip_norms = place(jnp.asarray([m.config.clip_norm for m in lanes],
-                                     jnp.float32))
     if plan0.secagg is not None:
       self._secagg = place(_stack([m.plan.secagg_params() for m in lanes]))
-    states = place(init(jnp.asarray([m.config.seed for m in lanes],
-                                    jnp.int32)))
-    self.initial_carry = round_calls.Carry(states, clip_norms)
+    states = init(jnp.asarray([m.config.seed for m in lanes], jnp.int32))
+    privacy = [m.plan.initial_state(m.streams.noise) for m in lanes]
+    if privacy[0] is not None:
+      states = states._replace(privacy=_stack(privacy))
+    self.initial_carry = round_calls.Carry(place(states))
 
     def prepare(r: int):
       cohort_blocks, drawn, dropped = [], [], []
@@ -574,10 +566,10 @@ class _LaneRounds:
       raise AssertionError(f"prepared round {q}, expected {r}")
     # Padding copies never update.
     mask = list(active) + [False] * (self._size - len(active))
-    states, clip_norms, metrics, finite = self._step(
-        carry.state, carry.clip_norm, block, self._hparams, self._noise_keys,
-        r, jnp.asarray(mask), self._adaptive, self._secagg)
-    return (round_calls.Carry(states, clip_norms),
+    states, metrics, finite = self._step(
+        carry.state, block, self._hparams, self._noise_keys, r,
+        jnp.asarray(mask), self._adaptive, self._secagg)
+    return (round_calls.Carry(states),
             (r, metrics, finite, drawn, dropped, list(active)))
 
   def finish(self, pending) -> list[round_calls.Finished]:
@@ -623,8 +615,9 @@ def _run_chunk(lanes: list[_Member], num_real: int, sim0, step, init,
       bar.close()
   for lane, m in enumerate(real):
     m.params = jax.device_get(_take(carry.state.params, lane))
-    if carry.clip_norm is not None:
-      m.final_clip_norm = float(carry.clip_norm[lane])
+    clip_norm = carry.clip_norm()
+    if clip_norm is not None:
+      m.final_clip_norm = float(clip_norm[lane])
 
 
 def _result(m: _Member, wall_time_s: float) -> runner.RunResult:

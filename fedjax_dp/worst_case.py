@@ -128,7 +128,7 @@ def state_for(sim: simulation.Simulation, kind: str, seed: int = 0):
              key=lambda n: int(n.split("_")[1]))
   params[last] = {k: (v * scale).astype(v.dtype)
                   for k, v in params[last].items()}
-  return server_lib.init(params, sim.server_optimizer)
+  return server_lib.init(params, sim.server_optimizer, state.privacy)
 
 
 def contribution_bound(sim: simulation.Simulation,

@@ -23,7 +23,7 @@ subprocess so that peak memory does not mix between shapes:
   c{K}_indep      `build_round(clients_per_chunk=K, vmap_clients=False,
                   unroll_local_steps=True)`: the chunk's K clients traced as
                   independent copies (the default on CPU, K = cores).
-  factored        `factored.build_factored_round`: the whole round in
+  factored        `build_round(factored=True)`: the clipped sum in
                   factored form for the MLP; for the CNN its dense head
                   factored and its convolutions trained per client, in
                   chunks laid out as `simulation.default_execution` picks
@@ -255,10 +255,9 @@ def build_shape_round(shape: str, model, client_opt, server_opt):
   """The unjitted round_fn of a shape name (not "loop")."""
   from fedjax_dp.algorithms import dp_fedavg
   if shape.startswith("c") and shape.endswith("_factored"):
-    from fedjax_dp.algorithms import factored  # pylint: disable=g-import-not-at-top
-    return factored.build_factored_round(
+    return dp_fedavg.build_round(
         model, client_opt, server_opt, clients_per_chunk=int(shape[1:-9]),
-        vmap_clients=False)
+        vmap_clients=False, factored=True)
   if shape.startswith("c"):
     k, kind = shape[1:].split("_")
     return dp_fedavg.build_round(
@@ -270,13 +269,14 @@ def build_shape_round(shape: str, model, client_opt, server_opt):
     from fedjax_dp import simulation  # pylint: disable=g-import-not-at-top
     from fedjax_dp.algorithms import factored  # pylint: disable=g-import-not-at-top
     if model.name not in factored.FEATURE_MODELS:
-      return factored.build_factored_round(model, client_opt, server_opt)
+      return dp_fedavg.build_round(model, client_opt, server_opt,
+                                   factored=True)
     execution = simulation.default_execution(
         config_lib.Config(), capacity=2**31 - 1, factored_features=True)
-    return factored.build_factored_round(
+    return dp_fedavg.build_round(
         model, client_opt, server_opt,
         clients_per_chunk=execution.clients_per_chunk,
-        vmap_clients=execution.vmap_clients)
+        vmap_clients=execution.vmap_clients, factored=True)
   raise ValueError(f"unknown shape {shape!r}")
 
 

@@ -42,6 +42,7 @@ from fedjax_dp import simulation
 from fedjax_dp import sweep
 from fedjax_dp import worst_case
 from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import tree_aggregation
 
 SHAPE, CLASSES, BATCH, CLIP, LR = (8, 8, 1), 10, 10, 0.5, 0.1
 
@@ -111,11 +112,16 @@ class Run:
     streams = sim.streams()
     block = sim.prepare(round_index, streams, self.sample)[0]
     state = worst_case.state_for(sim, kind) if state is None else state
+    tree = state.privacy.tree if state.privacy is not None else None
+    if tree is not None:
+      # DP-FTRL: the tree as it stands before round `round_index`.
+      state = state._replace(privacy=state.privacy._replace(
+          tree=tree_aggregation.state_before_round(
+              tree.key, round_index, sim.plan.restart_every)))
     hparams = sim.hparams()
     new, metrics = self.round(
         state, block, hparams, jax.random.fold_in(streams.noise, round_index),
-        None, sim.plan.adaptive_hparams(), sim.plan.secagg_params(),
-        sim.plan.tree_state(streams.noise, round_index))
+        None, sim.plan.adaptive_hparams(), sim.plan.secagg_params())
     release = (flat(new.params) - flat(state.params)) * float(
         hparams.denominator)
     return release, jax.device_get(metrics)

@@ -35,8 +35,8 @@ def _round_metric_names(changes) -> set[str]:
   block = sim.prepare(0, streams, jax.jit(sim.plan.sampler.sample_round))[0]
   _, metrics = jax.eval_shape(
       sim.round_fn(), sim.initial_state(0), block, sim.hparams(),
-      streams.noise, None, sim.plan.adaptive_hparams(), sim.plan.secagg_params(),
-      sim.plan.tree_state(streams.noise, 0))
+      streams.noise, None, sim.plan.adaptive_hparams(),
+      sim.plan.secagg_params())
   return set(metrics)
 
 
@@ -51,7 +51,7 @@ def written_names():
   for changes in _MECHANISMS:
     names |= _round_metric_names(changes)
   # Returned by the round for the runner, which writes what follows from it.
-  names -= {"next_clip_norm", "canary_cosines"}
+  names -= {"canary_cosines"}
   return names
 
 

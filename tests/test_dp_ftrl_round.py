@@ -38,6 +38,10 @@ def _round_fn(mechanism, restart_every=None):
       clients_per_chunk=2))
 
 
+def _tree_state(tree: ta.TreeState) -> plan_lib.PrivacyState:
+  return plan_lib.PrivacyState(tree=tree)
+
+
 def _flat(tree):
   return np.concatenate([np.ravel(np.asarray(x, np.float64))
                          for x in jax.tree_util.tree_leaves(tree)])
@@ -62,17 +66,20 @@ def test_model_carries_each_finished_tree_and_the_current_prefix_noise():
   restart, rounds, z, clip, denom = 3, 7, 1.3, 0.5, 4.0
   opt = server_lib.server_optimizer("sgd")
   params = _MODEL.init(jax.random.key(0))
-  state = server_lib.init(params, opt)
+  key = jax.random.key(5)
+  # The round carries the tree in the server state from round to round.
+  state = server_lib.init(params, opt, _tree_state(ta.init(key)))
   fn = _round_fn("tree", restart)
   hp = dp_fedavg.RoundHparams.create(
       client_lr=0.0, server_lr=1.0, clip_norm=clip, noise_multiplier=z,
       denominator=denom)
-  key = jax.random.key(5)
   for r in range(rounds):
-    state, metrics = fn(state, _block(), hp, jax.random.key(100 + r),
-                        tree=ta.state_before_round(key, r, restart))
+    state, metrics = fn(state, _block(), hp, jax.random.key(100 + r))
     assert int(metrics["tree_step"]) == r % restart + 1
     assert int(metrics["tree_index"]) == r // restart
+    want = ta.state_before_round(key, r + 1, restart)
+    assert int(state.privacy.tree.step) == int(want.step)
+    assert int(state.privacy.tree.tree_index) == int(want.tree_index)
   levels = ta.num_levels(restart)
   expected = sum(
       _flat(ta.cumulative_noise(key, jnp.int32(j), jnp.int32(t), params,
@@ -91,8 +98,9 @@ def test_without_noise_the_tree_round_is_the_clipped_fedavg_round():
         client_lr=0.3, server_lr=1.0, clip_norm=clip, noise_multiplier=0.0,
         denominator=4.0)
     tree, _ = _round_fn("tree", 4)(
-        server_lib.init(params, opt), _block(), hp, jax.random.key(1),
-        tree=ta.state_before_round(jax.random.key(2), 2, 4))
+        server_lib.init(params, opt, _tree_state(
+            ta.state_before_round(jax.random.key(2), 2, 4))),
+        _block(), hp, jax.random.key(1))
     plain, _ = _round_fn("gaussian")(server_lib.init(params, opt), _block(),
                                      hp, jax.random.key(1))
     np.testing.assert_allclose(_flat(tree.params), _flat(plain.params),
@@ -114,8 +122,8 @@ def test_replacing_a_client_by_the_empty_record_moves_the_sum_at_most_c():
   out = []
   for b in (block, empty):
     state, _ = _round_fn("tree", 4)(
-        server_lib.init(params, opt), b, hp, jax.random.key(1),
-        tree=ta.init(jax.random.key(2)))
+        server_lib.init(params, opt, _tree_state(ta.init(jax.random.key(2)))),
+        b, hp, jax.random.key(1))
     out.append(_flat(state.params))
   change = np.linalg.norm(out[0] - out[1])
   assert 0.5 * clip < change <= clip * (1 + 1e-5)

@@ -16,6 +16,9 @@ from fedjax_dp.algorithms import factored
 from fedjax_dp.models import cnn as cnn_lib
 from fedjax_dp.models import registry
 from fedjax_dp.data import blocks
+from fedjax_dp.privacy import adaptive_clipping
+from fedjax_dp.privacy import plan as plan_lib
+from fedjax_dp.privacy import tree_aggregation
 
 INPUT_SHAPE = (6, 6, 1)
 NUM_CLASSES = 5
@@ -41,9 +44,9 @@ def _rounds(name, chunk, vmap=True):
   server_opt = server_lib.server_optimizer("sgd")
   ref = jax.jit(dp_fedavg.build_round(model, client_opt, server_opt,
                                       clients_per_chunk=1))
-  fac = jax.jit(factored.build_factored_round(
+  fac = jax.jit(dp_fedavg.build_round(
       model, client_opt, server_opt, clients_per_chunk=chunk,
-      vmap_clients=vmap))
+      vmap_clients=vmap, factored=True))
   return ref, fac
 
 
@@ -219,11 +222,52 @@ def test_several_rounds_stay_equal(name, vmap):
     state = out_ref[0]
 
 
+@pytest.mark.parametrize("mechanism", ["adaptive", "tree"])
+def test_mechanism_state_moves_alike_in_both_backends(mechanism):
+  """The factored backend is a backend of the one round: a mechanism that
+  carries state (adaptive clipping's clip norm, DP-FTRL's tree) moves it
+  the same way round after round."""
+  adaptive = mechanism == "adaptive"
+  privatizer = plan_lib.Privatizer.create(
+      mechanism="gaussian" if adaptive else "tree",
+      tree_restart_every=None if adaptive else 2,
+      adaptive_clipping=adaptive)
+  model = _model("mlp_2nn")
+  client_opt = client_lib.client_optimizer("sgd")
+  server_opt = server_lib.server_optimizer("sgd")
+  ref, fac = (jax.jit(dp_fedavg.build_round(
+      model, client_opt, server_opt, privatizer, clients_per_chunk=chunk,
+      factored=f)) for f, chunk in ((False, 1), (True, 4)))
+  privacy = (plan_lib.PrivacyState(clip_norm=jnp.float32(0.3)) if adaptive
+             else plan_lib.PrivacyState(tree=tree_aggregation.init(
+                 jax.random.key(5))))
+  state = _state("mlp_2nn", seed=3)._replace(privacy=privacy)
+  args = ((adaptive_clipping.AdaptiveClipHparams.create(
+      expected_cohort_size=8.0, target_quantile=0.5, learning_rate=0.2,
+      count_stddev=0.4),) if adaptive else ())
+  for r in range(3):
+    key = jax.random.fold_in(jax.random.key(11), r)
+    hp = _hparams(0.3, 0.5, lr=0.3)
+    out_ref = ref(state, _block(seed=r), hp, key, None, *args)
+    out_fac = fac(state, _block(seed=r), hp, key, None, *args)
+    _assert_rounds_close(out_ref, out_fac, atol=5e-6, rtol=5e-5)
+    new_ref, new_fac = out_ref[0].privacy, out_fac[0].privacy
+    if adaptive:
+      assert float(new_ref.clip_norm) != float(state.privacy.clip_norm)
+      np.testing.assert_allclose(new_fac.clip_norm, new_ref.clip_norm,
+                                 rtol=1e-5)
+    else:
+      assert int(new_ref.tree.step) == r % 2 + 1
+      assert int(new_fac.tree.step) == int(new_ref.tree.step)
+      assert int(new_fac.tree.tree_index) == int(new_ref.tree.tree_index)
+    state = out_ref[0]
+
+
 def test_compiles_once_across_rounds_and_hyperparameters():
   model = _model("mlp_2nn")
-  round_fn = factored.build_factored_round(
+  round_fn = dp_fedavg.build_round(
       model, client_lib.client_optimizer("sgd"),
-      server_lib.server_optimizer("sgd"), clients_per_chunk=4)
+      server_lib.server_optimizer("sgd"), clients_per_chunk=4, factored=True)
   traced = jax.jit(chex.assert_max_traces(round_fn, n=1))
   state = _state("mlp_2nn")
   for r, (clip, z, lr) in enumerate([(1.0, 1.0, 0.1), (0.2, 0.0, 0.3),
@@ -244,20 +288,20 @@ def test_supports_and_rejects():
   assert not factored.supports("mlp_2nn", "adam", 0.0)
   server_opt = server_lib.server_optimizer("sgd")
   with pytest.raises(ValueError, match="plain client SGD"):
-    factored.build_factored_round(
+    dp_fedavg.build_round(
         _model("mlp_2nn"), client_lib.client_optimizer("sgd", momentum=0.9),
-        server_opt)
+        server_opt, factored=True)
   with pytest.raises(ValueError, match="plain client SGD"):
-    factored.build_factored_round(
-        _model("mlp_2nn"), client_lib.client_optimizer("adam"), server_opt)
+    dp_fedavg.build_round(
+        _model("mlp_2nn"), client_lib.client_optimizer("adam"), server_opt,
+        factored=True)
   other = registry.get_model("cnn_groupnorm", (8, 8, 1), 3)
   with pytest.raises(ValueError, match="factored rounds cover"):
-    factored.build_factored_round(other, client_lib.client_optimizer("sgd"),
-                                  server_opt, clients_per_chunk=2)
+    dp_fedavg.build_round(other, client_lib.client_optimizer("sgd"),
+                          server_opt, clients_per_chunk=2, factored=True)
   with pytest.raises(ValueError, match="clients_per_chunk"):
-    factored.build_factored_round(_model("cnn"),
-                                  client_lib.client_optimizer("sgd"),
-                                  server_opt)
+    dp_fedavg.build_round(_model("cnn"), client_lib.client_optimizer("sgd"),
+                          server_opt, factored=True)
 
 
 def test_cnn_features_then_dense_head_is_the_model():

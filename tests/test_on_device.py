@@ -12,7 +12,6 @@ from fedjax_dp import config as config_lib
 from fedjax_dp import runner
 from fedjax_dp import simulation
 from fedjax_dp import on_device
-from fedjax_dp.privacy import tree_aggregation
 
 QUIET = {"progress": False, "log": lambda s: None}
 
@@ -80,18 +79,6 @@ def runs(tmp_path_factory):
     patch.setattr(on_device, "build_multi_round", counted)
     device = runner.run(_config(rounds_per_call=4), run_dir=run_dir, **QUIET)
   return host, device, run_dir, traces
-
-
-def test_traced_tree_state_equals_host_state():
-  key = jax.random.key(3)
-  traced = jax.jit(tree_aggregation.state_before_traced_round,
-                   static_argnums=2)
-  for restart_every in (1, 3, 4):
-    for r in range(3 * restart_every + 2):
-      want = tree_aggregation.state_before_round(key, r, restart_every)
-      got = traced(key, r, restart_every)
-      assert int(got.step) == int(want.step), (restart_every, r)
-      assert int(got.tree_index) == int(want.tree_index), (restart_every, r)
 
 
 def test_cohorts_and_blocks_equal_the_host_path():

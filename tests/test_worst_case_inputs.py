@@ -20,7 +20,6 @@ from scipy import stats
 from fedjax_dp import client as client_lib
 from fedjax_dp import server as server_lib
 from fedjax_dp.algorithms import dp_fedavg
-from fedjax_dp.algorithms import factored
 from fedjax_dp.data import blocks
 from fedjax_dp.data import population as population_lib
 from fedjax_dp.models import registry
@@ -44,9 +43,9 @@ def _round(name, shape, **kwargs):
   client_opt = client_lib.client_optimizer("sgd")
   server_opt = server_lib.server_optimizer("sgd")
   if shape == "factored":
-    return jax.jit(factored.build_factored_round(
+    return jax.jit(dp_fedavg.build_round(
         model, client_opt, server_opt, clients_per_chunk=2,
-        vmap_clients=False))
+        vmap_clients=False, factored=True))
   return jax.jit(dp_fedavg.build_round(
       model, client_opt, server_opt, plan_lib.Privatizer.create(**kwargs),
       clients_per_chunk=2))

@@ -1,11 +1,12 @@
-"""DP-FedAvg rounds that exploit what the cohort's clients share.
+"""The round's factored backend: the clipped sum from what clients share.
 
-`dp_fedavg.build_round` trains every client with its own copy of the weights.
-On XLA:CPU that is the slow case: the per-client products are small and
-memory-bound (see docs/benchmarks.md). This module computes *the same round*
-with large shared products instead.
+The per-client backend (per_client.py) trains every client with its own
+copy of the weights. On XLA:CPU that is the slow case: the per-client
+products are small and memory-bound (see docs/benchmarks.md). This backend
+computes *the same clipped sum* with large shared products instead; the
+round around it (`dp_fedavg.build_round(..., factored=True)`) is the same.
 
-`build_factored_round` -- dense models (the 2NN MLP, logistic regression),
+`make_block_sum` covers dense models (the 2NN MLP, logistic regression),
 and the dense head of models that have one (the McMahan CNN, see below),
 under plain client SGD. All clients start a round from the same global weights
 W, and after t local SGD steps a dense layer's weights are
@@ -35,11 +36,11 @@ stacked), never materialised:
 Clients are processed in chunks (scanned over), so working memory depends on
 the chunk, not on the cohort. Sums, Gram matrices and noise are float32.
 
-Everything else -- noise, the public denominator, the server step, metrics --
-is the same code path as `dp_fedavg.build_round`, and `round_fn` has the same
-signature, inputs and outputs; tests/test_factored.py checks the two agree.
+Everything else -- noise, the mechanism's state, the public denominator, the
+server step, metrics -- is the one round of `dp_fedavg.build_round`;
+tests/test_factored.py checks the two backends agree.
 
-Privacy: as `dp_fedavg.build_round` (same clip bound C on each client's
+Privacy: as the per-client backend (same clip bound C on each client's
 update under the sampler's relation, same noise, same sum of the valid
 clients' clipped updates; padded examples and clients, and clients whose
 update is NaN or Inf, are selected away with `jnp.where`, and whether a
@@ -71,21 +72,17 @@ is one ordinary convolution over the chunk's examples, not a grouped one.
 """
 
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from fedjax_dp import client as client_lib
-from fedjax_dp import server as server_lib
 from fedjax_dp import types
 from fedjax_dp import tree_util
-from fedjax_dp.algorithms import dp_fedavg
+from fedjax_dp.algorithms import chunking
 from fedjax_dp.models import cnn
 from fedjax_dp.privacy import clipping
 from fedjax_dp.privacy import plan as plan_lib
-from fedjax_dp.data import blocks
 
 # Models built only of flatten -> (dense -> ReLU)* -> dense.
 DENSE_MODELS = ("mlp_2nn", "2nn", "logistic")
@@ -107,12 +104,11 @@ _TARGET_ROWS_PER_CHUNK = 2048
 
 def supports(model_name: str, client_optimizer: str = "sgd",
              momentum: float | None = 0.0) -> bool:
-  """Whether `build_factored_round` computes this configuration's round.
+  """Whether the factored backend computes this configuration's round.
 
   Only model and client optimizer are checked here. The factored round
-  covers whole-update clipping (fixed or adaptive) on one device: callers
-  must not use it where they would pass `dp_fedavg.build_round` a `mesh` or
-  `per_layer_clipping`.
+  covers whole-update L2 clipping (fixed or adaptive) on one device; the
+  privacy plan says which mechanisms (`plan.refusal(config, "factored")`).
   """
   return ((model_name in DENSE_MODELS or model_name in FEATURE_MODELS)
           and client_optimizer == "sgd" and not momentum)
@@ -379,7 +375,7 @@ def _chunk_step(carry, chunk, *, kernels, biases, lr, features, canary_norms,
   if canary_norms is not None:
     norm = jnp.where(is_canary, canary_norms[jnp.maximum(cids, 0)],
                      trained_norm)
-  # As in dp_fedavg: a client whose update is NaN or Inf contributes
+  # As in the per-client backend: a client whose update is NaN or Inf contributes
   # nothing; whether it is dropped depends only on its own data.
   finite = jnp.isfinite(norm)
   scale = clipping.clip_scale(norm, clip_norm)
@@ -444,19 +440,19 @@ def _clipped_sum_tree(params, names, sums, feature_sums, feature_params,
   return clipped_sum
 
 
-def _canary_slots(canaries, num_clients: int):
-  """(canary id per slot, number of canaries, each canary's submitted norm
-  or None). A canary slot submits norm * directions[id] instead of its
-  training result (as in dp_fedavg); its clipped contribution is added as a
-  weight on its direction, not through the factors."""
+def _canary_norms(canaries):
+  """(number of canaries, each canary's submitted norm or None). A canary
+  slot submits norm * directions[id] instead of its training result (as in
+  the per-client backend); its clipped contribution is added as a weight on
+  its direction, not through the factors."""
   if canaries is None:
-    return jnp.full((num_clients,), -1, jnp.int32), 0, None
+    return 0, None
   num_canaries = jax.tree_util.tree_leaves(canaries.directions)[0].shape[0]
   canary_norms = canaries.norm * jnp.sqrt(sum(
       jnp.sum(jnp.square(d.astype(jnp.float32)).reshape(num_canaries, -1),
               axis=1)
       for d in jax.tree_util.tree_leaves(canaries.directions)))
-  return canaries.ids.astype(jnp.int32), num_canaries, canary_norms
+  return num_canaries, canary_norms
 
 
 def _over_chunks(compute_chunk, carry, data, k: int):
@@ -478,12 +474,12 @@ def _over_chunks(compute_chunk, carry, data, k: int):
     carry, per_client = loop_carry
     index = order[i]
     # Slices of the block itself: no chunked copy of the whole block.
-    carry, outs = compute_chunk(carry, dp_fedavg.chunk_rows(data, index, k))
+    carry, outs = compute_chunk(carry, chunking.chunk_rows(data, index, k))
     per_client = [jax.lax.dynamic_update_slice_in_dim(acc, o, index * k, 0)
                   for acc, o in zip(per_client, outs)]
     return carry, per_client
 
-  order, num_active = dp_fedavg.active_chunks(valid[:num_full * k], k)
+  order, num_active = chunking.active_chunks(valid[:num_full * k], k)
   per_client = [jnp.zeros((num_full * k,), dtype) for dtype in
                 (jnp.float32, bool, bool, jnp.float32, jnp.int32)]
   carry, outs = jax.lax.fori_loop(0, num_active, train_chunk,
@@ -496,97 +492,88 @@ def _over_chunks(compute_chunk, carry, data, k: int):
   return carry, outs
 
 
-def build_factored_round(
-    model: types.Model,
-    client_optimizer_fn: client_lib.ClientOptimizerFn,
-    server_optimizer: optax.GradientTransformation,
-    privatizer: plan_lib.Privatizer = plan_lib.Privatizer(),
-    *,
-    clients_per_chunk: int | None = None,
-    vmap_clients: bool = True,
-    unroll_local_steps: int | bool = True,
-) -> Callable[..., tuple[server_lib.ServerState, dict]]:
-  """Builds a round equal to `dp_fedavg.build_round`'s, in factored form.
+def make_block_sum(model: types.Model,
+                   client_optimizer_fn: client_lib.ClientOptimizerFn,
+                   privatizer: plan_lib.Privatizer, *,
+                   clients_per_chunk: int | None = None,
+                   vmap_clients: bool = True,
+                   unroll_local_steps: int | bool = True):
+  """The round's factored backend: the block's clipped sum, equal to
+  `per_client.make_block_sum`'s (same arguments and outputs).
 
   Cost per client beyond the shared products grows like (steps * batch)^2
   times the layer widths (the Gram blocks), so the factored form pays while
   steps * batch is well below the layer widths (workload A: 20 rows against
-  widths 784/200/200/62); with many local steps the plain round may win.
+  widths 784/200/200/62); with many local steps the per-client backend may
+  win.
 
   Args:
     model: a dense model (`model.name` in DENSE_MODELS) or one with a dense
       head (in FEATURE_MODELS).
     client_optimizer_fn: must be plain SGD (checked).
-    server_optimizer: as for `dp_fedavg.build_round`.
-    privatizer: the round's privacy steps; the factored round takes those
-      of the configurations `plan.refusal(config, "factored")` accepts
-      (central Gaussian noise, whole-update clipping) and releases the sum
-      as they say.
-    clients_per_chunk: clients per scanned chunk; None sizes it from the
-      block (about 2,048 example rows per chunk) for a dense model, and must
-      be given for a FEATURE_MODELS one (its feature layers are per-client
-      copies: on CPU as many clients as cores, see
-      `simulation.default_execution`). Any cohort size works: a last,
-      smaller chunk takes the remainder.
+    privatizer: the round's privacy steps; the factored backend takes those
+      `plan.refusal(config, "factored")` accepts (central noise after
+      whole-update L2 clipping, without record-level DP).
+    clients_per_chunk: clients per chunk; None sizes it from the block
+      (about 2,048 example rows per chunk) for a dense model, and must be
+      given for a FEATURE_MODELS one (its feature layers are per-client
+      copies: on CPU as many clients as cores). Any cohort size works: a
+      last, smaller chunk takes the remainder.
     vmap_clients: FEATURE_MODELS only: whether a chunk's clients train their
       feature layers vmapped (accelerators) or as independent copies
-      (XLA:CPU), as in `dp_fedavg.build_round`.
-    unroll_local_steps: accepted for signature compatibility; local steps
-      are always unrolled (their count is static and small).
-
-  Returns:
-    `round_fn(state, block, hparams, noise_key, canaries=None) -> (new_state,
-    metrics)`, the same contract as `dp_fedavg.build_round`.
+      (XLA:CPU), as in the per-client backend.
+    unroll_local_steps: unused; local steps are always unrolled (their
+      count is static and small).
 
   Raises:
-    ValueError: for a model or client optimizer this round does not cover.
+    ValueError: for a model, client optimizer or privatizer this backend
+      does not cover.
   """
   del unroll_local_steps
   if model.name not in DENSE_MODELS and model.name not in FEATURE_MODELS:
     covered = DENSE_MODELS + tuple(FEATURE_MODELS)
     raise ValueError(f"factored rounds cover {covered}, not {model.name!r}")
+  if (privatizer.sends_messages or privatizer.per_layer_clipping is not None
+      or privatizer.example_dp or privatizer.noise is plan_lib.Noise.LAPLACE):
+    raise ValueError("the factored round covers central noise after "
+                     "whole-update L2 clipping, without record-level DP")
   feature_names, feature_apply = FEATURE_MODELS.get(model.name, ((), None))
   if feature_apply is not None and clients_per_chunk is None:
     raise ValueError(f"clients_per_chunk must be given for {model.name!r}")
   _check_plain_sgd(client_optimizer_fn)
 
-  def round_fn(state: server_lib.ServerState, block: blocks.ClientBlock,
-               hparams: dp_fedavg.RoundHparams, noise_key: types.PRNGKey,
-               canaries: "dp_fedavg.Canaries | None" = None,
-               adaptive=None, secagg=None, tree=None):
-    # Central Gaussian noise only (Simulation.uses_factored_round).
-    if secagg is not None or tree is not None:
-      raise ValueError("the factored round adds central Gaussian noise only")
-    params = state.params
+  def block_sum(params, features, example_mask, client_mask, canary_ids,
+                slot_ids, hparams, canaries, noise_key, secagg):
+    del slot_ids, noise_key, secagg  # No per-slot randomness or messages.
     names = dense_layer_names(
         {n: p for n, p in params.items() if n not in feature_names})
     feature_params = {n: params[n] for n in feature_names}
-    features = None
+    client_features = None
     if feature_apply is not None:
-      features = _ClientFeatures(feature_apply, feature_params, vmap_clients)
+      client_features = _ClientFeatures(feature_apply, feature_params,
+                                        vmap_clients)
     kernels = [params[n]["kernel"].astype(jnp.float32) for n in names]
     biases = [params[n]["bias"].astype(jnp.float32) for n in names]
     lr = hparams.client_lr
-    num_clients, num_steps, batch = block.example_mask.shape
-    m = block.example_mask
+    num_clients, num_steps, batch = example_mask.shape
+    m = example_mask
     # Padded examples are zeros whatever the block holds there, so NaN or
     # Inf in padding never reaches a real example's products.
     real = client_lib.select_examples(
-        {"x": jnp.asarray(block.features["x"], jnp.float32),
-         "y": block.features["y"].astype(jnp.int32)}, m)
+        {"x": jnp.asarray(features["x"], jnp.float32),
+         "y": features["y"].astype(jnp.int32)}, m)
     x, y = real["x"], real["y"]
-    if features is None:
+    if client_features is None:
       x = x.reshape(num_clients, num_steps, batch, -1)
-    valid = block.client_mask
-    canary_ids, num_canaries, canary_norms = _canary_slots(canaries,
-                                                           num_clients)
+    valid = client_mask
+    num_canaries, canary_norms = _canary_norms(canaries)
 
     k = clients_per_chunk or _default_chunk(num_clients, num_steps * batch)
     k = min(k, num_clients)
 
     compute_chunk = functools.partial(
         _chunk_step, kernels=kernels, biases=biases, lr=lr,
-        features=features, canary_norms=canary_norms,
+        features=client_features, canary_norms=canary_norms,
         num_canaries=num_canaries, clip_norm=hparams.clip_norm)
 
     # Kernel sums are kept transposed, [out, in]: the product (s G)^T A
@@ -598,18 +585,12 @@ def build_factored_round(
     feature_sums = jax.tree_util.tree_map(
         lambda p: jnp.zeros(p.shape, jnp.float32), feature_params)
     carry = (sums, feature_sums, jnp.zeros((num_canaries,), jnp.float32))
-    carry, outs = _over_chunks(compute_chunk, carry,
-                               (x, y, m, valid, canary_ids), k)
-    norms, was_clipped, nonfinite, client_loss, num_examples = outs
+    carry, per_client = _over_chunks(compute_chunk, carry,
+                                     (x, y, m, valid, canary_ids), k)
     sums, feature_sums, canary_weights = carry
-
     clipped_sum = _clipped_sum_tree(params, names, sums, feature_sums,
                                     feature_params, canaries, canary_weights,
                                     num_canaries)
-    return dp_fedavg.noise_and_step(
-        state, clipped_sum,
-        (norms, was_clipped, nonfinite, client_loss, num_examples), valid,
-        hparams, noise_key, server_optimizer, privatizer, canaries,
-        adaptive)
+    return (clipped_sum, None, jnp.zeros((), jnp.int32)), tuple(per_client)
 
-  return round_fn
+  return block_sum

@@ -14,8 +14,9 @@ into a `PrivacyPlan`, which holds, and alone decides:
     client-side noise (`message`), and how the released sum is noised
     (`release`), including DP-FTRL's tree noise, secure aggregation's
     encoding and distributed noise's abort rule;
-  * the state mechanisms carry from round to round (adaptive clipping's
-    hyperparameters, DP-FTRL's tree state);
+  * the state mechanisms carry from round to round in the server state
+    (`initial_state`, `PrivacyState`: adaptive clipping's clip norm,
+    DP-FTRL's tree), and adaptive clipping's hyperparameters;
   * which combinations of mechanism and execution it supports
     (`check_combination`, `refusal`).
 
@@ -303,19 +304,21 @@ def refusal(config, path: str) -> Refusal | None:
 
   Paths:
     "factored": the factored round of dense and CNN models covers central
-      Gaussian noise with whole-update clipping, without record-level DP.
+      noise (Gaussian, adaptive clipping, DP-FTRL's tree) after
+      whole-update L2 clipping, without record-level DP.
     "sweep": a sweep's vmapped lanes run every mechanism (each lane carries
       its own clip norm, tree state, secure-aggregation parameters and
       ledger); audit canaries run with `runner.run` only.
-    "rounds_per_call": rounds on the device run every mechanism; canaries
-      and dropout are simulated by the host loop only, and the population
-      stays on one device.
+    "rounds_per_call": rounds on the device (rounds_per_call > 1) run
+      every mechanism; canaries and dropout are simulated by the host loop
+      only, and the population stays on one device.
   """
   noise_kind, where = Noise(config.mechanism), Placement(
       config.noise_placement)
   if path == "factored":
-    if noise_kind is not Noise.GAUSSIAN:
-      return Refusal("mechanism", "'gaussian' in the factored round")
+    if noise_kind is Noise.LAPLACE:
+      return Refusal("mechanism", "'gaussian' or 'tree' in the factored "
+                     "round (L2 clipping)")
     if where is not Placement.CENTRAL:
       return Refusal("noise_placement", "'central' in the factored round")
     if config.per_layer_clipping is not None:
@@ -330,8 +333,6 @@ def refusal(config, path: str) -> Refusal | None:
                      "runner.run)")
     return None
   if path == "rounds_per_call":
-    if config.rounds_per_call == 1:
-      return None
     if config.audit_canaries:
       return Refusal("audit_canaries", "0 with rounds_per_call > 1 (canaries "
                      "take part in the host loop only)")
@@ -540,17 +541,17 @@ class PrivacyPlan:
   def secagg_params(self) -> secure_aggregation.SecAggParams | None:
     return None if self.secagg is None else self.secagg.params()
 
-  def tree_state(self, noise_root: types.PRNGKey, round_index):
-    """DP-FTRL's tree state before round r (None for other mechanisms);
-    `round_index` may be traced."""
-    if self.noise is not Noise.TREE:
+  def initial_state(self, noise_root: types.PRNGKey) -> "PrivacyState | None":
+    """What the mechanism carries into round 0 (`PrivacyState`), or None
+    where it carries nothing. `noise_root` is the run's noise stream (the
+    tree's nodes draw from a key folded from it)."""
+    adaptive, tree = self.adaptive_clip, self.noise is Noise.TREE
+    if not (adaptive or tree):
       return None
-    key = jax.random.fold_in(noise_root, streams.TREE)
-    if isinstance(round_index, int):
-      return tree_aggregation.state_before_round(key, round_index,
-                                                 self.sampler.restart_every)
-    return tree_aggregation.state_before_traced_round(
-        key, round_index, self.sampler.restart_every)
+    return PrivacyState(
+        clip_norm=jnp.float32(self.clip_norm) if adaptive else None,
+        tree=tree_aggregation.init(jax.random.fold_in(
+            noise_root, streams.TREE)) if tree else None)
 
   @property
   def privatizer(self) -> "Privatizer":
@@ -560,7 +561,22 @@ class PrivacyPlan:
         per_layer_clipping=self.per_layer_clipping,
         secure_aggregation=self.secagg is not None,
         restart_every=self.restart_every,
-        example_dp=self.example_clip_norm is not None)
+        example_dp=self.example_clip_norm is not None,
+        adaptive_clip=self.adaptive_clip)
+
+
+class PrivacyState(NamedTuple):
+  """What a mechanism carries from one round to the next, inside the server
+  state (`ServerState.privacy`), and so in every checkpoint.
+
+  Fields are None where the mechanism has no such state.
+  """
+
+  # Adaptive clipping: the clip norm this round's updates are clipped to
+  # (moved by the round's noisy count of unclipped clients).
+  clip_norm: jax.Array | None = None
+  # DP-FTRL: the tree's key, its step and its index (restarts).
+  tree: tree_aggregation.TreeState | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -585,6 +601,9 @@ class Privatizer:
   restart_every: int | None = None
   # Record-level DP-SGD inside each client (noisy_batch_gradient).
   example_dp: bool = False
+  # Adaptive clipping: the clip norm is carried in the state and moved
+  # every round (Andrew et al. 2021).
+  adaptive_clip: bool = False
 
   @classmethod
   def create(cls, *, mechanism: str = "gaussian",
@@ -592,7 +611,8 @@ class Privatizer:
              per_layer_clipping: str | None = None,
              secure_aggregation_encoding: bool = False,
              tree_restart_every: int | None = None,
-             example_dp: bool = False) -> "Privatizer":
+             example_dp: bool = False,
+             adaptive_clipping: bool = False) -> "Privatizer":
     """A privatizer from the config's names (`mechanism`,
     `noise_placement`, ...).
 
@@ -610,10 +630,35 @@ class Privatizer:
                                      or not tree_restart_every):
       raise ValueError("the tree mechanism adds central noise and needs "
                        "tree_restart_every >= 1")
+    if adaptive_clipping and (noise_kind is not Noise.GAUSSIAN
+                              or where is not Placement.CENTRAL):
+      raise ValueError("adaptive clipping needs central Gaussian noise")
     return cls(noise_kind, where, per_layer_clipping,
                bool(secure_aggregation_encoding),
                tree_restart_every if noise_kind is Noise.TREE else None,
-               bool(example_dp))
+               bool(example_dp), bool(adaptive_clipping))
+
+  @property
+  def carries_state(self) -> bool:
+    """Whether the round needs the server state's `PrivacyState`."""
+    return self.adaptive_clip or self.noise is Noise.TREE
+
+  def round_clip_norm(self, state: "PrivacyState | None",
+                      clip_norm: jax.Array) -> jax.Array:
+    """The clip norm of this round: the carried one under adaptive
+    clipping, else the hyperparameter `clip_norm`.
+
+    Raises:
+      ValueError: at trace time, for a mechanism that carries state given
+        none (the server state was not built with the plan's
+        `initial_state`).
+    """
+    if self.carries_state and state is None:
+      raise ValueError(
+          "this mechanism carries state from round to round: build the "
+          "server state with server.init(params, optimizer, "
+          "plan.initial_state(noise_root))")
+    return state.clip_norm if self.adaptive_clip else clip_norm
 
   @property
   def sends_messages(self) -> bool:
@@ -693,11 +738,11 @@ class Privatizer:
 
   def release(self, clipped_sum: types.PyTree, message_sum: types.PyTree,
               failures: jax.Array, stddev: jax.Array, noise_multiplier,
-              clip_norm, noise_key: types.PRNGKey, tree, secagg
-              ) -> tuple[types.PyTree, dict]:
-    """The released (noisy) sum of the round and its metrics (DP-FTRL's
-    tree state before the round is `tree`; the next round's is rebuilt from
-    the run's keys, `PrivacyPlan.tree_state`).
+              clip_norm, noise_key: types.PRNGKey,
+              state: "PrivacyState | None", secagg
+              ) -> tuple[types.PyTree, "PrivacyState | None", dict]:
+    """The released (noisy) sum of the round, the mechanism's state after
+    it (DP-FTRL's tree moves one step) and the release's metrics.
 
     Central placement adds the noise once to the sum of clipped updates
     (Gaussian of std `stddev`, Laplace of scale z C, or the tree's noise
@@ -707,24 +752,52 @@ class Privatizer:
     if self.placement is Placement.LOCAL or (
         self.placement is Placement.DISTRIBUTED and
         not self.secure_aggregation):
-      return message_sum, {}
+      return message_sum, state, {}
     if self.secure_aggregation:
       decoded = secure_aggregation.decode(message_sum, secagg)
-      return decoded.sum, {
+      return decoded.sum, state, {
           "secagg_near_overflow": decoded.num_near_overflow,
           "secagg_wrapped": decoded.num_wrapped,
           "secagg_sampler_failures": failures}
     key = jax.random.fold_in(noise_key, streams.CENTRAL_NOISE)
     if self.noise is Noise.LAPLACE:
       scale = laplace.noise_scale(noise_multiplier, clip_norm)
-      return laplace.add_laplace_noise(clipped_sum, scale, key), {}
+      return laplace.add_laplace_noise(clipped_sum, scale, key), state, {}
     if self.noise is Noise.TREE:
       restart = self.restart_every
-      noisy, _, step = tree_aggregation.update(
-          tree, clipped_sum, stddev, restart,
+      noisy, tree, step = tree_aggregation.update(
+          state.tree, clipped_sum, stddev, restart,
           levels=tree_aggregation.num_levels(restart))
-      return noisy, {"tree_index": step.tree_index, "tree_step": step.step}
-    return noise.add_gaussian_noise(clipped_sum, stddev, key), {}
+      return noisy, state._replace(tree=tree), {
+          "tree_index": step.tree_index, "tree_step": step.step}
+    return noise.add_gaussian_noise(clipped_sum, stddev, key), state, {}
+
+  def move_clip(self, state: "PrivacyState | None", was_clipped: jax.Array,
+                valid: jax.Array,
+                adaptive: adaptive_clipping.AdaptiveClipHparams | None,
+                noise_key: types.PRNGKey
+                ) -> tuple["PrivacyState | None", dict]:
+    """Adaptive clipping (Andrew et al. 2021): releases the noisy count of
+    unclipped clients among `valid` and moves the carried clip norm for the
+    next round; other mechanisms return `state` as it is.
+
+    Privacy: the count has add/remove sensitivity 1/2 and noise of std
+    `adaptive.count_stddev`; the plan's event accounts it with the update's
+    noise (together exactly a Gaussian of multiplier z).
+    """
+    if not self.adaptive_clip:
+      return state, {}
+    if adaptive is None:
+      raise ValueError("adaptive clipping needs its round arguments "
+                       "(plan.adaptive_hparams())")
+    moved, out = adaptive_clipping.update(
+        adaptive_clipping.AdaptiveClipState(
+            state.clip_norm,
+            jax.random.fold_in(noise_key, streams.COUNT_NOISE)),
+        ~was_clipped, valid, adaptive)
+    return state._replace(clip_norm=moved.clip_norm), {
+        "unclipped_fraction_noisy": out.unclipped_fraction,
+        "clip_norm": out.clip_norm}
 
   def aborted(self, num_participants: jax.Array,
               min_participants: jax.Array) -> jax.Array | None:

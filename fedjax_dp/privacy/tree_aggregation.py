@@ -138,34 +138,16 @@ def increment_noise(key: types.PRNGKey, tree_index: jax.Array, t: jax.Array,
 
 def state_before_round(key: types.PRNGKey, round_index: int,
                        restart_every: int) -> TreeState:
-  """The state `update` expects at round r (0-based) of a run.
-
-  A function of r alone, so a resumed run needs no stored tree state:
-  after r >= 1 rounds, tree (r - 1) // R holds (r - 1) % R + 1 steps.
+  """The state `update` leaves after r rounds of a run (0-based round r
+  starts from it), in closed form: after r >= 1 rounds, tree
+  (r - 1) // R holds (r - 1) % R + 1 steps. Runs carry the state from round
+  to round; this gives it for any round directly (tests, probes).
   """
   r, big_r = int(round_index), int(restart_every)
   if r == 0:
     return init(key)
   return TreeState(key, jnp.asarray((r - 1) % big_r + 1, jnp.int32),
                    jnp.asarray((r - 1) // big_r, jnp.int32))
-
-
-def state_before_traced_round(key: types.PRNGKey, round_index: jax.Array,
-                              restart_every: int) -> TreeState:
-  """`state_before_round` for a traced round index (e.g. inside a scan).
-
-  Same values as `state_before_round` for every r >= 0 (tested); written
-  with `jnp.where` because r == 0 (a fresh tree) cannot be a Python branch
-  when r is traced.
-  """
-  r = jnp.asarray(round_index, jnp.int32)
-  big_r = int(restart_every)
-  # r - 1 floored at 0: for r = 0 it is unused, and jnp's floor division of
-  # -1 would give tree -1.
-  done = jnp.maximum(r - 1, 0)
-  started = r > 0
-  return TreeState(key, jnp.where(started, done % big_r + 1, 0),
-                   jnp.where(started, done // big_r, 0))
 
 
 class TreeOutput(NamedTuple):

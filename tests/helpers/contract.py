@@ -38,6 +38,7 @@ from fedjax_dp import on_device
 from fedjax_dp.data import blocks
 from fedjax_dp.data import dataset as dataset_lib
 from fedjax_dp.data import population as population_lib
+from fedjax_dp.privacy import tree_aggregation
 
 INPUT_SHAPE = (8, 8, 1)
 NUM_CLASSES = 10
@@ -78,14 +79,11 @@ MECHANISMS = dict(
 # (variant, mechanism) -> why the library refuses it. The one list; the
 # suite checks that building exactly these raises ValueError.
 UNSUPPORTED = {
-    **{("factored_dense", m): "the factored round covers central Gaussian "
-       "noise without per-layer clipping or record-level DP"
+    **{(variant, m): "the factored round covers central noise after "
+       "whole-update L2 clipping, without record-level DP"
+       for variant in ("factored_dense", "factored_cnn")
        for m in ("laplace", "per_layer", "local", "distributed", "secagg",
-                 "dp_ftrl", "dp_sgd")},
-    **{("factored_cnn", m): "the factored round covers central Gaussian "
-       "noise without per-layer clipping or record-level DP"
-       for m in ("laplace", "per_layer", "local", "distributed", "secagg",
-                 "dp_ftrl", "dp_sgd")},
+                 "dp_sgd")},
 }
 
 KINDS = worst_case.KINDS
@@ -171,7 +169,7 @@ class Case:
       self.lane_sims = [
           dataclasses.replace(self.sim, plan=sweep._member_plan(  # pylint: disable=protected-access
               self.sim.plan, c, {})) for c in self.lane_configs]
-      self._step = sweep._make_step(self.sim.round_fn(), self.sim.plan, [0])  # pylint: disable=protected-access
+      self._step = sweep._make_step(self.sim.round_fn(), [0])  # pylint: disable=protected-access
     else:
       self._round = jax.jit(self.sim.round_fn())
 
@@ -224,27 +222,31 @@ class Case:
 
   # -- Releases ------------------------------------------------------------
 
-  def _args(self, round_index):
-    return (None, self.sim.plan.adaptive_hparams(), self.sim.plan.secagg_params(),
-            self.sim.plan.tree_state(self.streams.noise, round_index))
+  def _args(self):
+    return (None, self.sim.plan.adaptive_hparams(),
+            self.sim.plan.secagg_params())
+
+  def state_at(self, round_index: int, state=None):
+    """`state` (default: the initial one) with the mechanism's state of
+    round `round_index` (DP-FTRL: the tree after that many rounds)."""
+    state = self.sim.initial_state(0) if state is None else state
+    return at_round(self.sim.plan, state, round_index)
 
   def release(self, block: blocks.ClientBlock, *, state=None,
               round_index: int = 0, hparams=None) -> np.ndarray:
     """The round's released sum (float64, flattened) for this block."""
-    state = self.sim.initial_state(0) if state is None else state
+    state = self.state_at(round_index, state)
     hparams = self.sim.hparams() if hparams is None else hparams
     key = jax.random.fold_in(self.streams.noise, round_index)
-    new, _ = self._round(state, block, hparams, key,
-                         *self._args(round_index))
+    new, _ = self._round(state, block, hparams, key, *self._args())
     return (flat(new.params) - flat(state.params)) * float(
         hparams.denominator)
 
   def release_and_metrics(self, block, *, state=None, round_index=0):
-    state = self.sim.initial_state(0) if state is None else state
+    state = self.state_at(round_index, state)
     hparams = self.sim.hparams()
     key = jax.random.fold_in(self.streams.noise, round_index)
-    new, metrics = self._round(state, block, hparams, key,
-                               *self._args(round_index))
+    new, metrics = self._round(state, block, hparams, key, *self._args())
     release = (flat(new.params) - flat(state.params)) * float(
         hparams.denominator)
     return release, jax.device_get(metrics)
@@ -254,27 +256,27 @@ class Case:
     """Sweep lanes: each lane's release, one vmapped step over the lanes."""
     lanes = self.lane_configs
     state = self.sim.initial_state(0) if state is None else state
-    states = jax.tree_util.tree_map(lambda x: jnp.stack([x] * len(lanes)),
-                                    state)
-    hparams = [self.sim.hparams(c, self.sim.plan.noise_multiplier)
-               for c in lanes]
     stack = lambda trees: jax.tree_util.tree_map(  # pylint: disable=g-long-lambda
         lambda *xs: jnp.stack(xs), *trees)
-    stacked_hp = stack(hparams)
+    hparams = [self.sim.hparams(c, self.sim.plan.noise_multiplier)
+               for c in lanes]
     plans = [s.plan for s in self.lane_sims]
-    adaptive = secagg = clip_norms = None
+    keys = [simulation.stream_keys(c, self.sim.plan.noise_multiplier).noise
+            for c in lanes]
+    # Each lane's mechanism state from its own plan and noise key, as a
+    # sweep starts it.
+    states = stack([at_round(p, state._replace(privacy=p.initial_state(k)),
+                             round_index) for p, k in zip(plans, keys)])
+    adaptive = secagg = None
     if self.sim.plan.adaptive_clip:
       adaptive = stack([p.adaptive_hparams() for p in plans])
-      clip_norms = jnp.asarray([c.clip_norm for c in lanes], jnp.float32)
     if self.sim.plan.secagg is not None:
       secagg = stack([p.secagg_params() for p in plans])
-    keys = jnp.stack([simulation.stream_keys(c, self.sim.plan.noise_multiplier)
-                      .noise for c in lanes])
     blocks_ = jax.tree_util.tree_map(lambda x: np.stack([x] * len(lanes)),
                                      block)
-    new, _, _, _ = self._step(states, clip_norms, blocks_, stacked_hp, keys,
-                              round_index, jnp.ones((len(lanes),), bool),
-                              adaptive, secagg)
+    new, _, _ = self._step(states, blocks_, stack(hparams), jnp.stack(keys),
+                           round_index, jnp.ones((len(lanes),), bool),
+                           adaptive, secagg)
     before = flat(state.params)
     return [(flat(jax.tree_util.tree_map(lambda x, i=i: x[i], new.params))
              - before) * float(hp.denominator)
@@ -291,14 +293,25 @@ class Case:
       counts = np.asarray(population.counts)
       counts = np.where(np.asarray(keep, bool), counts, 0).astype(np.int32)
       population = population._replace(counts=jnp.asarray(counts))
-    state = sim.initial_state(0) if state is None else state
+    state = self.state_at(round_index, state)
     hparams = sim.hparams()
     keys = on_device.multi_round_keys(self.streams)
-    new, _, _, _ = self._multi_round(
+    new, _, _ = self._multi_round(
         state, hparams, population, keys, round_index, 1,
         sim.plan.adaptive_hparams(), sim.plan.secagg_params(), num_rounds=1)
     return (flat(new.params) - flat(state.params)) * float(
         hparams.denominator)
+
+
+def at_round(plan, state, round_index: int):
+  """`state` with DP-FTRL's tree as it stands before round `round_index`
+  (other mechanisms' state is the same in every round of these tests)."""
+  privacy = state.privacy
+  if privacy is None or privacy.tree is None:
+    return state
+  return state._replace(privacy=privacy._replace(
+      tree=tree_aggregation.state_before_round(
+          privacy.tree.key, round_index, plan.restart_every)))
 
 
 def norm(x: np.ndarray, p: float) -> float:
