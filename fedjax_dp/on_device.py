@@ -16,13 +16,10 @@ array, and one call runs K rounds in a loop (`lax.fori_loop`), each round
 The runner records the K rounds' DP events in the ledger (and ledger.jsonl)
 before the call, so no computed result is ever unaccounted.
 
-What differs from the host loop: only the order of each client's examples
-(and, with `max_examples_per_client`, which subset it uses). The host draws
-them with NumPy from the run's host words and round r; here they come from
-`fold_in(streams.data, r)` with jax.random (simulation.stream_keys). Both are
-uniformly random permutations (subsets) independent of everything else, so
-the two paths sample from the same distribution, and with one local batch
-holding a whole client the order cannot matter (tests/test_on_device.py).
+Nothing differs from the host loop: the cohorts come from the same sampler
+and keys, and each client's examples are placed by the same function
+(`blocks.example_positions`) from the same key, `fold_in(streams.data, r)`,
+so the blocks are the host's, example for example (tests/test_on_device.py).
 
 Privacy: unchanged. Cohorts are drawn by the same sampler with the same keys
 (so the recorded events describe them), the round function is the same, and
@@ -100,7 +97,7 @@ def check_supported(sim: simulation.Simulation) -> None:
 
 def population_bytes(source: source_lib.ClientSource) -> tuple[int, int]:
   """(bytes of the padded population, its width = the largest client)."""
-  width = max(int(np.max(source.num_examples, initial=0)), 1)
+  width = blocks.example_width(source.num_examples)
   per_example = sum(
       math.prod(shape) * np.dtype(dtype).itemsize
       for shape, dtype in source.feature_specs.values())
@@ -155,52 +152,22 @@ def device_population(sim: simulation.Simulation,
   return DevicePopulation(features, jax.device_put(counts.astype(np.int32)))
 
 
-def _random_order(key: types.PRNGKey, n: jax.Array, width: int) -> jax.Array:
-  """A uniformly random order of 0..n-1 in the first n of `width` entries."""
-  position = jnp.arange(width)
-  # Real positions get a random priority in [0, 1), the rest sort last.
-  priority = jnp.where(position < n, jax.random.uniform(key, (width,)), 2.0)
-  return jnp.argsort(priority)
-
-
 def build_cohort_block(
     sim: simulation.Simulation
 ) -> Callable[[DevicePopulation, MultiRoundKeys, jax.Array],
               tuple[blocks.ClientBlock, jax.Array]]:
   """Builds `cohort_block(population, keys, r) -> (block, num_drawn)`.
 
-  Round r's cohort is `sim.plan.sampler.sample_round(keys.sample, r)`, as on the
-  host; its valid clients fill the first slots in the sampler's order (as
-  Simulation.prepare packs them) and the block has the host's shape, masks
-  and padding rules (data/blocks.make_block): client k uses
-  n_k = min(count_k, max_examples_per_client) examples (a random subset when
-  capped, the same in every epoch of the round), each epoch reshuffles them
-  into ceil(n_k / batch) steps with only the last partial, the epochs come
-  first and the remaining steps are fully masked. Padded examples are
-  zeros.
+  Round r's cohort is `sim.plan.sampler.sample_round(keys.sample, r)`, as on
+  the host; its valid clients fill the first slots in the sampler's order
+  (as Simulation.prepare packs them), and `blocks.example_positions` places
+  their examples from `fold_in(keys.data, r)` with the host's width: the
+  host's block, example for example. Padded examples are zeros.
   """
   config = sim.config
   sampler = sim.plan.sampler
   slots, num_steps = sim.slots, sim.num_steps
-  batch, epochs = config.batch_size, config.local_epochs
-  cap = config.max_examples_per_client
-
-  def client_rows(key, n, width):
-    """Rows of one client's examples for every (step, batch) position."""
-    n_used = n if cap is None else jnp.minimum(n, cap)
-    subset_key, epoch_key = jax.random.split(key)
-    # The first n_used entries of `chosen` are the round's subset.
-    chosen = _random_order(subset_key, n, width)
-    orders = jax.vmap(lambda k: chosen[_random_order(k, n_used, width)])(
-        jax.random.split(epoch_key, epochs))  # [epochs, width]
-    span = -(-n_used // batch) * batch  # positions one epoch takes
-    position = jnp.arange(num_steps * batch)
-    epoch = position // jnp.maximum(span, 1)
-    offset = position - epoch * span
-    real = (n_used > 0) & (epoch < epochs) & (offset < n_used)
-    rows = orders[jnp.minimum(epoch, epochs - 1),
-                  jnp.minimum(offset, width - 1)]
-    return jnp.where(real, rows, 0), real
+  width = blocks.example_width(sim.train.num_examples)
 
   def cohort_block(population: DevicePopulation, keys: MultiRoundKeys,
                    round_index: jax.Array):
@@ -212,21 +179,20 @@ def build_cohort_block(
     clients = jnp.pad(jnp.where(valid, indices, 0), (0, pad))
     client_mask = jnp.pad(valid, (0, pad))
     counts = jnp.where(client_mask, population.counts[clients], 0)
-    width = next(iter(population.features.values())).shape[1]
-    keys_per_slot = jax.random.split(
-        jax.random.fold_in(keys.data, round_index), slots)
-    rows, mask = jax.vmap(client_rows, in_axes=(0, 0, None))(
-        keys_per_slot, counts, width)  # [slots, steps * batch]
+    rows, mask = blocks.example_positions(
+        jax.random.fold_in(keys.data, round_index), counts, width=width,
+        batch_size=config.batch_size, epochs=config.local_epochs,
+        num_steps=num_steps,
+        max_examples_per_client=config.max_examples_per_client)
     features = {}
     for name, array in population.features.items():
       gathered = array[clients[:, None], rows]
       keep = mask.reshape(mask.shape + (1,) * (gathered.ndim - 2))
       gathered = jnp.where(keep, gathered, jnp.zeros((), gathered.dtype))
       features[name] = gathered.reshape(
-          (slots, num_steps, batch) + gathered.shape[2:])
-    example_mask = mask.reshape(slots, num_steps, batch)
-    return blocks.ClientBlock(features, example_mask,
-                                 client_mask), num_drawn
+          (slots, num_steps, config.batch_size) + gathered.shape[2:])
+    example_mask = mask.reshape(slots, num_steps, config.batch_size)
+    return blocks.ClientBlock(features, example_mask, client_mask), num_drawn
 
   return cohort_block
 

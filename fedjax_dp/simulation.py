@@ -39,13 +39,14 @@ from fedjax_dp.privacy import plan as plan_lib
 # rounds as far as both go, with the same cohorts and noise, so they release
 # the same values), how epsilon is reported (delta and the accountant reach
 # the computation only through the resolved multiplier), and the round's
-# layout (chunking, vmapping, unrolling, sharding and the factored form
-# compute the same release up to float32 rounding).
+# layout (chunking, vmapping, unrolling, sharding, the factored form and
+# rounds on the device compute the same release up to float32 rounding).
 OUTSIDE_RELEASE_IDENTITY = (
     "name", "eval_every", "checkpoint_every", "rounds", "epsilon_budget",
     "stop_at_budget", "accountant", "delta", "target_epsilon",
     "noise_multiplier", "clients_per_chunk", "vmap_clients",
-    "unroll_local_steps", "shard_clients", "round_shape", "max_failed_rounds")
+    "unroll_local_steps", "shard_clients", "round_shape", "max_failed_rounds",
+    "rounds_per_call")
 
 
 def release_identity(config: config_lib.Config,
@@ -73,8 +74,8 @@ class StreamKeys(NamedTuple):
 
   sample: types.PRNGKey  # round r's cohort: sampler.sample_round(sample, r)
   noise: types.PRNGKey  # round r's noise key: fold_in(noise, r)
-  data: types.PRNGKey  # on the device, round r's example order
-  # Seed words of the host's NumPy streams (example order, dropout).
+  data: types.PRNGKey  # round r's example order: fold_in(data, r)
+  # Seed words of the host's NumPy stream (dropout).
   host_words: tuple[int, ...]
 
 
@@ -319,7 +320,8 @@ class Simulation:
     block = blocks.make_block(
         cohort, local, local_valid, batch_size=self.config.batch_size,
         epochs=self.config.local_epochs, num_steps=self.num_steps,
-        rng=np.random.default_rng([*streams.host_words, streams_lib.DATA, r]),
+        key=jax.random.fold_in(streams.data, r),
+        width=blocks.example_width(self.train.num_examples),
         max_examples_per_client=self.config.max_examples_per_client)
     canary_ids = np.full((self.slots,), -1, np.int32)
     first = cohort.num_clients

@@ -11,7 +11,7 @@ constant at the same level, so no two released quantities share noise.
 INIT = 0  # the model's initial parameters (seed alone)
 SAMPLE = 1  # round r's cohort: sampler.sample_round(sample, r)
 NOISE = 2  # round r's noise key: fold_in(noise, r)
-DATA = 3  # round r's example order (host NumPy words, or on the device)
+DATA = 3  # round r's example order: fold_in(data, r), host and device
 DROPOUT = 4  # simulated dropout (host NumPy words)
 CANARY = 5  # audit canaries' directions (seed alone)
 

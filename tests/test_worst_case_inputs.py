@@ -223,7 +223,7 @@ def _block_of(population, slots=6):
   indices[:n] = np.arange(n)
   made = blocks.make_block(population, indices, np.arange(slots) < n,
                            batch_size=5, epochs=1, num_steps=1,
-                           rng=np.random.default_rng(0))
+                           key=jax.random.key(0))
   return made
 
 

@@ -4,12 +4,20 @@ Every round of the compiled program sees the same shapes: clients x local
 steps x batch x features, with an example mask (padded examples) and a client
 mask (padded client slots). Fixed shapes mean one compilation for the whole
 run; the masks make padding contribute exactly nothing.
+
+Which example goes where is drawn by one function, `example_positions`, with
+jax.random from the round's data key: the host (`make_block`) and the rounds
+that run on the device (on_device.py) call it alike, so both lay out the
+same block, example for example.
 """
 
+import functools
 import math
 import os
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_dp.data import population as population_lib
@@ -104,6 +112,73 @@ def check_block_size(feature_specs: dict, slots: int, num_steps: int,
         "max_examples_per_client, the cohort or clients_per_chunk")
 
 
+def example_width(num_examples: np.ndarray) -> int:
+  """The width examples are ordered within: the largest client's count (at
+  least 1). Host and device must use the same width for the same orders."""
+  return max(int(np.max(num_examples, initial=0)), 1)
+
+
+def _random_order(key: jax.Array, n: jax.Array, width: int) -> jax.Array:
+  """A uniformly random order of 0..n-1 in the first n of `width` entries."""
+  position = jnp.arange(width)
+  # Real positions get a random priority in [0, 1), the rest sort last.
+  priority = jnp.where(position < n, jax.random.uniform(key, (width,)), 2.0)
+  return jnp.argsort(priority)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "width", "batch_size", "epochs", "num_steps", "max_examples_per_client"))
+def example_positions(key: jax.Array, counts: jax.Array, *, width: int,
+                      batch_size: int, epochs: int, num_steps: int,
+                      max_examples_per_client: int | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Which of its own examples each slot trains on, at every position.
+
+  Slot k holds counts[k] examples (0 for padding) and uses n_k =
+  min(counts[k], max_examples_per_client) of them: a random subset when
+  capped (the same in every epoch of the round), reshuffled every epoch
+  into ceil(n_k / batch_size) steps with only the last partial. Its epochs
+  come first; the remaining steps up to `num_steps` are masked. Slot k's
+  randomness is the k-th split of `key`, whoever else is in the block.
+
+  Args:
+    key: the round's data key.
+    counts: int32 [slots], each slot's number of examples.
+    width: static, at least every count (`example_width`).
+    batch_size: examples per local step.
+    epochs: local epochs.
+    num_steps: static step count (`num_local_steps`).
+    max_examples_per_client: optional cap on examples used per client.
+
+  Returns:
+    (positions, mask): int32 and bool [slots, num_steps * batch_size]; a
+    position indexes the slot's own examples (0 where masked).
+  """
+  cap = max_examples_per_client
+
+  def client_positions(key, n):
+    subset_key, epoch_key = jax.random.split(key)
+    if cap is None:
+      n_used, chosen = n, jnp.arange(width)
+    else:
+      n_used = jnp.minimum(n, cap)
+      # The first n_used entries of `chosen` are the round's subset.
+      chosen = _random_order(subset_key, n, width)
+    orders = jax.vmap(lambda k: chosen[_random_order(k, n_used, width)])(
+        jax.random.split(epoch_key, epochs))  # [epochs, width]
+    span = -(-n_used // batch_size) * batch_size  # positions one epoch takes
+    position = jnp.arange(num_steps * batch_size)
+    epoch = position // jnp.maximum(span, 1)
+    offset = position - epoch * span
+    real = (n_used > 0) & (epoch < epochs) & (offset < n_used)
+    rows = orders[jnp.minimum(epoch, epochs - 1),
+                  jnp.minimum(offset, width - 1)]
+    return jnp.where(real, rows, 0).astype(jnp.int32), real
+
+  keys = jax.random.split(key, counts.shape[0])
+  return jax.vmap(client_positions)(keys, jnp.asarray(counts, jnp.int32))
+
+
 def make_block(
     population: population_lib.FederatedPopulation,
     client_indices: np.ndarray,
@@ -112,17 +187,16 @@ def make_block(
     batch_size: int,
     epochs: int,
     num_steps: int,
-    rng: np.random.Generator,
+    key: jax.Array,
+    width: int | None = None,
     max_examples_per_client: int | None = None,
 ) -> ClientBlock:
   """Lays out the cohort's examples as [clients, steps, batch].
 
-  Client k uses min(n_k, max_examples_per_client) of its examples (a fresh
-  random subset each round), reshuffled every epoch; each epoch is
-  ceil(n_used / batch_size) batches, the last one partial. Its steps come
-  first; the remaining steps up to `num_steps` are fully masked, and the
-  client update skips them. Every padded position (example or slot) holds
-  zeros, never another client's data.
+  Each client's examples are placed by `example_positions` (a fresh random
+  subset each round when capped, reshuffled every epoch, padding after its
+  epochs). Every padded position (example or slot) holds zeros, never
+  another client's data.
 
   Args:
     population: the population the indices refer to.
@@ -133,42 +207,41 @@ def make_block(
     epochs: local epochs.
     num_steps: static step count (see `num_local_steps`); must be enough for
       every client's epochs.
-    rng: host randomness for the example order.
+    key: the round's data key (the example order).
+    width: `example_width` of the whole training population (the orders
+      depend on it); default: this population's.
     max_examples_per_client: optional cap on examples used per client.
 
   Returns:
     The padded block.
+
+  Raises:
+    ValueError: a client needs more than `num_steps` local steps.
   """
   capacity = int(client_indices.shape[0])
-  rows = np.zeros((capacity, num_steps * batch_size), np.int64)
-  mask = np.zeros((capacity, num_steps * batch_size), bool)
-  counts = population.num_examples
-  for slot in range(capacity):
-    if not client_valid[slot]:
-      continue
-    client = int(client_indices[slot])
-    n = int(counts[client])
-    if max_examples_per_client is not None:
-      n_used = min(n, max_examples_per_client)
-    else:
-      n_used = n
-    if n_used == 0:
-      continue
-    chosen = rng.permutation(n)[:n_used] if n_used < n else np.arange(n)
-    per_epoch = steps_per_epoch(n_used, batch_size)
-    if epochs * per_epoch > num_steps:
-      raise ValueError(
-          f"client {population.client_ids[client]!r} needs "
-          f"{epochs * per_epoch} local steps, block has num_steps={num_steps}")
-    base = population.offsets[client]
-    for epoch in range(epochs):
-      start = epoch * per_epoch * batch_size
-      order = chosen[rng.permutation(n_used)]
-      rows[slot, start:start + n_used] = base + order
-      mask[slot, start:start + n_used] = True
+  valid = np.asarray(client_valid, bool)
+  clients = np.where(valid, np.asarray(client_indices, np.int64), 0)
+  counts = np.where(valid, population.num_examples[clients]
+                    if population.num_clients else 0, 0).astype(np.int64)
+  used = counts if max_examples_per_client is None else np.minimum(
+      counts, max_examples_per_client)
+  needs = epochs * -(-used // batch_size)
+  if np.any(needs > num_steps):
+    slot = int(np.argmax(needs > num_steps))
+    raise ValueError(
+        f"client {population.client_ids[clients[slot]]!r} needs "
+        f"{int(needs[slot])} local steps, block has num_steps={num_steps}")
+  if width is None:
+    width = example_width(population.num_examples)
+  positions, mask = jax.device_get(example_positions(
+      key, counts.astype(np.int32), width=width, batch_size=batch_size,
+      epochs=epochs, num_steps=num_steps,
+      max_examples_per_client=max_examples_per_client))
+  offsets = (np.asarray(population.offsets)[clients] if population.num_clients
+             else np.zeros((capacity,), np.int64))
+  rows = np.where(mask, offsets[:, None] + positions, 0)
   rows = rows.reshape(capacity, num_steps, batch_size)
-  mask = mask.reshape(capacity, num_steps, batch_size)
-
+  mask = np.array(mask, bool).reshape(capacity, num_steps, batch_size)
 
   def gather(array):
     if array.shape[0] == 0:
@@ -183,4 +256,4 @@ def make_block(
 
   features = {name: gather(array)
               for name, array in population.features.items()}
-  return ClientBlock(features, mask, np.asarray(client_valid, bool).copy())
+  return ClientBlock(features, mask, valid.copy())

@@ -53,6 +53,7 @@ from typing import Callable, Iterable, Sequence
 import dp_accounting
 from dp_accounting import pld
 from dp_accounting import rdp
+from dp_accounting.rdp import rdp_privacy_accountant
 from dp_accounting.pld import common as pld_common
 from dp_accounting.pld import pld_pmf
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
@@ -147,6 +148,17 @@ _TAIL_MASS = 1e-15
 PLD_MAX_POINTS = 2**22
 
 
+# --- dp_accounting's PLD internals -------------------------------------------
+#
+# Read here only, and tested against dp_accounting's PLDAccountant
+# (tests/test_accounting.py). dp_accounting has no public way to get the PLD
+# of a DpEvent (its PLDAccountant keeps it private) nor to self-compose a pmf
+# within given tail bounds, which a bounded-memory composition of millions to
+# billions of rounds needs. pyproject.toml pins the dp-accounting releases
+# these functions were tested with.
+# pylint: disable=protected-access
+
+
 @functools.lru_cache(maxsize=32)
 def _single_event_pld(event: dp_accounting.DpEvent,
                       relation: clipping.NeighbouringRelation,
@@ -165,11 +177,9 @@ def _single_event_pld(event: dp_accounting.DpEvent,
         "neighbours (dp_accounting's PLD has no event for sampling without "
         "replacement); use accountant='rdp'")
   acc.compose(event)
-  # pylint: disable-next=protected-access
   return acc._pld, acc._contains_non_dp_event
 
 
-# pylint: disable=protected-access
 def _pmfs(single) -> tuple:
   """The pmfs of a PLD: (remove,) when it is symmetric, else (remove, add)."""
   if single._symmetric:
@@ -217,6 +227,7 @@ def _self_compose_pmf(pmf, count: int,
       dense._discretization, dense._lower_loss * count + lower, probs,
       infinity_mass, dense._pessimistic_estimate)
 # pylint: enable=protected-access
+# --- end of dp_accounting's PLD internals -----------------------------------
 
 
 def _pld_parts(counts: tuple,
@@ -290,19 +301,29 @@ def _single_event_rdp(event: dp_accounting.DpEvent,
         f"the rdp accountant cannot account {event} under {relation.value} "
         "neighbours")
   acc.compose(event)
-  # pylint: disable-next=protected-access
-  curve = np.array(acc._rdp, dtype=np.float64)
+  curve = np.asarray(acc.rdp, dtype=np.float64)
   curve.flags.writeable = False
   return curve
 
 
-def _composed_rdp(counts: tuple, relation: clipping.NeighbouringRelation):
-  """An RdpAccountant holding the composition of (event, count) pairs."""
-  acc = make_accountant("rdp", relation)
-  for event, count in counts:
-    # pylint: disable-next=protected-access
-    acc._rdp += count * _single_event_rdp(event, relation)
-  return acc
+class _ComposedRdp:
+  """Composition of (event, count) pairs as one RDP curve, with the
+  accountant's interface (dp_accounting's own conversions to epsilon and
+  delta, at its default orders)."""
+
+  def __init__(self, counts: tuple, relation: clipping.NeighbouringRelation):
+    self._orders = rdp.RdpAccountant().orders
+    self._curve = sum((count * _single_event_rdp(event, relation)
+                       for event, count in counts),
+                      np.zeros(len(self._orders)))
+
+  def get_epsilon(self, delta: float) -> float:
+    return rdp_privacy_accountant.compute_epsilon(self._orders, self._curve,
+                                                  delta)[0]
+
+  def get_delta(self, epsilon: float) -> float:
+    return rdp_privacy_accountant.compute_delta(self._orders, self._curve,
+                                                epsilon)[0]
 
 
 def effective_noise_multiplier(*noise_multipliers: float) -> float:
@@ -500,7 +521,7 @@ def _epsilon(counts: tuple, beta: float, delta: float, accountant: str,
   if accountant == "pld":
     acc = _ComposedPld(counts, relation)
   else:
-    acc = _composed_rdp(counts, relation)
+    acc = _ComposedRdp(counts, relation)
   return epsilon_with_truncation_slack(acc, delta, beta)
 
 
@@ -816,7 +837,6 @@ def rdp_epsilon_classic(
     raise UnsupportedAccountingError(
         "rdp_epsilon_classic does not take truncated Poisson rounds")
   acc.compose(_group(collections.Counter(v for v, _ in views).items()))
-  # pylint: disable-next=protected-access
-  curve = np.asarray(acc._rdp, dtype=np.float64)
+  curve = np.asarray(acc.rdp, dtype=np.float64)
   a = np.asarray(orders, dtype=np.float64)
   return float(np.min(curve + math.log(1.0 / delta) / (a - 1.0)))

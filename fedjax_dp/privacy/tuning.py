@@ -70,7 +70,7 @@ def _rdp_curve(event, relation, orders) -> np.ndarray:
     raise accounting.UnsupportedAccountingError(
         f"the rdp accountant cannot account {event!r}")
   acc.compose(event)
-  return np.asarray(acc._rdp, np.float64)  # pylint: disable=protected-access
+  return np.asarray(acc.rdp, np.float64)
 
 
 def _epsilon_with_slack(event, delta, beta, relation, orders) -> float:

@@ -198,7 +198,7 @@ class Case:
     # clients is all of their update).
     made = blocks.make_block(
         population, indices, mask, batch_size=BATCH, epochs=1,
-        num_steps=self.sim.num_steps, rng=np.random.default_rng(seed))
+        num_steps=self.sim.num_steps, key=jax.random.key(seed))
     if valid is not None:
       mask[:n] = np.asarray(valid, bool)
       made = blocks.ClientBlock(
