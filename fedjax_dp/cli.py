@@ -169,6 +169,8 @@ def _cmd_account(args) -> int:
   if not (args.noise_multiplier is not None and args.noise_multiplier >= 0):
     raise ValueError("--noise-multiplier must be a number >= 0, got "
                      f"{args.noise_multiplier!r}")
+  if args.mechanism == "tree":
+    return _account_tree(args)
   sampler = _sampler_from_args(args)
   eps = accounting.epsilon_of_counts(
       [(sampler.dp_event(args.noise_multiplier), args.rounds)], args.delta,
@@ -188,6 +190,38 @@ def _cmd_account(args) -> int:
           f"accountant, {args.sampling} sampling, q = "
           f"{sampler.sampling_probability:.6g}, z = {args.noise_multiplier:g}, "
           f"{args.rounds} rounds, {sampler.relation.value} neighbours)")
+  return 0
+
+
+def _account_tree(args) -> int:
+  """DP-FTRL: one tree over all rounds, each client in at most
+  --max-participations rounds at least --min-separation apart."""
+  from fedjax_dp.privacy import accounting  # pylint: disable=g-import-not-at-top
+  from fedjax_dp.privacy import clipping  # pylint: disable=g-import-not-at-top
+  from fedjax_dp.privacy import tree_aggregation  # pylint: disable=g-import-not-at-top
+  k, b, z = args.max_participations, args.min_separation, args.noise_multiplier
+  for flag, value in (("--max-participations", k), ("--min-separation", b)):
+    if value is None or value < 1:
+      raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+  sensitivity_sq = tree_aggregation.max_sensitivity_squared(args.rounds, k, b)
+  relation = clipping.NeighbouringRelation.REPLACE_SPECIAL
+  eps = accounting.epsilon_of(
+      [tree_aggregation.multi_participation_event(z, args.rounds, k, b)],
+      args.delta, accountant=args.accountant, relation=relation)
+  rho = sensitivity_sq / (2 * z * z) if z > 0 else float("inf")
+  result = {"epsilon": eps, "delta": args.delta, "accountant": args.accountant,
+            "mechanism": "tree", "noise_multiplier": z, "rounds": args.rounds,
+            "max_participations": k, "min_separation": b,
+            "sensitivity_squared": sensitivity_sq, "zcdp_rho": rho,
+            "neighbouring_relation": relation.value}
+  if args.json:
+    print(json.dumps(result))
+  else:
+    print(f"epsilon = {eps:.6g} at delta = {args.delta:g} ({args.accountant} "
+          f"accountant), rho = {rho:.4g} zCDP: one tree of {args.rounds} "
+          f"rounds, z = {z:g}, each client at most {k} times at least {b} "
+          f"rounds apart (sensitivity^2 = {sensitivity_sq:g} C^2), "
+          f"{relation.value} neighbours")
   return 0
 
 
@@ -312,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
   account = sub.add_parser("account", help="epsilon of a DP-FedAvg schedule")
   _add_sampling_args(account)
   account.add_argument("--noise-multiplier", type=float, required=True)
+  account.add_argument(
+      "--mechanism", choices=["gaussian", "tree"], default="gaussian",
+      help="gaussian: sampled rounds (--population, --sampling, ...); tree: "
+      "DP-FTRL, one tree over all rounds, no sampling credited")
+  account.add_argument("--max-participations", type=int, default=1,
+                       help="tree: rounds one client takes part in, at most")
+  account.add_argument("--min-separation", type=int, default=1,
+                       help="tree: rounds between two of a client's, at least")
   account.set_defaults(fn=_cmd_account)
 
   calibrate = sub.add_parser(

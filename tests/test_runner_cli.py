@@ -98,7 +98,30 @@ def test_cli_account_and_calibrate_agree(capsys):
   assert "epsilon =" in capsys.readouterr().out
 
 
+def test_cli_account_reproduces_published_epsilons(capsys):
+  """Two published accountings, as the commands documented in
+  docs/reproductions.md run them."""
+  # TensorFlow Federated's DP tutorial: EMNIST, 3,383 clients, 120 per
+  # round, z = 1.2, 100 rounds, delta 1e-5: epsilon ~1.99 (RDP).
+  assert cli.main(["account", "--population", "3383", "--cohort-size", "120",
+                   "--rounds", "100", "--noise-multiplier", "1.2", "--delta",
+                   "1e-5", "--accountant", "rdp", "--json"]) == 0
+  assert round(json.loads(capsys.readouterr().out)["epsilon"], 2) == 1.99
+  # Gboard's DP-FTRL: z = 7, one tree of 2,000 rounds, each device at most
+  # 6 times at least 313 rounds apart: rho ~0.81, epsilon ~8.90 at 1e-10.
+  assert cli.main(["account", "--mechanism", "tree", "--rounds", "2000",
+                   "--noise-multiplier", "7", "--max-participations", "6",
+                   "--min-separation", "313", "--delta", "1e-10",
+                   "--accountant", "rdp", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert round(out["zcdp_rho"], 2) == 0.81 and round(out["epsilon"], 2) == 8.9
+  assert out["neighbouring_relation"] == "replace_special"
+
+
 @pytest.mark.parametrize("argv,field", [
+    (["account", "--mechanism", "tree", "--rounds", "20",
+      "--noise-multiplier", "1", "--max-participations", "0"],
+     "max-participations"),
     (["account", "--population", "100", "--cohort-size", "10", "--rounds", "0",
       "--noise-multiplier", "1"], "rounds"),
     (["account", "--population", "100", "--cohort-size", "10", "--rounds", "5",

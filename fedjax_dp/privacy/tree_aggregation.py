@@ -43,14 +43,23 @@ SingleEpochTreeAggregationDpEvent(z, T) (alpha depth / (2 z^2)). Only the
 RDP accountant takes it, and only under REPLACE_SPECIAL.
 `sampling.DisjointSampler` draws cohorts that satisfy the participation
 constraint.
+
+Several participations in one tree (no restarts), each client in at most k
+steps at least b apart (Gboard's schema): `max_sensitivity_squared` gives
+the largest sum of squared node counts one client can cause, s, exactly;
+the tree is then a Gaussian mechanism of noise multiplier z / sqrt(s)
+(rho = s / (2 z^2) zCDP), under REPLACE_SPECIAL
+(`multi_participation_event`).
 """
 
+import functools
 import math
 from typing import NamedTuple
 
 import dp_accounting
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_dp import types
 
@@ -244,3 +253,99 @@ def round_event(round_index: int, noise_multiplier: float, num_rounds: int,
 def tree_depth(steps: int) -> int:
   """Nodes a single step's value reaches in a tree of `steps` steps."""
   return math.ceil(math.log2(steps + 1))
+
+
+# --- Several participations in one tree (no restarts) ------------------------
+
+
+@jax.jit
+def _max_plus(a: jax.Array, b: jax.Array) -> jax.Array:
+  """(max, +) matrix product: out[i, j] = max_g a[i, g] + b[g, j]."""
+  return jnp.max(a[:, :, None] + b[None, :, :], axis=1)
+
+
+def max_sensitivity_squared(num_steps: int, max_participations: int,
+                            min_separation: int) -> float:
+  """The largest sum of squared node counts one client can cause in a tree
+  of `num_steps` steps (no restarts), taking part in at most
+  `max_participations` steps, any two at least `min_separation` apart.
+
+  A client in steps t_1 < ... < t_m changes each released node (a complete
+  dyadic range of steps) by its count there times at most C, so the L2
+  sensitivity of everything the tree releases is C times the square root of
+  this sum. Computed exactly by dynamic programming over the tree (Kairouz
+  et al. 2021, Appendix D): for a subtree, the best sum for m participations
+  with the first at least `lead` steps from its left edge and the last at
+  least `tail` from its right edge; two children join with a (max, +)
+  product over the gap between them. Checked against exhaustive search on
+  small trees (tests/test_tree_aggregation.py).
+
+  Args:
+    num_steps: T >= 1, the steps (rounds) of the tree.
+    max_participations: k >= 1.
+    min_separation: b >= 1: a client's steps i < j satisfy j - i >= b.
+
+  Raises:
+    ValueError: for a value out of range.
+  """
+  for name, value in (("num_steps", num_steps),
+                      ("max_participations", max_participations),
+                      ("min_separation", min_separation)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+  # No more participations fit than 1 + (T - 1) // b; one reaches at most
+  # the tree's depth of nodes (the first step reaches that many).
+  k = min(max_participations, 1 + (num_steps - 1) // min_separation)
+  if k == 1:
+    return float(tree_depth(num_steps))
+  width = min_separation  # lead, tail in 0..b-1
+
+  @functools.lru_cache(maxsize=None)
+  def best(size: int) -> np.ndarray:
+    """[m, lead, tail] -> the best sum in a subtree of `size` steps."""
+    out = np.full((k + 1, width, width), -np.inf, np.float32)
+    out[0] = 0.0
+    if size == 1:
+      out[1, 0, 0] = 1.0
+      return out
+    complete = size & (size - 1) == 0  # the subtree's root is a node
+    left = size // 2 if complete else 1 << (size.bit_length() - 1)
+    right = size - left
+    in_left, in_right = best(left), best(right)
+    gaps = np.arange(width)
+    # A lead (tail) constraint reaching past an empty child moves on to the
+    # other one.
+    past_left = np.minimum(np.maximum(gaps - left, 0), width - 1)
+    past_right = np.minimum(np.maximum(gaps - right, 0), width - 1)
+    for m in range(1, k + 1):
+      total = np.maximum(in_right[m][past_left, :], in_left[m][:, past_right])
+      for m_left in range(1, m):
+        a, c = in_left[m_left], in_right[m - m_left]
+        if np.isfinite(a).any() and np.isfinite(c).any():
+          # The left child's last step at least g from its right edge lets
+          # the right child's first be b - 1 - g from its left edge.
+          total = np.maximum(total, np.asarray(_max_plus(a, c[::-1])))
+      out[m] = total + (m * m if complete else 0)
+    return out
+
+  return float(np.max(best(num_steps)[:, 0, 0]))
+
+
+def multi_participation_event(noise_multiplier: float, num_steps: int,
+                              max_participations: int,
+                              min_separation: int) -> dp_accounting.DpEvent:
+  """The event of one tree of `num_steps` steps without restarts, each
+  client in at most `max_participations` steps at least `min_separation`
+  apart: a Gaussian mechanism of L2 sensitivity sqrt(s) C and noise z C per
+  node (s = `max_sensitivity_squared`), i.e. GaussianDpEvent(z / sqrt(s)),
+  rho = s / (2 z^2) zCDP. Privacy: under REPLACE_SPECIAL (one client's
+  data replaced by the empty record), with no amplification credited (the
+  schema may fix who takes part when).
+  """
+  z = float(noise_multiplier)
+  if not z >= 0 or math.isinf(z):
+    raise ValueError(f"noise_multiplier must be finite and >= 0, got {z!r}")
+  if z == 0:
+    return dp_accounting.NonPrivateDpEvent()
+  s = max_sensitivity_squared(num_steps, max_participations, min_separation)
+  return dp_accounting.GaussianDpEvent(z / math.sqrt(s))
