@@ -49,7 +49,7 @@ def masked_sum(stacked: types.PyTree, mask: jax.Array | None) -> types.PyTree:
     if x.shape[0] <= _UNROLLED_SUM_ROWS:
       # A few rows: plain adds. XLA:CPU reduces a short leading axis of a
       # large array an order of magnitude slower than it adds the rows
-      # (15 ms vs ~1 ms for two rows of the CNN's dense layer). Rows are
+      # (docs/benchmarks.md, "Constants chosen by measurement"). Rows are
       # sliced before selecting, so that rows stacked just before are never
       # materialised as one array.
       rows = [x[i] for i in range(x.shape[0])]

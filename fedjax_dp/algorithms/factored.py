@@ -97,8 +97,8 @@ FEATURE_MODELS = {
 
 # Rows (clients x local steps x batch) per chunk when not given: large enough
 # for efficient shared products, small enough that the chunk's activations and
-# factors stay in cache-friendly tens of MiB. On the 2-core CI machine 100
-# clients (2,000 rows) of workload A beat 200 and 400 by 10-25% in CPU time.
+# factors stay in cache-friendly tens of MiB (measured: docs/benchmarks.md,
+# "Constants chosen by measurement").
 _TARGET_ROWS_PER_CHUNK = 2048
 
 

@@ -118,8 +118,9 @@ class TffHdf5Source(common.IndexedSource):
       specs[name] = (tuple(dataset.shape[1:]),
                      _numpy_dtype(path, name, dataset.dtype))
     # Sizes come from one dataset's shape per client: metadata, not data.
-    # The low-level h5d API is ~2x faster than h5py.Group.get, which matters
-    # with hundreds of thousands of clients (StackOverflow).
+    # The low-level h5d API is faster than h5py.Group.get (docs/benchmarks.md,
+    # "Constants chosen by measurement"), which matters with hundreds of
+    # thousands of clients (StackOverflow).
     size_feature = features[0]
     sizes = np.empty(len(client_ids), np.int64)
     for i, cid in enumerate(client_ids):
