@@ -67,7 +67,7 @@ def rounds_only(config: config_lib.Config, k: int, repeats: int
 
   def device_rounds(state, first, num_calls):
     for c in range(num_calls):
-      state, _, metrics, aux = multi_round(
+      state, metrics, aux = multi_round(
           state, hparams, population, keys, first + c * k, k,
           num_rounds=k)
       jax.device_get((metrics, aux))
