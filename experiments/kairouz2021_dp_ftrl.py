@@ -21,7 +21,7 @@ neighbours (RDP accountant, tree-aggregation events):
     amplification" baseline, the same code path and ledger).
 The comparison the paper makes is between these two arms; the population
 here (400) is far too small for either to match amplified DP-FedAvg
-(experiments/digits_dp_fedavg.py: 0.888 at epsilon 6.83, which relies on
+(experiments/digits_dp_fedavg.py: 0.883 at epsilon 6.83, which relies on
 Poisson sampling). Measured values: docs/reproductions.md.
 
 Run:
