@@ -165,12 +165,20 @@ def _check_rounds(rounds):
 
 def _cmd_account(args) -> int:
   from fedjax_dp.privacy import accounting  # pylint: disable=g-import-not-at-top
+  from fedjax_dp.privacy import plan as plan_lib  # pylint: disable=g-import-not-at-top
   _check_rounds(args.rounds)
   if not (args.noise_multiplier is not None and args.noise_multiplier >= 0):
     raise ValueError("--noise-multiplier must be a number >= 0, got "
                      f"{args.noise_multiplier!r}")
-  if args.mechanism == "tree":
-    return _account_tree(args)
+  for flag, value in (("--max-participations", args.max_participations),
+                      ("--min-separation", args.min_separation)):
+    if value is None or value < 1:
+      raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+  tree = plan_lib.tree_schedule(
+      args.mechanism, args.noise_multiplier, args.rounds,
+      args.max_participations, args.min_separation)
+  if tree is not None:
+    return _print_tree_account(args, tree)
   sampler = _sampler_from_args(args)
   eps = accounting.epsilon_of_counts(
       [(sampler.dp_event(args.noise_multiplier), args.rounds)], args.delta,
@@ -193,35 +201,30 @@ def _cmd_account(args) -> int:
   return 0
 
 
-def _account_tree(args) -> int:
-  """DP-FTRL: one tree over all rounds, each client in at most
-  --max-participations rounds at least --min-separation apart."""
+def _print_tree_account(args, tree) -> int:
+  """DP-FTRL: one tree over all rounds (`plan.tree_schedule`)."""
   from fedjax_dp.privacy import accounting  # pylint: disable=g-import-not-at-top
-  from fedjax_dp.privacy import clipping  # pylint: disable=g-import-not-at-top
-  from fedjax_dp.privacy import tree_aggregation  # pylint: disable=g-import-not-at-top
-  k, b, z = args.max_participations, args.min_separation, args.noise_multiplier
-  for flag, value in (("--max-participations", k), ("--min-separation", b)):
-    if value is None or value < 1:
-      raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
-  sensitivity_sq = tree_aggregation.max_sensitivity_squared(args.rounds, k, b)
-  relation = clipping.NeighbouringRelation.REPLACE_SPECIAL
-  eps = accounting.epsilon_of(
-      [tree_aggregation.multi_participation_event(z, args.rounds, k, b)],
-      args.delta, accountant=args.accountant, relation=relation)
-  rho = sensitivity_sq / (2 * z * z) if z > 0 else float("inf")
+  eps = accounting.epsilon_of([tree.event], args.delta,
+                              accountant=args.accountant,
+                              relation=tree.relation)
   result = {"epsilon": eps, "delta": args.delta, "accountant": args.accountant,
-            "mechanism": "tree", "noise_multiplier": z, "rounds": args.rounds,
-            "max_participations": k, "min_separation": b,
-            "sensitivity_squared": sensitivity_sq, "zcdp_rho": rho,
-            "neighbouring_relation": relation.value}
+            "mechanism": args.mechanism,
+            "noise_multiplier": args.noise_multiplier, "rounds": args.rounds,
+            "max_participations": args.max_participations,
+            "min_separation": args.min_separation,
+            "sensitivity_squared": tree.sensitivity_squared,
+            "zcdp_rho": tree.zcdp_rho,
+            "neighbouring_relation": tree.relation.value}
   if args.json:
     print(json.dumps(result))
   else:
     print(f"epsilon = {eps:.6g} at delta = {args.delta:g} ({args.accountant} "
-          f"accountant), rho = {rho:.4g} zCDP: one tree of {args.rounds} "
-          f"rounds, z = {z:g}, each client at most {k} times at least {b} "
-          f"rounds apart (sensitivity^2 = {sensitivity_sq:g} C^2), "
-          f"{relation.value} neighbours")
+          f"accountant), rho = {tree.zcdp_rho:.4g} zCDP: one tree of "
+          f"{args.rounds} rounds, z = {args.noise_multiplier:g}, each client "
+          f"at most {args.max_participations} times at least "
+          f"{args.min_separation} rounds apart (sensitivity^2 = "
+          f"{tree.sensitivity_squared:g} C^2), {tree.relation.value} "
+          "neighbours")
   return 0
 
 

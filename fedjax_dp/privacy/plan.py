@@ -837,6 +837,39 @@ def calibrate_noise_multiplier(plan: PrivacyPlan, target_epsilon: float
       rounds=rounds, accountant=plan.accountant, relation=plan.relation)
 
 
+class TreeSchedule(NamedTuple):
+  """DP-FTRL's tree over a whole run under a participation schema."""
+
+  event: dp_accounting.DpEvent
+  relation: clipping.NeighbouringRelation
+  sensitivity_squared: float  # in units of C^2
+  zcdp_rho: float
+
+
+def tree_schedule(mechanism: str, noise_multiplier: float, num_rounds: int,
+                  max_participations: int, min_separation: int
+                  ) -> TreeSchedule | None:
+  """For `mechanism` "tree": one tree of `num_rounds` steps without
+  restarts, each client in at most `max_participations` rounds at least
+  `min_separation` apart (Gboard's schema), accounted exactly
+  (`tree_aggregation.multi_participation_event`); None for the sampled
+  mechanisms, whose event comes from their sampler.
+
+  Privacy: under REPLACE_SPECIAL (one client's data replaced by the empty
+  record), no amplification credited.
+  """
+  if Noise(mechanism) is not Noise.TREE:
+    return None
+  z = float(noise_multiplier)
+  s = tree_aggregation.max_sensitivity_squared(
+      num_rounds, max_participations, min_separation)
+  return TreeSchedule(
+      tree_aggregation.multi_participation_event(
+          z, num_rounds, max_participations, min_separation),
+      clipping.NeighbouringRelation.REPLACE_SPECIAL, s,
+      s / (2 * z * z) if z > 0 else float("inf"))
+
+
 def build(config, population_size: int,
           model_size: Callable[[], int]) -> PrivacyPlan:
   """The privacy plan of a run of `config` over `population_size` clients
