@@ -7,9 +7,9 @@ Configurations that differ only in the round's array hyperparameters
 host-only settings (`HOST_FIELDS`: name, target epsilon, delta, budget,
 accountant, evaluation cadence) share one *shape group*: one `jax.jit` of
 `jax.vmap(round_fn)` over a leading configuration axis (server state, block,
-hparams, noise key, and what the mechanism carries: adaptive clipping's clip
-norm, secure aggregation's parameters; DP-FTRL's tree state comes from each
-lane's own noise key) runs every round of all of them at once. Any other
+hparams, noise key, secure aggregation's parameters; the server state holds
+what the mechanism carries: adaptive clipping's clip norm, DP-FTRL's tree
+from the lane's own noise key) runs every round of all of them at once. Any other
 difference (model, cohort size, dataset, mechanism, local epochs, ...)
 changes the program, so such configurations form separate groups, run one
 after another.
