@@ -163,68 +163,57 @@ def _check_rounds(rounds):
     raise ValueError(f"--rounds must be an integer >= 1, got {rounds!r}")
 
 
+def _report(args, result: dict, text: str) -> None:
+  """Prints `result` as JSON with --json, else the one-line `text`."""
+  print(json.dumps(result) if args.json else text)
+
+
 def _cmd_account(args) -> int:
   from fedjax_dp.privacy import accounting  # pylint: disable=g-import-not-at-top
   from fedjax_dp.privacy import plan as plan_lib  # pylint: disable=g-import-not-at-top
   _check_rounds(args.rounds)
-  if not (args.noise_multiplier is not None and args.noise_multiplier >= 0):
-    raise ValueError("--noise-multiplier must be a number >= 0, got "
-                     f"{args.noise_multiplier!r}")
+  z = args.noise_multiplier
+  if not (z is not None and z >= 0):
+    raise ValueError(f"--noise-multiplier must be a number >= 0, got {z!r}")
   for flag, value in (("--max-participations", args.max_participations),
                       ("--min-separation", args.min_separation)):
     if value is None or value < 1:
       raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
-  tree = plan_lib.tree_schedule(
-      args.mechanism, args.noise_multiplier, args.rounds,
-      args.max_participations, args.min_separation)
-  if tree is not None:
-    return _print_tree_account(args, tree)
-  sampler = _sampler_from_args(args)
-  eps = accounting.epsilon_of_counts(
-      [(sampler.dp_event(args.noise_multiplier), args.rounds)], args.delta,
-      accountant=args.accountant, relation=sampler.relation)
-  result = {
-      "epsilon": eps, "delta": args.delta, "accountant": args.accountant,
-      "sampling": args.sampling, "population": args.population,
-      "sampling_probability": sampler.sampling_probability,
-      "expected_cohort_size": sampler.expected_cohort_size,
-      "noise_multiplier": args.noise_multiplier, "rounds": args.rounds,
-      "neighbouring_relation": sampler.relation.value,
-  }
-  if args.json:
-    print(json.dumps(result))
+  tree = plan_lib.tree_schedule(args.mechanism, z, args.rounds,
+                                args.max_participations, args.min_separation)
+  if tree is None:
+    sampler = _sampler_from_args(args)
+    counts, relation = [(sampler.dp_event(z), args.rounds)], sampler.relation
   else:
-    print(f"epsilon = {eps:.6g} at delta = {args.delta:g} ({args.accountant} "
-          f"accountant, {args.sampling} sampling, q = "
-          f"{sampler.sampling_probability:.6g}, z = {args.noise_multiplier:g}, "
-          f"{args.rounds} rounds, {sampler.relation.value} neighbours)")
-  return 0
-
-
-def _print_tree_account(args, tree) -> int:
-  """DP-FTRL: one tree over all rounds (`plan.tree_schedule`)."""
-  from fedjax_dp.privacy import accounting  # pylint: disable=g-import-not-at-top
-  eps = accounting.epsilon_of([tree.event], args.delta,
-                              accountant=args.accountant,
-                              relation=tree.relation)
+    counts, relation = [(tree.event, 1)], tree.relation
+  eps = accounting.epsilon_of_counts(counts, args.delta,
+                                     accountant=args.accountant,
+                                     relation=relation)
   result = {"epsilon": eps, "delta": args.delta, "accountant": args.accountant,
-            "mechanism": args.mechanism,
-            "noise_multiplier": args.noise_multiplier, "rounds": args.rounds,
-            "max_participations": args.max_participations,
-            "min_separation": args.min_separation,
-            "sensitivity_squared": tree.sensitivity_squared,
-            "zcdp_rho": tree.zcdp_rho,
-            "neighbouring_relation": tree.relation.value}
-  if args.json:
-    print(json.dumps(result))
+            "noise_multiplier": z, "rounds": args.rounds,
+            "neighbouring_relation": relation.value}
+  head = (f"epsilon = {eps:.6g} at delta = {args.delta:g} ({args.accountant} "
+          "accountant")
+  if tree is None:
+    result.update(sampling=args.sampling, population=args.population,
+                  sampling_probability=sampler.sampling_probability,
+                  expected_cohort_size=sampler.expected_cohort_size)
+    text = (f"{head}, {args.sampling} sampling, q = "
+            f"{sampler.sampling_probability:.6g}, z = {z:g}, {args.rounds} "
+            f"rounds, {relation.value} neighbours)")
   else:
-    print(f"epsilon = {eps:.6g} at delta = {args.delta:g} ({args.accountant} "
-          f"accountant), rho = {tree.zcdp_rho:.4g} zCDP: one tree of "
-          f"{args.rounds} rounds, z = {args.noise_multiplier:g}, each client "
-          f"at most {args.max_participations} times at least "
-          f"{args.min_separation} rounds apart (sensitivity^2 = "
-          f"{tree.sensitivity_squared:g} C^2), {tree.relation.value} "
-          "neighbours")
+    # DP-FTRL: one tree over all rounds (`plan.tree_schedule`).
+    result.update(mechanism=args.mechanism,
+                  max_participations=args.max_participations,
+                  min_separation=args.min_separation,
+                  sensitivity_squared=tree.sensitivity_squared,
+                  zcdp_rho=tree.zcdp_rho)
+    text = (f"{head}), rho = {tree.zcdp_rho:.4g} zCDP: one tree of "
+            f"{args.rounds} rounds, z = {z:g}, each client at most "
+            f"{args.max_participations} times at least {args.min_separation} "
+            f"rounds apart (sensitivity^2 = {tree.sensitivity_squared:g} "
+            f"C^2), {relation.value} neighbours")
+  _report(args, result, text)
   return 0
 
 
@@ -243,10 +232,8 @@ def _cmd_calibrate(args) -> int:
             "accountant": args.accountant, "sampling": args.sampling,
             "rounds": args.rounds,
             "sampling_probability": sampler.sampling_probability}
-  if args.json:
-    print(json.dumps(result))
-  else:
-    print(f"noise multiplier = {z:.6g} (epsilon = {eps:.6g} <= "
+  _report(args, result,
+          f"noise multiplier = {z:.6g} (epsilon = {eps:.6g} <= "
           f"{args.target_epsilon:g} at delta = {args.delta:g}, "
           f"{args.accountant}, {args.rounds} rounds)")
   return 0

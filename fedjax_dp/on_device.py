@@ -167,7 +167,7 @@ def build_cohort_block(
   config = sim.config
   sampler = sim.plan.sampler
   slots, num_steps = sim.slots, sim.num_steps
-  width = blocks.example_width(sim.train.num_examples)
+  width = sim.example_width
 
   def cohort_block(population: DevicePopulation, keys: MultiRoundKeys,
                    round_index: jax.Array):

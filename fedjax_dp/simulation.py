@@ -233,6 +233,12 @@ class Simulation:
   def train(self):
     return self.dataset.train
 
+  @functools.cached_property
+  def example_width(self) -> int:
+    """The width every block's example order is drawn in
+    (`blocks.example_width` of the training population)."""
+    return blocks.example_width(self.train.num_examples)
+
   def streams(self) -> StreamKeys:
     """This run's random streams (`stream_keys` of its config and z)."""
     return stream_keys(self.config, self.plan.noise_multiplier)
@@ -321,7 +327,7 @@ class Simulation:
         cohort, local, local_valid, batch_size=self.config.batch_size,
         epochs=self.config.local_epochs, num_steps=self.num_steps,
         key=jax.random.fold_in(streams.data, r),
-        width=blocks.example_width(self.train.num_examples),
+        width=self.example_width,
         max_examples_per_client=self.config.max_examples_per_client)
     canary_ids = np.full((self.slots,), -1, np.int32)
     first = cohort.num_clients

@@ -32,6 +32,7 @@ from fedjax_dp.data import dataset as dataset_lib
 from fedjax_dp.data import population as population_lib
 from fedjax_dp.privacy import clipping
 from fedjax_dp.privacy import plan as plan_lib
+from fedjax_dp.privacy import tree_aggregation
 
 # Worst-case client kinds (see `client`).
 KINDS = ("ordinary", "cancelling", "cancelling_deep", "large", "huge", "nan",
@@ -113,6 +114,18 @@ def dataset(clients: list[dict], input_shape: tuple[int, ...],
       ["held"], [client("ordinary", np.random.default_rng(123), 4,
                         input_shape, num_classes)])
   return dataset_lib.FederatedDataset(name, train, held, input_shape, num_classes)
+
+
+def at_round(plan: plan_lib.PrivacyPlan, state, round_index: int):
+  """`state` with DP-FTRL's tree as it stands before round `round_index`
+  (`tree_aggregation.state_before_round`), to test a round on its own; the
+  other mechanisms' state is the same in every round such tests run."""
+  privacy = state.privacy
+  if privacy is None or privacy.tree is None:
+    return state
+  return state._replace(privacy=privacy._replace(
+      tree=tree_aggregation.state_before_round(
+          privacy.tree.key, round_index, plan.restart_every)))
 
 
 def state_for(sim: simulation.Simulation, kind: str, seed: int = 0):

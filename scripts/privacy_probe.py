@@ -42,7 +42,6 @@ from fedjax_dp import simulation
 from fedjax_dp import sweep
 from fedjax_dp import worst_case
 from fedjax_dp.privacy import clipping
-from fedjax_dp.privacy import tree_aggregation
 
 SHAPE, CLASSES, BATCH, CLIP, LR = (8, 8, 1), 10, 10, 0.5, 0.1
 
@@ -111,13 +110,9 @@ class Run:
     sim = simulation.build(self.cfg, dataset(clients))
     streams = sim.streams()
     block = sim.prepare(round_index, streams, self.sample)[0]
-    state = worst_case.state_for(sim, kind) if state is None else state
-    tree = state.privacy.tree if state.privacy is not None else None
-    if tree is not None:
-      # DP-FTRL: the tree as it stands before round `round_index`.
-      state = state._replace(privacy=state.privacy._replace(
-          tree=tree_aggregation.state_before_round(
-              tree.key, round_index, sim.plan.restart_every)))
+    state = worst_case.at_round(
+        sim.plan, worst_case.state_for(sim, kind) if state is None else state,
+        round_index)
     hparams = sim.hparams()
     new, metrics = self.round(
         state, block, hparams, jax.random.fold_in(streams.noise, round_index),

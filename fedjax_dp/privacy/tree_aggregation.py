@@ -264,6 +264,7 @@ def _max_plus(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.max(a[:, :, None] + b[None, :, :], axis=1)
 
 
+@functools.lru_cache(maxsize=64)
 def max_sensitivity_squared(num_steps: int, max_participations: int,
                             min_separation: int) -> float:
   """The largest sum of squared node counts one client can cause in a tree

@@ -38,7 +38,6 @@ from fedjax_dp import on_device
 from fedjax_dp.data import blocks
 from fedjax_dp.data import dataset as dataset_lib
 from fedjax_dp.data import population as population_lib
-from fedjax_dp.privacy import tree_aggregation
 
 INPUT_SHAPE = (8, 8, 1)
 NUM_CLASSES = 10
@@ -145,6 +144,7 @@ def flat(tree) -> np.ndarray:
 
 
 state_for = worst_case.state_for
+at_round = worst_case.at_round
 
 
 class Case:
@@ -301,17 +301,6 @@ class Case:
         sim.plan.adaptive_hparams(), sim.plan.secagg_params(), num_rounds=1)
     return (flat(new.params) - flat(state.params)) * float(
         hparams.denominator)
-
-
-def at_round(plan, state, round_index: int):
-  """`state` with DP-FTRL's tree as it stands before round `round_index`
-  (other mechanisms' state is the same in every round of these tests)."""
-  privacy = state.privacy
-  if privacy is None or privacy.tree is None:
-    return state
-  return state._replace(privacy=privacy._replace(
-      tree=tree_aggregation.state_before_round(
-          privacy.tree.key, round_index, plan.restart_every)))
 
 
 def norm(x: np.ndarray, p: float) -> float:
