@@ -179,8 +179,9 @@ def _cmd_account(args) -> int:
                       ("--min-separation", args.min_separation)):
     if value is None or value < 1:
       raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
-  tree = plan_lib.tree_schedule(args.mechanism, z, args.rounds,
-                                args.max_participations, args.min_separation)
+  tree = plan_lib.schema_schedule(
+      args.mechanism, z, args.rounds, args.max_participations,
+      args.min_separation, bands=args.bands, buffers=args.buffers)
   if tree is None:
     sampler = _sampler_from_args(args)
     counts, relation = [(sampler.dp_event(z), args.rounds)], sampler.relation
@@ -202,13 +203,15 @@ def _cmd_account(args) -> int:
             f"{sampler.sampling_probability:.6g}, z = {z:g}, {args.rounds} "
             f"rounds, {relation.value} neighbours)")
   else:
-    # DP-FTRL: one tree over all rounds (`plan.tree_schedule`).
+    # Correlated noise over all rounds (`plan.schema_schedule`).
     result.update(mechanism=args.mechanism,
                   max_participations=args.max_participations,
                   min_separation=args.min_separation,
                   sensitivity_squared=tree.sensitivity_squared,
                   zcdp_rho=tree.zcdp_rho)
-    text = (f"{head}), rho = {tree.zcdp_rho:.4g} zCDP: one tree of "
+    what = {"tree": "one tree", "band_mf": "BandMF", "blt": "BLT"}[
+        args.mechanism]
+    text = (f"{head}), rho = {tree.zcdp_rho:.4g} zCDP: {what} over "
             f"{args.rounds} rounds, z = {z:g}, each client at most "
             f"{args.max_participations} times at least {args.min_separation} "
             f"rounds apart (sensitivity^2 = {tree.sensitivity_squared:g} "
@@ -337,13 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
   _add_sampling_args(account)
   account.add_argument("--noise-multiplier", type=float, required=True)
   account.add_argument(
-      "--mechanism", choices=["gaussian", "tree"], default="gaussian",
-      help="gaussian: sampled rounds (--population, --sampling, ...); tree: "
-      "DP-FTRL, one tree over all rounds, no sampling credited")
+      "--mechanism", choices=["gaussian", "tree", "band_mf", "blt"],
+      default="gaussian",
+      help="gaussian: sampled rounds (--population, --sampling, ...); tree "
+      "(DP-FTRL, one tree), band_mf, blt: correlated noise over all rounds "
+      "under a participation schema, no sampling credited")
   account.add_argument("--max-participations", type=int, default=1,
-                       help="tree: rounds one client takes part in, at most")
+                       help="tree, band_mf, blt: rounds one client takes "
+                       "part in, at most")
   account.add_argument("--min-separation", type=int, default=1,
-                       help="tree: rounds between two of a client's, at least")
+                       help="tree, band_mf, blt: rounds between two of a "
+                       "client's, at least")
+  account.add_argument("--bands", type=int, default=None,
+                       help="band_mf: bands (default: --min-separation)")
+  account.add_argument("--buffers", type=int, default=3,
+                       help="blt: buffers (1..15)")
   account.set_defaults(fn=_cmd_account)
 
   calibrate = sub.add_parser(

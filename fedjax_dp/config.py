@@ -85,7 +85,10 @@ class Config:
   model_kwargs: dict = dataclasses.field(default_factory=dict)
   # Rounds and client sampling.
   rounds: int = 150
-  sampling: str = "poisson"  # "poisson" or "fixed"
+  # "poisson", "fixed", "disjoint" (DP-FTRL's trees), "cyclic" (a (k, b)
+  # participation schema: round r's cohort from group r mod b) or
+  # "banded_poisson" (Poisson within group r mod b); b = min_separation.
+  sampling: str = "poisson"
   cohort_size: int | None = 50  # expected size for poisson
   sampling_probability: float | None = None  # poisson only; overrides cohort
   capacity: int | None = None  # poisson block size; None: automatic
@@ -139,6 +142,15 @@ class Config:
   # a client may take part once per tree ("once_per_tree") or once ("once").
   tree_restart_every: int | None = None
   tree_participation: str = "once_per_tree"
+  # Participation schemas (sampling "cyclic" or "banded_poisson"): b, the
+  # number of client groups; any two rounds of one client are at least b
+  # apart, and a client takes part in at most ceil(rounds / b).
+  min_separation: int | None = None
+  # Matrix-factorization noise (mechanism "band_mf" or "blt"; central, L2
+  # clipping, a participation schema): BandMF's bands (None: b) and BLT's
+  # buffers. The strategies are optimised for `rounds` prefix sums.
+  mf_bands: int | None = None
+  blt_buffers: int = 3
   # Record-level DP inside each client (DP-SGD; privacy/plan.py,
   # noisy_batch_gradient): clip each example's gradient to example_clip_norm
   # and add Gaussian noise of std example_noise_multiplier *
@@ -204,6 +216,7 @@ class Config:
     from fedjax_dp.models import registry  # pylint: disable=g-import-not-at-top
     from fedjax_dp.privacy import accounting  # pylint: disable=g-import-not-at-top
     from fedjax_dp.privacy import plan as plan_lib  # pylint: disable=g-import-not-at-top
+    from fedjax_dp.privacy import sampling as sampling_lib  # pylint: disable=g-import-not-at-top
     from fedjax_dp import server  # pylint: disable=g-import-not-at-top
 
     def positive_int(name):
@@ -220,13 +233,12 @@ class Config:
     for name in ("rounds", "local_epochs", "batch_size", "eval_every",
                  "checkpoint_every"):
       positive_int(name)
-    if self.sampling not in ("poisson", "fixed", "disjoint"):
-      _fail("sampling", "one of ['poisson', 'fixed', 'disjoint']",
-            self.sampling)
+    if self.sampling not in sampling_lib.SCHEMES:
+      _fail("sampling", f"one of {list(sampling_lib.SCHEMES)}", self.sampling)
     if self.sampling_probability is not None:
-      if self.sampling != "poisson":
-        _fail("sampling_probability", "unset (None) for fixed-size sampling",
-              self.sampling_probability)
+      if self.sampling not in ("poisson", "banded_poisson"):
+        _fail("sampling_probability", "unset (None) unless sampling is "
+              "'poisson' or 'banded_poisson'", self.sampling_probability)
       if not 0 < self.sampling_probability <= 1:
         _fail("sampling_probability", "in (0, 1]", self.sampling_probability)
     elif self.cohort_size is None:
@@ -341,10 +353,12 @@ class Config:
       _check_positive_finite(self, "secagg_scale", "null")
 
   def _validate_tree(self) -> None:
-    if self.tree_restart_every is not None and (
-        not _is_int(self.tree_restart_every) or self.tree_restart_every < 1):
-      _fail("tree_restart_every", "an integer >= 1 (or null)",
-            self.tree_restart_every)
+    for name in ("tree_restart_every", "min_separation", "mf_bands"):
+      value = getattr(self, name)
+      if value is not None and (not _is_int(value) or value < 1):
+        _fail(name, "an integer >= 1 (or null)", value)
+    if not _is_int(self.blt_buffers) or not 1 <= self.blt_buffers <= 15:
+      _fail("blt_buffers", "an integer in [1, 15]", self.blt_buffers)
 
   def _validate_example_dp(self) -> None:
     if self.example_clip_norm is not None and not (

@@ -282,8 +282,10 @@ class Simulation:
     (default: the config's), the optimizer's state, and the mechanism's
     state from this run's noise stream (`PrivacyPlan.initial_state`)."""
     seed = self.config.seed if seed is None else seed
-    return server_lib.init(self.initial_params(seed), self.server_optimizer,
-                           self.plan.initial_state(self.streams().noise))
+    params = self.initial_params(seed)
+    return server_lib.init(params, self.server_optimizer,
+                           self.plan.initial_state(self.streams().noise,
+                                                   params))
 
   def canary_directions(self, seed: int, params_like) -> types.Params:
     """2 * audit_canaries unit directions: the first half are inserted."""

@@ -15,9 +15,10 @@ DATA = 3  # round r's example order: fold_in(data, r), host and device
 DROPOUT = 4  # simulated dropout (host NumPy words)
 CANARY = 5  # audit canaries' directions (seed alone)
 
-# Folded into the noise stream: the root of every DP-FTRL tree node's key
-# (far above any round index, which is folded into the same stream).
-TREE = 1 << 30
+# Folded into the noise stream: the root of correlated noise's keys (DP-FTRL
+# tree nodes, matrix-factorization steps; far above any round index, which
+# is folded into the same stream).
+CORRELATED = 1 << 30
 
 # Folded into round r's noise key: sub-streams of the round's noise. The
 # round's key itself is only their parent; no noise is drawn from it.

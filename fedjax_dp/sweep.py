@@ -527,7 +527,9 @@ class _LaneRounds:
     if plan0.secagg is not None:
       self._secagg = place(_stack([m.plan.secagg_params() for m in lanes]))
     states = init(jnp.asarray([m.config.seed for m in lanes], jnp.int32))
-    privacy = [m.plan.initial_state(m.streams.noise) for m in lanes]
+    one_lane = jax.tree_util.tree_map(lambda x: x[0], states.params)
+    privacy = [m.plan.initial_state(m.streams.noise, one_lane)
+               for m in lanes]
     if privacy[0] is not None:
       states = states._replace(privacy=_stack(privacy))
     self.initial_carry = round_calls.Carry(place(states))

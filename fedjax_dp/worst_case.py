@@ -31,6 +31,7 @@ from fedjax_dp import simulation
 from fedjax_dp.data import dataset as dataset_lib
 from fedjax_dp.data import population as population_lib
 from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import correlated_noise
 from fedjax_dp.privacy import plan as plan_lib
 from fedjax_dp.privacy import tree_aggregation
 
@@ -60,6 +61,12 @@ MECHANISMS = {
                     sampling_probability=None, cohort_size=6,
                     tree_restart_every=2),
     "dp_sgd": dict(example_clip_norm=1.0, example_noise_multiplier=0.0),
+    # Matrix-factorization noise under a (k, b) = (2, 2) schema: cohorts of
+    # 6 from 2 groups, so each client is in at most 2 of 4 rounds.
+    "band_mf": dict(mechanism="band_mf", sampling="cyclic", min_separation=2,
+                    sampling_probability=None, cohort_size=6, mf_bands=2),
+    "blt": dict(mechanism="blt", sampling="cyclic", min_separation=2,
+                sampling_probability=None, cohort_size=6, blt_buffers=2),
 }
 
 
@@ -117,15 +124,23 @@ def dataset(clients: list[dict], input_shape: tuple[int, ...],
 
 
 def at_round(plan: plan_lib.PrivacyPlan, state, round_index: int):
-  """`state` with DP-FTRL's tree as it stands before round `round_index`
-  (`tree_aggregation.state_before_round`), to test a round on its own; the
-  other mechanisms' state is the same in every round such tests run."""
+  """`state` with the correlated noise as it stands before round
+  `round_index`, from the state of round 0, to test a round on its own:
+  DP-FTRL's tree in closed form (`tree_aggregation.state_before_round`), a
+  matrix factorization's buffers stepped `round_index` times (they hold
+  sigma = 1 noise). Other mechanisms' state is the same in every round such
+  tests run."""
   privacy = state.privacy
-  if privacy is None or privacy.tree is None:
+  if privacy is None or privacy.correlated is None:
     return state
-  return state._replace(privacy=privacy._replace(
-      tree=tree_aggregation.state_before_round(
-          privacy.tree.key, round_index, plan.restart_every)))
+  if isinstance(plan.strategy, tree_aggregation.TreeNoise):
+    moved = tree_aggregation.state_before_round(
+        privacy.correlated.key, round_index, plan.restart_every)
+  else:
+    moved = privacy.correlated
+    for _ in range(round_index):
+      _, moved = plan.strategy.noise(moved, state.params, 1.0)
+  return state._replace(privacy=privacy._replace(correlated=moved))
 
 
 def state_for(sim: simulation.Simulation, kind: str, seed: int = 0):
@@ -198,13 +213,22 @@ def event_noise_stddev(event, relation: clipping.NeighbouringRelation,
 def release_noise_stddev(sim: simulation.Simulation, participants: int,
                          clip_norm: float | None = None) -> float:
   """The noise std of one coordinate of a round's release with this many
-  participants, as the ledger's event for `sim` assumes it."""
+  participants, as the ledger's event for `sim` assumes it (round 0's,
+  under a participation schema)."""
   clip_norm = sim.config.clip_norm if clip_norm is None else clip_norm
   if sim.plan.secagg is not None:
     # Discrete Gaussian shares of std sigma_c (integer units) per
     # participant.
     return math.sqrt(participants) * sim.plan.secagg.share_stddev / (
         sim.plan.secagg.scale)
+  if sim.plan.schema:
+    # The event covers the whole run (or a cycle); round 0's release carries
+    # z C times the first entry of C^{-1} (1 for the tree and plain noise).
+    first = 1.0
+    if isinstance(sim.plan.strategy, (correlated_noise.BandedToeplitz,
+                                      correlated_noise.BufferedInverse)):
+      first = abs(float(sim.plan.strategy.noise_coefs(1)[0]))
+    return sim.plan.noise_multiplier * clip_norm * first
   count = sim.plan.count_stddev if sim.config.adaptive_clipping else None
   std = event_noise_stddev(sim.plan.event(), sim.plan.relation, clip_norm,
                            count)

@@ -39,7 +39,7 @@ def _round_fn(mechanism, restart_every=None):
 
 
 def _tree_state(tree: ta.TreeState) -> plan_lib.PrivacyState:
-  return plan_lib.PrivacyState(tree=tree)
+  return plan_lib.PrivacyState(correlated=tree)
 
 
 def _flat(tree):
@@ -78,8 +78,8 @@ def test_model_carries_each_finished_tree_and_the_current_prefix_noise():
     assert int(metrics["tree_step"]) == r % restart + 1
     assert int(metrics["tree_index"]) == r // restart
     want = ta.state_before_round(key, r + 1, restart)
-    assert int(state.privacy.tree.step) == int(want.step)
-    assert int(state.privacy.tree.tree_index) == int(want.tree_index)
+    assert int(state.privacy.correlated.step) == int(want.step)
+    assert int(state.privacy.correlated.tree_index) == int(want.tree_index)
   levels = ta.num_levels(restart)
   expected = sum(
       _flat(ta.cumulative_noise(key, jnp.int32(j), jnp.int32(t), params,

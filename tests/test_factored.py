@@ -239,7 +239,7 @@ def test_mechanism_state_moves_alike_in_both_backends(mechanism):
       model, client_opt, server_opt, privatizer, clients_per_chunk=chunk,
       factored=f)) for f, chunk in ((False, 1), (True, 4)))
   privacy = (plan_lib.PrivacyState(clip_norm=jnp.float32(0.3)) if adaptive
-             else plan_lib.PrivacyState(tree=tree_aggregation.init(
+             else plan_lib.PrivacyState(correlated=tree_aggregation.init(
                  jax.random.key(5))))
   state = _state("mlp_2nn", seed=3)._replace(privacy=privacy)
   args = ((adaptive_clipping.AdaptiveClipHparams.create(
@@ -257,9 +257,10 @@ def test_mechanism_state_moves_alike_in_both_backends(mechanism):
       np.testing.assert_allclose(new_fac.clip_norm, new_ref.clip_norm,
                                  rtol=1e-5)
     else:
-      assert int(new_ref.tree.step) == r % 2 + 1
-      assert int(new_fac.tree.step) == int(new_ref.tree.step)
-      assert int(new_fac.tree.tree_index) == int(new_ref.tree.tree_index)
+      assert int(new_ref.correlated.step) == r % 2 + 1
+      assert int(new_fac.correlated.step) == int(new_ref.correlated.step)
+      assert int(new_fac.correlated.tree_index) == int(
+          new_ref.correlated.tree_index)
     state = out_ref[0]
 
 

@@ -224,6 +224,14 @@ _MECHANISM_SWEEPS = {
     "dp_ftrl": (dict(mechanism="tree", sampling="disjoint", accountant="rdp",
                      tree_restart_every=2, rounds=4),
                 {"noise_multiplier": [0.5, 1.0]}),
+    "band_mf": (dict(mechanism="band_mf", sampling="cyclic",
+                     min_separation=2, rounds=4),
+                {"noise_multiplier": [0.5, 1.0]}),
+    "blt_banded_poisson": (dict(mechanism="blt", sampling="banded_poisson",
+                                min_separation=2, cohort_size=None,
+                                sampling_probability=0.4, blt_buffers=2,
+                                rounds=4),
+                           {"clip_norm": [0.5, 1.0]}),
     "local": (dict(noise_placement="local"), {"clip_norm": [0.5, 1.0]}),
     "distributed": (dict(noise_placement="distributed", min_participants=2),
                     {"noise_multiplier": [0.5, 1.0]}),
@@ -235,7 +243,7 @@ _MECHANISM_SWEEPS = {
     "dropout": (dict(dropout_rate=0.3), {"noise_multiplier": [0.5, 1.0]}),
 }
 # The fast subset runs by default; CI's slow selection runs the rest.
-_DEFAULT_MECHANISMS = ("adaptive",)
+_DEFAULT_MECHANISMS = ("adaptive", "band_mf")
 
 
 @pytest.mark.parametrize("name", [

@@ -12,11 +12,13 @@ into a `PrivacyPlan`, which holds, and alone decides:
     same events (`calibrate_noise_multiplier`);
   * how the compiled round clips (`clip`), what each client sends under
     client-side noise (`message`), and how the released sum is noised
-    (`release`), including DP-FTRL's tree noise, secure aggregation's
-    encoding and distributed noise's abort rule;
+    (`release`), including correlated noise (DP-FTRL's tree, BandMF, BLT:
+    `strategy`), secure aggregation's encoding and distributed noise's
+    abort rule;
   * the state mechanisms carry from round to round in the server state
     (`initial_state`, `PrivacyState`: adaptive clipping's clip norm,
-    DP-FTRL's tree), and adaptive clipping's hyperparameters;
+    correlated noise's key, step and buffers), and adaptive clipping's
+    hyperparameters;
   * which combinations of mechanism and execution it supports
     (`check_combination`, `refusal`).
 
@@ -36,6 +38,11 @@ Privacy: every guarantee is stated under `relation`:
     exactly a Gaussian of multiplier z (privacy/adaptive_clipping.py);
   * DP-FTRL: the tree's event when it starts, under replace-special
     (privacy/tree_aggregation.py);
+  * participation schemas (cyclic, banded Poisson samplers) with the tree,
+    BandMF, BLT or independent Gaussian noise: the whole run's Gaussian of
+    the schema's sensitivity in round 0 (privacy/correlated_noise.py), or,
+    amplified (b-banded C under banded Poisson), one sampled Gaussian per
+    cycle of b rounds, under the sampler's relation;
   * local noise: one client's messages under the LOCAL relation;
   * distributed noise and secure aggregation: zero-out (replace-special)
     neighbours among the participants, no amplification by sampling
@@ -47,11 +54,13 @@ Privacy: every guarantee is stated under `relation`:
 import dataclasses
 import enum
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import dp_accounting
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_dp import streams
 from fedjax_dp import tree_util
@@ -59,6 +68,7 @@ from fedjax_dp import types
 from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import adaptive_clipping
 from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import correlated_noise
 from fedjax_dp.privacy import events
 from fedjax_dp.privacy import laplace
 from fedjax_dp.privacy import noise
@@ -75,6 +85,14 @@ class Noise(enum.Enum):
   GAUSSIAN = "gaussian"  # L2 clipping, Gaussian noise.
   LAPLACE = "laplace"  # L1 clipping, Laplace noise.
   TREE = "tree"  # L2 clipping, DP-FTRL's tree-aggregation noise.
+  BAND_MF = "band_mf"  # L2 clipping, banded matrix-factorization noise.
+  BLT = "blt"  # L2 clipping, buffered-linear-Toeplitz MF noise.
+
+
+# Mechanisms whose noise is correlated across rounds (a strategy carried in
+# the server state), and the samplers of participation schemas.
+CORRELATED = (Noise.TREE, Noise.BAND_MF, Noise.BLT)
+SCHEMA_SAMPLINGS = ("cyclic", "banded_poisson")
 
 
 class Placement(enum.Enum):
@@ -120,6 +138,7 @@ def check_combination(config) -> None:
           "(both are L2 mechanisms)", c.mechanism)
   _check_placement(c, noise_kind)
   _check_tree(c, noise_kind)
+  _check_schema(c, noise_kind)
 
 
 def _check_placement(c, noise_kind: Noise) -> None:
@@ -128,8 +147,8 @@ def _check_placement(c, noise_kind: Noise) -> None:
     _fail("noise_placement", f"one of {names}", c.noise_placement)
   where = Placement(c.noise_placement)
   if where is not Placement.CENTRAL:
-    if noise_kind is Noise.TREE:
-      _fail("noise_placement", "'central' with mechanism='tree'",
+    if noise_kind in CORRELATED:
+      _fail("noise_placement", f"'central' with mechanism={c.mechanism!r}",
             c.noise_placement)
     if c.adaptive_clipping:
       _fail("noise_placement", "'central' with adaptive clipping (its "
@@ -148,23 +167,61 @@ def _check_placement(c, noise_kind: Noise) -> None:
 
 def _check_tree(c, noise_kind: Noise) -> None:
   tree = noise_kind is Noise.TREE
-  if tree != (c.sampling == "disjoint"):
-    _fail("sampling", "'disjoint' exactly when mechanism='tree' (DP-FTRL "
+  if (c.sampling == "disjoint") and not tree:
+    _fail("sampling", "'disjoint' only with mechanism='tree' (DP-FTRL "
           "credits no sampling; its cohorts are disjoint within a tree)",
           c.sampling)
-  if tree and c.accountant != "rdp":
-    _fail("accountant", "'rdp' with mechanism='tree' (only dp_accounting's "
-          "RDP accountant takes tree-aggregation events)", c.accountant)
+  if tree and c.sampling not in ("disjoint", "cyclic"):
+    _fail("sampling", "'disjoint' (trees with restarts) or 'cyclic' (one "
+          "tree under a participation schema) with mechanism='tree'",
+          c.sampling)
+  if tree and c.sampling == "disjoint" and c.accountant != "rdp":
+    _fail("accountant", "'rdp' with sampling='disjoint' (only "
+          "dp_accounting's RDP accountant takes tree-aggregation events)",
+          c.accountant)
   if tree and (c.adaptive_clipping or c.sampling_probability is not None
                or c.cohort_size is None):
     _fail("mechanism", "'tree' with a fixed cohort_size and without "
           "adaptive clipping", c.mechanism)
-  if c.tree_restart_every is not None and not tree:
-    _fail("tree_restart_every", "null unless mechanism='tree'",
-          c.tree_restart_every)
+  if c.tree_restart_every is not None and (
+      not tree or c.sampling != "disjoint"):
+    _fail("tree_restart_every", "null unless mechanism='tree' with "
+          "sampling='disjoint'", c.tree_restart_every)
   if c.tree_participation not in sampling.PARTICIPATIONS:
     _fail("tree_participation", f"one of {list(sampling.PARTICIPATIONS)}",
           c.tree_participation)
+
+
+def _check_schema(c, noise_kind: Noise) -> None:
+  """Matrix-factorization noise and the participation-schema samplers."""
+  schema = c.sampling in SCHEMA_SAMPLINGS
+  if noise_kind in (Noise.BAND_MF, Noise.BLT) and not schema:
+    _fail("sampling", f"one of {list(SCHEMA_SAMPLINGS)} with mechanism="
+          f"{c.mechanism!r} (its sensitivity needs a participation schema)",
+          c.sampling)
+  if schema != (c.min_separation is not None):
+    _fail("min_separation", f"set exactly when sampling is one of "
+          f"{list(SCHEMA_SAMPLINGS)}", c.min_separation)
+  if c.mf_bands is not None and noise_kind is not Noise.BAND_MF:
+    _fail("mf_bands", "null unless mechanism='band_mf'", c.mf_bands)
+  if not schema:
+    return
+  if noise_kind is Noise.LAPLACE:
+    _fail("mechanism", f"'gaussian', 'tree', 'band_mf' or 'blt' with "
+          f"sampling={c.sampling!r}", c.mechanism)
+  if c.adaptive_clipping:
+    _fail("adaptive_clipping", f"false with sampling={c.sampling!r}",
+          c.adaptive_clipping)
+  if c.noise_placement != "central":
+    _fail("noise_placement", f"'central' with sampling={c.sampling!r}",
+          c.noise_placement)
+  if c.sampling == "cyclic" and (c.cohort_size is None or
+                                 c.sampling_probability is not None):
+    _fail("cohort_size", "an integer (the clients of each round) with "
+          "sampling='cyclic'", c.cohort_size)
+  if c.sampling == "banded_poisson" and c.capacity is not None:
+    _fail("capacity", "null with sampling='banded_poisson' (its block holds "
+          "the population: never truncated)", c.capacity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +301,11 @@ def build_sampler(config, population_size: int) -> sampling.Sampler:
         "disjoint", population_size, cohort_size=config.cohort_size,
         num_rounds=config.rounds, restart_every=config.tree_restart_every,
         participation=config.tree_participation)
+  if config.sampling in SCHEMA_SAMPLINGS:
+    return sampling.make_sampler(
+        config.sampling, population_size, cohort_size=config.cohort_size,
+        sampling_probability=config.sampling_probability,
+        num_rounds=config.rounds, min_separation=config.min_separation)
   capacity = config.capacity
   if Noise(config.mechanism) is Noise.LAPLACE and capacity is None:
     # dp_accounting has no truncated-Poisson Laplace event: a block as large
@@ -376,6 +438,9 @@ class PrivacyPlan:
   # Distributed noise: the public minimum number of participants (1 else).
   min_participants: int = 1
   secagg: SecAggSetup | None = None
+  # Correlated noise: the strategy the round carries (DP-FTRL's tree,
+  # BandMF, BLT; None for independent noise).
+  strategy: Any = None
 
   # --- Host side: relation, events, ledger. ---------------------------------
 
@@ -399,20 +464,63 @@ class PrivacyPlan:
   @property
   def restart_every(self) -> int | None:
     """DP-FTRL: rounds per tree (None for other mechanisms)."""
-    return self.sampler.restart_every if self.noise is Noise.TREE else None
+    if isinstance(self.strategy, tree_aggregation.TreeNoise):
+      return self.strategy.restart_every
+    return None
+
+  @property
+  def schema(self) -> bool:
+    """Whether the sampler is a participation schema's (cyclic or banded
+    Poisson): rounds then differ in what they record."""
+    return isinstance(self.sampler, (sampling.CyclicSampler,
+                                     sampling.BandedPoissonSampler))
+
+  @property
+  def amplified(self) -> bool:
+    """Amplified BandMF: banded Poisson sampling with at most b bands
+    (plain Gaussian noise has one): one sampled event per cycle of b rounds
+    (sampling.BandedPoissonSampler)."""
+    if not isinstance(self.sampler, sampling.BandedPoissonSampler):
+      return False
+    return self.strategy is None or (
+        isinstance(self.strategy, correlated_noise.BandedToeplitz) and
+        self.strategy.bands <= self.sampler.min_separation)
+
+  def schema_sensitivity_squared(self) -> float:
+    """s: the squared L2 sensitivity, in units of C^2, of everything the run
+    releases under the sampler's (k, b) schema (one client in at most k
+    rounds, any two at least b apart): the tree's exact count, the matrix
+    factorization's `minsep_sensitivity_squared`, or k for independent
+    Gaussian noise."""
+    k, b = self.sampler.max_participations, self.sampler.min_separation
+    if isinstance(self.strategy, tree_aggregation.TreeNoise):
+      return tree_aggregation.max_sensitivity_squared(self.num_rounds, k, b)
+    if self.strategy is None:
+      return float(k)
+    return correlated_noise.sensitivity_squared(self.strategy,
+                                                self.num_rounds, k, b)
+
+  def _round_class(self, round_index: int) -> int:
+    """Rounds that record the same event share a class (the cache's key)."""
+    if self.amplified:
+      return int(round_index % self.sampler.min_separation != 0)
+    if self.schema:
+      return int(round_index != 0)
+    if self.noise is Noise.TREE:
+      return int(round_index)
+    return 0
 
   def event(self, round_index: int = 0,
             noise_multiplier: float | None = None) -> dp_accounting.DpEvent:
     """Round `round_index`'s DP event (default: this plan's own z), under
     `relation` (see the module docstring for each mechanism's).
 
-    Cached: the loop asks for every round's event, and only DP-FTRL's
-    rounds differ (building a secure-aggregation event walks every possible
-    number of participants).
+    Cached: the loop asks for every round's event, and only DP-FTRL's and
+    the participation schemas' rounds differ (building a
+    secure-aggregation event walks every possible number of participants).
     """
-    if self.noise is not Noise.TREE:
-      round_index = 0
-    return _cached_event(self, int(round_index), noise_multiplier)
+    return _cached_event(self, self._round_class(int(round_index)),
+                         noise_multiplier)
 
   def _event(self, round_index: int,
              noise_multiplier: float | None) -> dp_accounting.DpEvent:
@@ -432,6 +540,8 @@ class PrivacyPlan:
       return secure_aggregation.dp_event(
           clip_norm=self.clip_norm, scale=s.scale, share_stddev_=s.share_stddev,
           min_shares=s.min_shares, max_shares=s.max_shares, dim=s.dim)
+    if self.schema:
+      return self._schema_event(round_index, z)
     if self.noise is Noise.TREE:
       if events.check_noise_multiplier(z) == 0:
         return dp_accounting.NonPrivateDpEvent()
@@ -450,6 +560,25 @@ class PrivacyPlan:
     if self.adaptive_clip:
       return self._adaptive_event(z)
     return self.sampler.dp_event(z)
+
+  def _schema_event(self, round_class: int,
+                    z: float) -> dp_accounting.DpEvent:
+    """Under a participation schema. Amplified: the sampled Gaussian of
+    multiplier z / (largest column norm) in the first round of each cycle
+    of b rounds, nothing in the others. Otherwise the whole run is one
+    Gaussian mechanism of L2 sensitivity sqrt(s) C, recorded in round 0
+    (before anything is released; a run stopped early has accounted for at
+    least what it released, as a shorter run's s is never larger)."""
+    if round_class != 0:
+      return dp_accounting.NoOpDpEvent()
+    if events.check_noise_multiplier(z) == 0:
+      return dp_accounting.NonPrivateDpEvent()
+    if self.amplified:
+      column_norm = 1.0 if self.strategy is None else math.sqrt(
+          float(np.sum(self.strategy.strategy_coefs(self.num_rounds) ** 2)))
+      return self.sampler.dp_event(z / column_norm)
+    return dp_accounting.GaussianDpEvent(
+        z / math.sqrt(self.schema_sensitivity_squared()))
 
   def _adaptive_event(self, z: float) -> dp_accounting.DpEvent:
     z_update = adaptive_clipping.update_noise_multiplier(z, self.count_stddev)
@@ -472,6 +601,12 @@ class PrivacyPlan:
     for any number of rounds (DP-FTRL: one pair per tree, and one for the
     no-op rounds inside trees). Composition does not depend on order."""
     rounds = self.num_rounds
+    if self.schema:
+      recording = (self.sampler.max_participations if self.amplified
+                   else 1)
+      runs = [(self.event(0, noise_multiplier), recording),
+              (dp_accounting.NoOpDpEvent(), rounds - recording)]
+      return [(e, n) for e, n in runs if n > 0]
     if self.noise is not Noise.TREE:
       return [(self.event(0, noise_multiplier), rounds)]
     runs = []
@@ -541,17 +676,28 @@ class PrivacyPlan:
   def secagg_params(self) -> secure_aggregation.SecAggParams | None:
     return None if self.secagg is None else self.secagg.params()
 
-  def initial_state(self, noise_root: types.PRNGKey) -> "PrivacyState | None":
+  def initial_state(self, noise_root: types.PRNGKey,
+                    params: types.PyTree = None) -> "PrivacyState | None":
     """What the mechanism carries into round 0 (`PrivacyState`), or None
-    where it carries nothing. `noise_root` is the run's noise stream (the
-    tree's nodes draw from a key folded from it)."""
-    adaptive, tree = self.adaptive_clip, self.noise is Noise.TREE
-    if not (adaptive or tree):
+    where it carries nothing. `noise_root` is the run's noise stream
+    (correlated noise draws from a key folded from it); `params` gives the
+    shapes of matrix-factorization noise's buffers.
+
+    Raises:
+      ValueError: matrix-factorization noise without `params`.
+    """
+    adaptive, strategy = self.adaptive_clip, self.strategy
+    if not (adaptive or strategy is not None):
       return None
+    if strategy is not None and params is None and not isinstance(
+        strategy, tree_aggregation.TreeNoise):
+      raise ValueError("matrix-factorization noise needs the model's "
+                       "parameters for its buffers: initial_state(noise_root, "
+                       "params)")
     return PrivacyState(
         clip_norm=jnp.float32(self.clip_norm) if adaptive else None,
-        tree=tree_aggregation.init(jax.random.fold_in(
-            noise_root, streams.TREE)) if tree else None)
+        correlated=None if strategy is None else strategy.init(
+            jax.random.fold_in(noise_root, streams.CORRELATED), params))
 
   @property
   def privatizer(self) -> "Privatizer":
@@ -560,7 +706,7 @@ class PrivacyPlan:
         noise=self.noise, placement=self.placement,
         per_layer_clipping=self.per_layer_clipping,
         secure_aggregation=self.secagg is not None,
-        restart_every=self.restart_every,
+        correlated=self.strategy,
         example_dp=self.example_clip_norm is not None,
         adaptive_clip=self.adaptive_clip)
 
@@ -575,8 +721,9 @@ class PrivacyState(NamedTuple):
   # Adaptive clipping: the clip norm this round's updates are clipped to
   # (moved by the round's noisy count of unclipped clients).
   clip_norm: jax.Array | None = None
-  # DP-FTRL: the tree's key, its step and its index (restarts).
-  tree: tree_aggregation.TreeState | None = None
+  # Correlated noise: the strategy's state (DP-FTRL's tree: its key, step
+  # and index; matrix factorizations: key, step and buffers).
+  correlated: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -597,8 +744,9 @@ class Privatizer:
   # Distributed noise only: simulate secure aggregation's fixed-point
   # encoding and modular sum with discrete Gaussian shares.
   secure_aggregation: bool = False
-  # DP-FTRL: rounds per tree.
-  restart_every: int | None = None
+  # Correlated noise: the strategy (tree_aggregation.TreeNoise,
+  # correlated_noise.BandedToeplitz or BufferedInverse), or None.
+  correlated: Any = None
   # Record-level DP-SGD inside each client (noisy_batch_gradient).
   example_dp: bool = False
   # Adaptive clipping: the clip norm is carried in the state and moved
@@ -635,13 +783,14 @@ class Privatizer:
       raise ValueError("adaptive clipping needs central Gaussian noise")
     return cls(noise_kind, where, per_layer_clipping,
                bool(secure_aggregation_encoding),
-               tree_restart_every if noise_kind is Noise.TREE else None,
+               tree_aggregation.TreeNoise(tree_restart_every)
+               if noise_kind is Noise.TREE else None,
                bool(example_dp), bool(adaptive_clipping))
 
   @property
   def carries_state(self) -> bool:
     """Whether the round needs the server state's `PrivacyState`."""
-    return self.adaptive_clip or self.noise is Noise.TREE
+    return self.adaptive_clip or self.correlated is not None
 
   def round_clip_norm(self, state: "PrivacyState | None",
                       clip_norm: jax.Array) -> jax.Array:
@@ -657,7 +806,7 @@ class Privatizer:
       raise ValueError(
           "this mechanism carries state from round to round: build the "
           "server state with server.init(params, optimizer, "
-          "plan.initial_state(noise_root))")
+          "plan.initial_state(noise_root, params))")
     return state.clip_norm if self.adaptive_clip else clip_norm
 
   @property
@@ -763,13 +912,15 @@ class Privatizer:
     if self.noise is Noise.LAPLACE:
       scale = laplace.noise_scale(noise_multiplier, clip_norm)
       return laplace.add_laplace_noise(clipped_sum, scale, key), state, {}
-    if self.noise is Noise.TREE:
-      restart = self.restart_every
-      noisy, tree, step = tree_aggregation.update(
-          state.tree, clipped_sum, stddev, restart,
-          levels=tree_aggregation.num_levels(restart))
-      return noisy, state._replace(tree=tree), {
-          "tree_index": step.tree_index, "tree_step": step.step}
+    if self.correlated is not None:
+      increment, moved = self.correlated.noise(state.correlated, clipped_sum,
+                                               stddev)
+      noisy = jax.tree_util.tree_map(
+          lambda x, n: (x.astype(jnp.float32) + n).astype(x.dtype),
+          clipped_sum, increment)
+      metrics = (self.correlated.metrics(moved) if isinstance(
+          self.correlated, tree_aggregation.TreeNoise) else {})
+      return noisy, state._replace(correlated=moved), metrics
     return noise.add_gaussian_noise(clipped_sum, stddev, key), state, {}
 
   def move_clip(self, state: "PrivacyState | None", was_clipped: jax.Array,
@@ -821,11 +972,12 @@ def calibrate_noise_multiplier(plan: PrivacyPlan, target_epsilon: float
   """The smallest noise multiplier whose planned rounds reach
   `target_epsilon` at the plan's delta (the same events the ledger will
   record)."""
-  if plan.noise is Noise.TREE:
-    # Rounds differ (a tree's event is recorded when it starts): calibrate
-    # on the whole run as one event.
+  if plan.noise is Noise.TREE or plan.schema:
+    # Rounds differ (a tree's event is recorded when it starts, a schema's
+    # once per run or cycle): calibrate on the whole run as one event.
     make_event, rounds = (lambda z: dp_accounting.ComposedDpEvent(tuple(
-        plan.event(r, z) for r in range(plan.num_rounds)))), 1
+        dp_accounting.SelfComposedDpEvent(event, count)
+        for event, count in plan.schedule(z)))), 1
   elif plan.adaptive_clip:
     # Adaptive clipping's two Gaussians together are exactly one Gaussian of
     # multiplier z (privacy/adaptive_clipping.py): calibrate on that one.
@@ -837,8 +989,9 @@ def calibrate_noise_multiplier(plan: PrivacyPlan, target_epsilon: float
       rounds=rounds, accountant=plan.accountant, relation=plan.relation)
 
 
-class TreeSchedule(NamedTuple):
-  """DP-FTRL's tree over a whole run under a participation schema."""
+class SchemaSchedule(NamedTuple):
+  """A correlated-noise mechanism over a whole run under a participation
+  schema, accounted as one Gaussian mechanism."""
 
   event: dp_accounting.DpEvent
   relation: clipping.NeighbouringRelation
@@ -846,28 +999,61 @@ class TreeSchedule(NamedTuple):
   zcdp_rho: float
 
 
-def tree_schedule(mechanism: str, noise_multiplier: float, num_rounds: int,
-                  max_participations: int, min_separation: int
-                  ) -> TreeSchedule | None:
-  """For `mechanism` "tree": one tree of `num_rounds` steps without
-  restarts, each client in at most `max_participations` rounds at least
-  `min_separation` apart (Gboard's schema), accounted exactly
-  (`tree_aggregation.multi_participation_event`); None for the sampled
-  mechanisms, whose event comes from their sampler.
+def schema_schedule(mechanism: str, noise_multiplier: float, num_rounds: int,
+                    max_participations: int, min_separation: int, *,
+                    bands: int | None = None,
+                    buffers: int = 3) -> SchemaSchedule | None:
+  """For the correlated mechanisms ("tree": one tree without restarts;
+  "band_mf" of `bands` bands, default b; "blt" of `buffers` buffers) over
+  `num_rounds` rounds, each client in at most `max_participations` rounds
+  at least `min_separation` apart (Gboard's schema), accounted exactly as a
+  Gaussian mechanism of L2 sensitivity sqrt(s) C; None for "gaussian",
+  whose event comes from its sampler.
 
   Privacy: under REPLACE_SPECIAL (one client's data replaced by the empty
   record), no amplification credited.
   """
-  if Noise(mechanism) is not Noise.TREE:
+  kind = Noise(mechanism)
+  k, b, t = int(max_participations), int(min_separation), int(num_rounds)
+  if kind is Noise.TREE:
+    s = tree_aggregation.max_sensitivity_squared(t, k, b)
+  elif kind is Noise.BAND_MF:
+    s = correlated_noise.sensitivity_squared(
+        correlated_noise.band_mf(t, int(bands or b)), t, k, b)
+  elif kind is Noise.BLT:
+    s = correlated_noise.sensitivity_squared(
+        correlated_noise.blt(t, k, b, int(buffers)), t, k, b)
+  else:
     return None
-  z = float(noise_multiplier)
-  s = tree_aggregation.max_sensitivity_squared(
-      num_rounds, max_participations, min_separation)
-  return TreeSchedule(
-      tree_aggregation.multi_participation_event(
-          z, num_rounds, max_participations, min_separation),
-      clipping.NeighbouringRelation.REPLACE_SPECIAL, s,
-      s / (2 * z * z) if z > 0 else float("inf"))
+  z = events.check_noise_multiplier(float(noise_multiplier))
+  event = (dp_accounting.GaussianDpEvent(z / math.sqrt(s)) if z > 0
+           else dp_accounting.NonPrivateDpEvent())
+  return SchemaSchedule(event, clipping.NeighbouringRelation.REPLACE_SPECIAL,
+                        s, s / (2 * z * z) if z > 0 else float("inf"))
+
+
+def build_strategy(config, sampler: sampling.Sampler):
+  """The correlated-noise strategy of `config`'s mechanism, or None.
+
+  DP-FTRL's tree restarts with its disjoint sampler's trees, or is one tree
+  under a participation schema. BandMF has `mf_bands` bands (default b, the
+  most that amplified accounting takes); BLT has `blt_buffers` buffers,
+  optimised for the sampler's (k, b) schema. Both are optimised for T =
+  `rounds` on the host (a few seconds; once per setting in a process).
+  """
+  kind = Noise(config.mechanism)
+  if kind is Noise.TREE:
+    return tree_aggregation.TreeNoise(
+        sampler.restart_every
+        if isinstance(sampler, sampling.DisjointSampler) else config.rounds)
+  if kind is Noise.BAND_MF:
+    return correlated_noise.band_mf(
+        int(config.rounds), int(config.mf_bands or sampler.min_separation))
+  if kind is Noise.BLT:
+    return correlated_noise.blt(
+        int(config.rounds), sampler.max_participations,
+        sampler.min_separation, int(config.blt_buffers))
+  return None
 
 
 def build(config, population_size: int,
@@ -913,7 +1099,8 @@ def build(config, population_size: int,
                          else float(config.example_clip_norm)),
       example_noise_multiplier=float(config.example_noise_multiplier),
       local_epochs=int(config.local_epochs),
-      min_participants=min_participants)
+      min_participants=min_participants,
+      strategy=build_strategy(config, sampler))
   if config.noise_multiplier is None:
     plan = dataclasses.replace(plan, noise_multiplier=(
         calibrate_noise_multiplier(plan, config.target_epsilon)))

@@ -27,6 +27,12 @@ Privacy:
     each client takes part at most once per tree of tree-aggregation noise
     (or once per run), and the events are tree_aggregation's, under
     replace-special neighbours.
+  * `CyclicSampler`: the (k, b) min-separation schema of correlated-noise
+    mechanisms (each client in at most k rounds, any two at least b apart);
+    no sampling credited, replace-special neighbours.
+  * `BandedPoissonSampler`: b-banded Poisson sampling (Poisson within the
+    group whose turn it is); add/remove neighbours, amplification credited
+    for b-banded strategies.
 
 Every sampler draws round r's cohort with `sample_round(stream_key, r)`.
 """
@@ -47,6 +53,9 @@ from fedjax_dp.privacy import clipping
 # once in each tree, or at most once in the whole run (tree_aggregation's
 # events take the same names).
 PARTICIPATIONS = ("once_per_tree", "once")
+
+# The sampler names (config field `sampling`).
+SCHEMES = ("poisson", "fixed", "disjoint", "cyclic", "banded_poisson")
 
 # Default bound on the per-round probability that a Poisson draw overflows
 # its block, used to size the block when no capacity is given.
@@ -367,7 +376,165 @@ def check_participation(population_size: int, cohort_size: int,
         f"{steps * cohort_size} clients, population has {population_size}")
 
 
-Sampler = PoissonSampler | FixedSizeSampler | DisjointSampler
+# Folded into the sampling stream for a run's fixed group assignment (never
+# a round index, which is folded into the same stream).
+_GROUPS = 2**31 - 1
+
+
+def _ceil_div(a: int, b: int) -> int:
+  return -(-int(a) // int(b))
+
+
+@dataclasses.dataclass(frozen=True)
+class CyclicSampler(_ExactCohort):
+  """A (k, b) min-separation schema (as used for Gboard's DP-FTRL and
+  matrix-factorization models): the population is split once into
+  b = `min_separation` groups, and round r's cohort is `cohort_size`
+  clients of group r mod b, uniformly without replacement.
+
+  A client takes part only in rounds of its group, so any two of its
+  rounds are at least b apart, and it takes part in at most
+  k = ceil(T / b) rounds (`max_participations`). Groups are a random
+  partition of the population into b groups of floor(n / b) clients (the
+  n mod b clients left over never take part), fixed for the run.
+
+  Privacy: replace-special neighbours (one client's data replaced by the
+  empty record); no sampling is credited, so who takes part when need not
+  be secret. The plan's event is the correlated-noise mechanism's under
+  the schema (correlated_noise.minsep_sensitivity_squared;
+  tree_aggregation.max_sensitivity_squared for the tree).
+  """
+
+  population_size: int
+  cohort_size: int
+  num_rounds: int
+  min_separation: int
+  relation = clipping.NeighbouringRelation.REPLACE_SPECIAL
+
+  def __post_init__(self):
+    _check_cohort(self)
+    if not 1 <= self.min_separation <= self.population_size:
+      raise ValueError(
+          f"min_separation must be in [1, population_size="
+          f"{self.population_size}], got {self.min_separation!r}")
+    if self.cohort_size > self.group_size:
+      raise ValueError(
+          f"cohort_size {self.cohort_size} exceeds a group's "
+          f"{self.group_size} clients ({self.population_size} clients in "
+          f"min_separation={self.min_separation} groups)")
+
+  @property
+  def group_size(self) -> int:
+    return self.population_size // self.min_separation
+
+  @property
+  def max_participations(self) -> int:
+    """k: the most rounds one client takes part in."""
+    return _ceil_div(self.num_rounds, self.min_separation)
+
+  def sample_round(self, stream_key: types.PRNGKey, round_index: jax.Array):
+    """Round r's cohort; same return shape as the other samplers'."""
+    b, size = self.min_separation, self.group_size
+    order = jax.random.permutation(jax.random.fold_in(stream_key, _GROUPS),
+                                   self.population_size)
+    group = jnp.asarray(round_index, jnp.int32) % b
+    members = order[group + b * jnp.arange(size)]
+    pick = jax.random.permutation(jax.random.fold_in(stream_key, round_index),
+                                  size)[:self.cohort_size]
+    return (members[pick].astype(jnp.int32),
+            jnp.ones((self.cohort_size,), bool),
+            jnp.asarray(self.cohort_size, jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class BandedPoissonSampler:
+  """b-banded (cyclic) Poisson sampling (Choquette-Choo et al. 2023,
+  "(Amplified) Banded Matrix Factorization"): each client is assigned once
+  to one of b = `min_separation` groups, independently and uniformly
+  (balls in bins), and round r includes each client of group r mod b
+  independently with probability q.
+
+  Any two rounds of one client are at least b apart, and it is eligible in
+  at most k = ceil(T / b) of them (`max_participations`). The block holds
+  the whole population, so no draw is ever truncated (slots without a
+  client cost no compute: rounds skip empty chunks).
+
+  Privacy: add/remove-one-client neighbours (group assignments are
+  independent per client, so adding or removing one changes no other's).
+  A b-banded C (at most b bands; plain Gaussian noise is C = I) under this
+  sampling is as private as k Poisson-sampled Gaussian mechanisms
+  (PoissonSampledDpEvent(q, Gaussian(z / max column norm)), one in each
+  cycle of b rounds; their Theorem 4), `dp_event`. Other strategies are
+  accounted without amplification, under the (k, b) schema.
+  """
+
+  population_size: int
+  sampling_probability: float
+  num_rounds: int
+  min_separation: int
+  relation = clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE
+  truncates = False
+
+  def __post_init__(self):
+    _check_population_size(self.population_size)
+    q = self.sampling_probability
+    if not 0 < q <= 1:
+      raise ValueError(f"sampling_probability must be in (0, 1], got {q!r}")
+    if not 1 <= self.min_separation:
+      raise ValueError(
+          f"min_separation must be >= 1, got {self.min_separation!r}")
+
+  @property
+  def capacity(self) -> int:
+    return self.population_size
+
+  @property
+  def expected_cohort_size(self) -> float:
+    """q n / b: the public denominator of the average update."""
+    return (self.sampling_probability * self.population_size
+            / self.min_separation)
+
+  @property
+  def max_participations(self) -> int:
+    """k: the most rounds one client is eligible in."""
+    return _ceil_div(self.num_rounds, self.min_separation)
+
+  def overflow_probability(self) -> float:
+    return 0.0
+
+  def groups(self, stream_key: types.PRNGKey) -> jax.Array:
+    """Each client's group, i.i.d. uniform in [0, b), fixed for the run."""
+    root = jax.random.fold_in(stream_key, _GROUPS)
+    return jax.vmap(lambda i: jax.random.randint(
+        jax.random.fold_in(root, i), (), 0, self.min_separation))(
+            jnp.arange(self.population_size))
+
+  def sample_round(self, stream_key: types.PRNGKey, round_index: jax.Array):
+    """Round r's cohort; same return shape as the other samplers'."""
+    n = self.population_size
+    eligible = self.groups(stream_key) == (
+        jnp.asarray(round_index, jnp.int32) % self.min_separation)
+    included = eligible & jax.random.bernoulli(
+        jax.random.fold_in(stream_key, round_index),
+        self.sampling_probability, (n,))
+    num_drawn = jnp.sum(included, dtype=jnp.int32)
+    (indices,) = jnp.nonzero(included, size=n, fill_value=0)
+    valid = jnp.arange(n) < num_drawn
+    return indices.astype(jnp.int32), valid, num_drawn
+
+  def dp_event(self, noise_multiplier: float) -> dp_accounting.DpEvent:
+    """One cycle's event for a b-banded C of column norm 1: the sampled
+    Gaussian of multiplier z."""
+    _check_noise_multiplier(noise_multiplier)
+    if noise_multiplier == 0:
+      return dp_accounting.NonPrivateDpEvent()
+    return dp_accounting.PoissonSampledDpEvent(
+        self.sampling_probability,
+        dp_accounting.GaussianDpEvent(noise_multiplier))
+
+
+Sampler = (PoissonSampler | FixedSizeSampler | DisjointSampler
+           | CyclicSampler | BandedPoissonSampler)
 
 
 def make_sampler(
@@ -380,12 +547,16 @@ def make_sampler(
     num_rounds: int | None = None,
     restart_every: int | None = None,
     participation: str = "once_per_tree",
+    min_separation: int | None = None,
 ) -> Sampler:
   """Builds a sampler by name: "poisson" (q, or m / n), "fixed" (m) or
-  "disjoint" (m, with the run's rounds and the tree's restart period).
+  "disjoint" (m, with the run's rounds and the tree's restart period),
+  "cyclic" (m per round from group r mod b, b = `min_separation`) or
+  "banded_poisson" (q within group r mod b).
 
   For "poisson", give `sampling_probability` or `cohort_size` (then
-  q = cohort_size / population_size).
+  q = cohort_size / population_size); for "banded_poisson" a
+  `cohort_size` is the expected cohort q n / b.
   """
   if scheme == "poisson":
     if sampling_probability is None:
@@ -409,5 +580,22 @@ def make_sampler(
       raise ValueError("disjoint sampling needs cohort_size and num_rounds")
     return DisjointSampler(population_size, cohort_size, num_rounds,
                            restart_every or num_rounds, participation)
-  raise ValueError("sampling must be one of ['poisson', 'fixed', 'disjoint'], "
-                   f"got {scheme!r}")
+  if scheme in ("cyclic", "banded_poisson"):
+    if num_rounds is None or min_separation is None:
+      raise ValueError(f"{scheme} sampling needs num_rounds and "
+                       "min_separation")
+    if scheme == "cyclic":
+      if cohort_size is None:
+        raise ValueError("cyclic sampling needs cohort_size")
+      return CyclicSampler(population_size, cohort_size, num_rounds,
+                           min_separation)
+    if sampling_probability is None:
+      if cohort_size is None:
+        raise ValueError("banded_poisson sampling needs sampling_probability "
+                         "or cohort_size")
+      # cohort_size is the expected cohort of a round: q n / b.
+      sampling_probability = min(
+          1.0, cohort_size * min_separation / population_size)
+    return BandedPoissonSampler(population_size, sampling_probability,
+                                num_rounds, min_separation)
+  raise ValueError(f"sampling must be one of {list(SCHEMES)}, got {scheme!r}")

@@ -52,6 +52,7 @@ the tree is then a Gaussian mechanism of noise multiplier z / sqrt(s)
 (`multi_participation_event`).
 """
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -183,15 +184,45 @@ def update(state: TreeState, clipped_sum: types.PyTree, stddev: jax.Array,
   Privacy: see the module docstring; the ledger needs `round_event` for
     every round.
   """
-  restart = state.step >= jnp.asarray(restart_every, jnp.int32)
-  tree_index = state.tree_index + restart.astype(jnp.int32)
-  t = jnp.where(restart, 0, state.step) + 1
-  inc = increment_noise(state.key, tree_index, t, clipped_sum, stddev, levels)
+  inc, moved, out = _step(state, clipped_sum, stddev, restart_every, levels)
   noisy = jax.tree_util.tree_map(
       lambda x, n: (x.astype(jnp.float32) + n).astype(x.dtype),
       clipped_sum, inc)
-  return (noisy, TreeState(state.key, t, tree_index),
+  return noisy, moved, out
+
+
+def _step(state: TreeState, template: types.PyTree, stddev: jax.Array,
+          restart_every, levels: int):
+  """(N_t - N_{t-1}, the state after step t, step info)."""
+  restart = state.step >= jnp.asarray(restart_every, jnp.int32)
+  tree_index = state.tree_index + restart.astype(jnp.int32)
+  t = jnp.where(restart, 0, state.step) + 1
+  inc = increment_noise(state.key, tree_index, t, template, stddev, levels)
+  return (inc, TreeState(state.key, t, tree_index),
           TreeOutput(t, tree_index, restart))
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeNoise:
+  """The tree as one of the round's correlated-noise strategies (beside
+  `correlated_noise`'s matrix factorizations): the same init/noise pair."""
+
+  restart_every: int
+
+  def init(self, key: types.PRNGKey, template: types.PyTree) -> TreeState:
+    del template  # Node noises are drawn when needed; nothing is buffered.
+    return init(key)
+
+  def noise(self, state: TreeState, template: types.PyTree,
+            stddev: jax.Array) -> tuple[types.PyTree, TreeState]:
+    """(this step's noise increment, the state after it)."""
+    inc, moved, _ = _step(state, template, stddev, self.restart_every,
+                          num_levels(self.restart_every))
+    return inc, moved
+
+  @staticmethod
+  def metrics(state: TreeState) -> dict:
+    return {"tree_index": state.tree_index, "tree_step": state.step}
 
 
 def tree_sizes(num_rounds: int, restart_every: int) -> list[int]:

@@ -13,8 +13,8 @@ chunks, independent (unrolled) chunks, the factored round of a dense model
 and of the McMahan CNN, the round sharded over simulated CPU devices, the
 on-device multi-round loop and vmapped sweep lanes. Mechanisms
 (`MECHANISMS`): central Gaussian, Laplace, adaptive clipping, per-layer
-clipping, local, distributed, secure aggregation, DP-FTRL and record-level
-DP-SGD. What a variant does not run is listed once, in `UNSUPPORTED`, with
+clipping, local, distributed, secure aggregation, DP-FTRL, record-level
+DP-SGD, BandMF and BLT (under a cyclic participation schema). What a variant does not run is listed once, in `UNSUPPORTED`, with
 the library's reason; the suite checks that the library refuses exactly
 those.
 
@@ -88,6 +88,18 @@ UNSUPPORTED = {
 KINDS = worst_case.KINDS
 
 
+def fresh_draw(plan, release_0: np.ndarray,
+               release_1: np.ndarray) -> np.ndarray:
+  """Round 1's own noise draw from the releases of rounds 0 and 1: the
+  release itself, or under matrix-factorization noise (correlated by
+  construction, w = C^{-1} z) z_1 = c_0 w_1 + c_1 w_0, which must be
+  independent of round 0's."""
+  if plan.strategy is None or not hasattr(plan.strategy, "strategy_coefs"):
+    return release_1
+  c0, c1 = plan.strategy.strategy_coefs(2)
+  return c0 * release_1 + c1 * release_0
+
+
 def client_data(kind: str, rng: np.random.Generator, size: int = 6) -> dict:
   """One client of a worst-case kind (`worst_case.client`) for digits-shaped
   data."""
@@ -132,10 +144,11 @@ def config_for(variant: str, mechanism: str, **changes) -> config_lib.Config:
       delta=1e-5, server_optimizer="sgd", server_lr=1.0, client_lr=0.1,
       local_epochs=1, batch_size=BATCH, eval_every=100, seed=0)
   fields = {**layout, **MECHANISMS[mechanism]}
-  if variant == "on_device" and fields.get("sampling") != "disjoint":
+  if variant == "on_device" and fields.get("sampling") not in (
+      "disjoint", "cyclic"):
     # Every client of the population takes part in every round.
     fields.update(sampling_probability=1.0, capacity=None)
-  return base.replace(**fields, **changes)
+  return base.replace(**{**fields, **changes})
 
 
 def flat(tree) -> np.ndarray:
@@ -265,8 +278,9 @@ class Case:
             for c in lanes]
     # Each lane's mechanism state from its own plan and noise key, as a
     # sweep starts it.
-    states = stack([at_round(p, state._replace(privacy=p.initial_state(k)),
-                             round_index) for p, k in zip(plans, keys)])
+    states = stack([at_round(p, state._replace(
+        privacy=p.initial_state(k, state.params)), round_index)
+                    for p, k in zip(plans, keys)])
     adaptive = secagg = None
     if self.sim.plan.adaptive_clip:
       adaptive = stack([p.adaptive_hparams() for p in plans])

@@ -75,6 +75,8 @@ def main():
   later = (noisy.config.tree_restart_every
            if noisy.config.mechanism == "tree" else 1)
   again = noisy.release(noisy.block(empty), round_index=later)
+  if later == 1:
+    again = ct.fresh_draw(noisy.sim.plan, release, again)
   checked += 1
   if abs(np.corrcoef(release, again)[0, 1]) > 6 / math.sqrt(release.size):
     violations.append("two rounds share noise")
