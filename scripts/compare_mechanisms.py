@@ -68,8 +68,15 @@ def main(argv=None) -> int:
   parser.add_argument("--delta", type=float, default=1e-4)
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--only", help="comma-separated arm names")
+  parser.add_argument("--report-only", action="store_true",
+                      help="rewrite table and plot from DIR/results.json")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
+  if args.report_only:
+    with open(os.path.join(args.out, "results.json")) as f:
+      saved = json.load(f)
+    _report(saved["runs"], argparse.Namespace(**saved["settings"]), args.out)
+    return 0
   base = config_lib.Config(
       rounds=args.rounds, noise_multiplier=None, target_epsilon=args.epsilon,
       delta=args.delta, accountant="rdp", eval_every=args.rounds)
@@ -93,12 +100,16 @@ def main(argv=None) -> int:
       print(json.dumps(row), flush=True)
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump(dict(settings=vars(args), runs=results), f, indent=1)
+  _report(results, args, args.out)
+  return 0
+
+
+def _report(results, args, out: str) -> None:
   table = _table(results, args)
-  with open(os.path.join(args.out, "table.md"), "w") as f:
+  with open(os.path.join(out, "table.md"), "w") as f:
     f.write(table)
   print(table)
-  _plot(results, args, os.path.join(args.out, "accuracy.png"))
-  return 0
+  _plot(results, args, os.path.join(out, "accuracy.png"))
 
 
 def _summary(results):
@@ -135,14 +146,17 @@ def _plot(results, args, path: str) -> None:
   means = [m for *_, m, _ in summary]
   stds = [s for *_, s in summary]
   ax.bar(range(len(summary)), means, yerr=stds, capsize=5, color="#4C72B0")
+  for i, (mean, std) in enumerate(zip(means, stds)):
+    ax.annotate(f"{mean:.3f}", (i, mean + std), textcoords="offset points",
+                xytext=(0, 4), ha="center", fontsize=9)
   for i, (arm, rows, *_) in enumerate(summary):
     ax.scatter([i] * len(rows), [r["accuracy"] for r in rows], color="black",
                s=12, zorder=3)
   ax.set_xticks(range(len(summary)))
   ax.set_xticklabels(names, rotation=20, ha="right")
   ax.set_ylabel("held-out accuracy")
-  low = min(r["accuracy"] for r in results)
-  ax.set_ylim(max(0.0, low - 0.05), min(1.0, max(means) + 0.05))
+  top = max(m + s for m, s in zip(means, stds))
+  ax.set_ylim(0.0, min(1.0, top + 0.08))
   ax.set_title(f"Equal privacy: epsilon = {args.epsilon:g}, delta = "
                f"{args.delta:g}; {args.rounds} rounds, b = {args.groups}, "
                f"{args.seeds} seeds (bars: mean +- std)", fontsize=10)
