@@ -47,21 +47,28 @@ OUTSIDE_RELEASE_IDENTITY = (
     "noise_multiplier", "clients_per_chunk", "vmap_clients",
     "unroll_local_steps", "shard_clients", "round_shape", "max_failed_rounds",
     "rounds_per_call")
+# Fields added after the first release of the identity: they enter the hash
+# only when set away from their default, so adding a field never changes the
+# randomness (and so the results) of runs that do not use it.
+OMITTED_AT_DEFAULT = ("min_separation", "mf_bands", "blt_buffers")
 
 
 def release_identity(config: config_lib.Config,
                      noise_multiplier: float) -> tuple[int, int]:
   """Two 32-bit words that name what a run computes and releases.
 
-  A hash of every config field except `OUTSIDE_RELEASE_IDENTITY`, with the
-  resolved noise multiplier. Runs (or sweep lanes) that differ in anything
+  A hash of every config field except `OUTSIDE_RELEASE_IDENTITY` (and the
+  `OMITTED_AT_DEFAULT` ones at their defaults), with the resolved noise
+  multiplier. Runs (or sweep lanes) that differ in anything
   they compute -- noise multiplier, clip norm, learning rates, data, model,
   sampling, mechanism, seed, ... -- get different identities and so draw
   independent randomness (`stream_keys`); runs that compute the same thing
   get the same identity and release the same values.
   """
+  defaults = config_lib.Config()
   fields = {k: v for k, v in config.to_dict().items()
-            if k not in OUTSIDE_RELEASE_IDENTITY}
+            if k not in OUTSIDE_RELEASE_IDENTITY and not (
+                k in OMITTED_AT_DEFAULT and v == getattr(defaults, k))}
   fields["resolved_noise_multiplier"] = float(noise_multiplier)
   digest = hashlib.sha256(json.dumps(
       fields, sort_keys=True, default=repr).encode("utf-8")).digest()

@@ -211,12 +211,15 @@ def test_a_client_moves_the_whole_release_by_at_most_the_schemas_bound():
                  cohort_size=3)
   plan = case.sim.plan
   population = ct.ordinary_population()
-  target = 0
+  cohorts = [np.asarray(plan.sampler.sample_round(case.streams.sample, r)[0])
+             for r in range(plan.num_rounds)]
+  # The sampler does not read the data: the target is the client it takes
+  # most often.
+  target = int(np.argmax(np.bincount(np.concatenate(cohorts))))
   population[target] = ct.client_data("large", np.random.default_rng(1))
   rounds_in, deltas = [], []
   state = case.sim.initial_state(0)
-  for r in range(plan.num_rounds):
-    indices, _, _ = plan.sampler.sample_round(case.streams.sample, r)
+  for r, indices in enumerate(cohorts):
     cohort = [population[int(i)] for i in np.asarray(indices)]
     with_target = case.release(case.block(cohort), state=state)
     if target in np.asarray(indices):
@@ -240,7 +243,8 @@ def test_a_client_moves_the_whole_release_by_at_most_the_schemas_bound():
     assert np.linalg.norm(deltas[r]) == pytest.approx(ct.CLIP, rel=1e-4)
 
 
-@pytest.mark.parametrize("mechanism", ["band_mf", "blt"])
+@pytest.mark.parametrize("mechanism", [
+    "band_mf", pytest.param("blt", marks=pytest.mark.slow)])
 def test_a_run_with_matrix_factorization_noise_trains_and_accounts(
     mechanism, tmp_path):
   from fedjax_dp import runner  # pylint: disable=g-import-not-at-top
@@ -256,3 +260,12 @@ def test_a_run_with_matrix_factorization_noise_trains_and_accounts(
   assert result.summary["epsilon"] == pytest.approx(
       sim.plan.planned_epsilon(), rel=1e-9)
   assert 0.0 < result.summary["epsilon"] < math.inf
+
+
+@pytest.mark.parametrize("mechanism", ["band_mf", "blt"])
+def test_a_privatizer_without_its_strategy_is_refused(mechanism):
+  """Never silently independent noise: the strategy comes from the plan."""
+  with pytest.raises(ValueError, match="strategy"):
+    plan_lib.Privatizer.create(mechanism=mechanism)
+  with pytest.raises(ValueError, match="strategy"):
+    plan_lib.Privatizer(noise=plan_lib.Noise(mechanism))

@@ -41,8 +41,7 @@ IN_PROCESS = [v for v in ct.VARIANTS if v != "sharded"]
 # the plain round under central, local and distributed noise, and the
 # factored rounds, whose clip uses a computed bound.
 DEFAULT = {("plain", "gaussian"), ("plain", "local"), ("plain", "distributed"),
-           ("factored_dense", "gaussian"), ("factored_cnn", "gaussian"),
-           ("plain", "band_mf")}
+           ("factored_dense", "gaussian"), ("factored_cnn", "gaussian")}
 
 
 def _pairs(variants):

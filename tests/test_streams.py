@@ -34,6 +34,12 @@ def test_runs_that_compute_differently_get_independent_streams():
       assert a != b, changes
   # The resolved noise multiplier too (a calibrated one included).
   assert _streams(base, 1.0)[1] != _streams(base, 1.1)[1]
+  # Fields omitted from the identity at their defaults still count when set.
+  mf = base.replace(mechanism="band_mf", sampling="cyclic", min_separation=5,
+                    cohort_size=20)
+  for changes in ({"mf_bands": 3}, {"min_separation": 4},
+                  {"mechanism": "blt", "blt_buffers": 2}):
+    assert _streams(mf.replace(**changes))[1] != _streams(mf)[1], changes
 
 
 def test_runs_that_compute_the_same_share_their_streams():

@@ -781,11 +781,20 @@ class Privatizer:
     if adaptive_clipping and (noise_kind is not Noise.GAUSSIAN
                               or where is not Placement.CENTRAL):
       raise ValueError("adaptive clipping needs central Gaussian noise")
+    if noise_kind in (Noise.BAND_MF, Noise.BLT):
+      raise ValueError(f"mechanism {mechanism!r} needs a strategy optimised "
+                       "for its run: take the privatizer from the plan "
+                       "(plan.build(...).privatizer)")
     return cls(noise_kind, where, per_layer_clipping,
                bool(secure_aggregation_encoding),
                tree_aggregation.TreeNoise(tree_restart_every)
                if noise_kind is Noise.TREE else None,
                bool(example_dp), bool(adaptive_clipping))
+
+  def __post_init__(self):
+    if self.noise in (Noise.BAND_MF, Noise.BLT) and self.correlated is None:
+      raise ValueError(f"mechanism {self.noise.value!r} needs its strategy "
+                       "(Privatizer.correlated)")
 
   @property
   def carries_state(self) -> bool:
