@@ -70,6 +70,10 @@ def release_identity(config: config_lib.Config,
             if k not in OUTSIDE_RELEASE_IDENTITY and not (
                 k in OMITTED_AT_DEFAULT and v == getattr(defaults, k))}
   fields["resolved_noise_multiplier"] = float(noise_multiplier)
+  if plan_lib.noise_depends_on_rounds(config):
+    # Runs of different lengths compute different noise from the same
+    # draws, so they must not share them.
+    fields["rounds"] = int(config.rounds)
   digest = hashlib.sha256(json.dumps(
       fields, sort_keys=True, default=repr).encode("utf-8")).digest()
   return (int.from_bytes(digest[:4], "little"),

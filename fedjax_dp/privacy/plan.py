@@ -1041,6 +1041,13 @@ def schema_schedule(mechanism: str, noise_multiplier: float, num_rounds: int,
                         s, s / (2 * z * z) if z > 0 else float("inf"))
 
 
+def noise_depends_on_rounds(config) -> bool:
+  """Whether the run's noise in round r depends on the number of rounds:
+  BandMF's and BLT's strategies are optimised for it (the tree's nodes and
+  independent noise are not)."""
+  return Noise(config.mechanism) in (Noise.BAND_MF, Noise.BLT)
+
+
 def build_strategy(config, sampler: sampling.Sampler):
   """The correlated-noise strategy of `config`'s mechanism, or None.
 
