@@ -61,7 +61,11 @@ MECHANISMS = dict(
     worst_case.MECHANISMS,
     per_layer=dict(per_layer_clipping="size_proportional"),
     # Every client in every round (one-round trees): the adversary takes part.
-    dp_ftrl=dict(worst_case.MECHANISMS["dp_ftrl"], tree_restart_every=1))
+    dp_ftrl=dict(worst_case.MECHANISMS["dp_ftrl"], tree_restart_every=1),
+    # One group of the 6 clients (b = 1): every client in every round.
+    band_mf=dict(worst_case.MECHANISMS["band_mf"], min_separation=1,
+                 mf_bands=1),
+    blt=dict(worst_case.MECHANISMS["blt"], min_separation=1))
 KINDS = tuple(k for k in worst_case.KINDS if k != "ordinary")
 
 
