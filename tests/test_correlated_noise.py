@@ -269,3 +269,5 @@ def test_a_privatizer_without_its_strategy_is_refused(mechanism):
     plan_lib.Privatizer.create(mechanism=mechanism)
   with pytest.raises(ValueError, match="strategy"):
     plan_lib.Privatizer(noise=plan_lib.Noise(mechanism))
+  with pytest.raises(ValueError, match="strategy"):
+    plan_lib.Privatizer(noise=plan_lib.Noise.TREE)

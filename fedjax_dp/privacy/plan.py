@@ -792,7 +792,7 @@ class Privatizer:
                bool(example_dp), bool(adaptive_clipping))
 
   def __post_init__(self):
-    if self.noise in (Noise.BAND_MF, Noise.BLT) and self.correlated is None:
+    if self.noise in CORRELATED and self.correlated is None:
       raise ValueError(f"mechanism {self.noise.value!r} needs its strategy "
                        "(Privatizer.correlated)")
 
