@@ -87,8 +87,17 @@ def _combine(weights: jax.Array, buffer: jax.Array) -> jax.Array:
   return jnp.sum(shaped * buffer, axis=0)
 
 
+class _Streaming:
+  """A strategy's state: its key, step 0 and `num_buffers` zero buffers
+  (each strategy says how many)."""
+
+  def init(self, key: types.PRNGKey, template: types.PyTree) -> StreamState:
+    return StreamState(key, jnp.zeros((), jnp.int32),
+                       _zero_buffers(template, self.num_buffers))
+
+
 @dataclasses.dataclass(frozen=True)
-class BandedToeplitz:
+class BandedToeplitz(_Streaming):
   """C lower-triangular Toeplitz with Toeplitz coefficients `coefs`
   (c_0 > 0; b = len(coefs) bands)."""
 
@@ -107,10 +116,6 @@ class BandedToeplitz:
   @property
   def num_buffers(self) -> int:
     return self.bands - 1
-
-  def init(self, key: types.PRNGKey, template: types.PyTree) -> StreamState:
-    return StreamState(key, jnp.zeros((), jnp.int32),
-                       _zero_buffers(template, self.num_buffers))
 
   def noise(self, state: StreamState, template: types.PyTree,
             stddev: jax.Array) -> tuple[types.PyTree, StreamState]:
@@ -147,7 +152,7 @@ class BandedToeplitz:
 
 
 @dataclasses.dataclass(frozen=True)
-class BufferedInverse:
+class BufferedInverse(_Streaming):
   """C whose inverse is the BLT of buffer decays theta_i and output scales
   omega_i: C^{-1}'s Toeplitz coefficients are 1, then
   sum_i omega_i theta_i^(k-1) for k >= 1."""
@@ -166,10 +171,6 @@ class BufferedInverse:
   @property
   def num_buffers(self) -> int:
     return len(self.decay)
-
-  def init(self, key: types.PRNGKey, template: types.PyTree) -> StreamState:
-    return StreamState(key, jnp.zeros((), jnp.int32),
-                       _zero_buffers(template, self.num_buffers))
 
   def noise(self, state: StreamState, template: types.PyTree,
             stddev: jax.Array) -> tuple[types.PyTree, StreamState]:
