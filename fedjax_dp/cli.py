@@ -168,9 +168,40 @@ def _report(args, result: dict, text: str) -> None:
   print(json.dumps(result) if args.json else text)
 
 
+def _account_run(args) -> int:
+  """`account --run-dir`: epsilon of the rounds a run's ledger.jsonl
+  records (its first --rounds), at its delta and accountant unless given."""
+  from fedjax_dp import run_directory  # pylint: disable=g-import-not-at-top
+  ledger = run_directory.RunDirectory(args.run_dir).read_ledger()
+  rounds = ledger.num_rounds if args.rounds is None else args.rounds
+  if not 0 <= rounds <= ledger.num_rounds:
+    raise ValueError(f"--rounds must be an integer in [0, "
+                     f"{ledger.num_rounds}] (the rounds {args.run_dir} "
+                     f"recorded), got {rounds!r}")
+  prefix = type(ledger)(ledger.relation, ledger.delta, ledger.accountant)
+  for entry in ledger.entries[:rounds]:
+    prefix.record(entry.round, entry.event)
+  delta = ledger.delta if args.delta is None else args.delta
+  accountant = args.accountant or ledger.accountant
+  eps = prefix.epsilon(accountant, delta)
+  result = {"epsilon": eps, "delta": delta, "accountant": accountant,
+            "rounds": rounds, "rounds_recorded": ledger.num_rounds,
+            "neighbouring_relation": ledger.relation.value,
+            "run_dir": str(args.run_dir)}
+  _report(args, result,
+          f"epsilon = {eps:.6g} at delta = {delta:g} ({accountant} "
+          f"accountant) after {rounds} of the {ledger.num_rounds} rounds "
+          f"{args.run_dir} recorded ({ledger.relation.value} neighbours)")
+  return 0
+
+
 def _cmd_account(args) -> int:
   from fedjax_dp.privacy import accounting  # pylint: disable=g-import-not-at-top
   from fedjax_dp.privacy import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  if args.run_dir is not None:
+    return _account_run(args)
+  args.delta = _DEFAULT_DELTA if args.delta is None else args.delta
+  args.accountant = args.accountant or _DEFAULT_ACCOUNTANT
   _check_rounds(args.rounds)
   z = args.noise_multiplier
   if not (z is not None and z >= 0):
@@ -222,6 +253,8 @@ def _cmd_account(args) -> int:
 
 def _cmd_calibrate(args) -> int:
   from fedjax_dp.privacy import accounting  # pylint: disable=g-import-not-at-top
+  args.delta = _DEFAULT_DELTA if args.delta is None else args.delta
+  args.accountant = args.accountant or _DEFAULT_ACCOUNTANT
   _check_rounds(args.rounds)
   sampler = _sampler_from_args(args)
   z = accounting.calibrate_noise_multiplier(
@@ -270,6 +303,10 @@ def _cmd_data_fetch(args) -> int:
   return 0
 
 
+_DEFAULT_DELTA = 1e-5
+_DEFAULT_ACCOUNTANT = "pld"
+
+
 def _add_sampling_args(p):
   p.add_argument("--population", type=int, help="number of clients")
   p.add_argument("--sampling", choices=["poisson", "fixed"], default="poisson")
@@ -277,9 +314,12 @@ def _add_sampling_args(p):
                  help="(expected) clients per round")
   p.add_argument("--q", type=float, help="poisson sampling probability")
   p.add_argument("--capacity", type=int, help="poisson block size")
-  p.add_argument("--rounds", type=int, required=True)
-  p.add_argument("--delta", type=float, default=1e-5)
-  p.add_argument("--accountant", choices=["pld", "rdp"], default="pld")
+  p.add_argument("--rounds", type=int)
+  p.add_argument("--delta", type=float,
+                 help=f"default {_DEFAULT_DELTA:g} (a run's own with --run-dir)")
+  p.add_argument("--accountant", choices=["pld", "rdp"],
+                 help=f"default {_DEFAULT_ACCOUNTANT} (a run's own with "
+                 "--run-dir)")
   p.add_argument("--json", action="store_true")
 
 
@@ -338,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   account = sub.add_parser("account", help="epsilon of a DP-FedAvg schedule")
   _add_sampling_args(account)
-  account.add_argument("--noise-multiplier", type=float, required=True)
+  account.add_argument("--noise-multiplier", type=float)
   account.add_argument(
       "--mechanism", choices=["gaussian", "tree", "band_mf", "blt"],
       default="gaussian",
@@ -355,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="band_mf: bands (default: --min-separation)")
   account.add_argument("--buffers", type=int, default=3,
                        help="blt: buffers (1..15)")
+  account.add_argument("--run-dir",
+                       help="a run directory: the epsilon of the rounds its "
+                       "ledger.jsonl records (the first --rounds of them)")
   account.set_defaults(fn=_cmd_account)
 
   calibrate = sub.add_parser(

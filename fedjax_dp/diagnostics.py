@@ -21,9 +21,11 @@ RELEASED, PUBLIC, NOT_PRIVATE = "released", "public", "not private"
 # Metric name -> (kind, what it is).
 METRICS = {
     "round": (PUBLIC, "the round's index"),
-    "epsilon": (PUBLIC, "the ledger's epsilon after this round"),
+    "epsilon": (PUBLIC, "the ledger's epsilon after this round (eval rounds "
+                "and the last)"),
     "example_epsilon": (PUBLIC, "record-level DP: one client's example-level "
-                        "epsilon after this round"),
+                        "epsilon after this round (eval rounds and the "
+                        "last)"),
     "noise_stddev": (PUBLIC, "std of the noise in one coordinate of the "
                      "released sum (local and distributed: from the number "
                      "of participants)"),

@@ -205,8 +205,7 @@ def write_run(run, path: str | os.PathLike) -> None:
   ledger.jsonl (one line per accounted round), metrics.jsonl and
   summary.json."""
   directory = run_directory.RunDirectory(path)
-  directory.open(run.config.to_dict() | {
-      "resolved_noise_multiplier": run.noise_multiplier}, run.ledger, 0)
+  directory.open(run.config.to_dict(), run.noise_multiplier, run.ledger, 0)
   try:
     for row in run.history:
       directory.write_metrics(row)

@@ -44,6 +44,12 @@ def _ledger_lines(first: int, events) -> str:
       for i, event in enumerate(events))
 
 
+# What config.json holds beside the config's fields, fixed when the run
+# started: the noise multiplier it ran with (calibrated or given) and what
+# reading ledger.jsonl needs (`read_ledger`).
+DERIVED_FIELDS = ("resolved_noise_multiplier", "neighbouring_relation")
+
+
 class RunDirectory:
   """A run directory, read for resuming and written while a run goes on."""
 
@@ -92,6 +98,31 @@ class RunDirectory:
       f.seek(offset - 1)
       return f.read(1) == b"\n"
 
+  def read_ledger(self) -> accounting.PrivacyLedger:
+    """The privacy ledger of the rounds ledger.jsonl records (at the run's
+    delta and accountant, under its neighbouring relation).
+
+    Raises:
+      ValueError: the directory holds no run's config.json, or one written
+        before it recorded the relation.
+      checkpoint.CheckpointError: a line of ledger.jsonl is damaged.
+    """
+    path = self.path / "config.json"
+    try:
+      config = json.loads(path.read_text(encoding="utf-8"))
+      relation = accounting.relation_named(config["neighbouring_relation"])
+      ledger = accounting.PrivacyLedger(relation, config["delta"],
+                                        config["accountant"])
+    except FileNotFoundError:
+      raise ValueError(f"{path} does not exist; is {self.path} a run "
+                       "directory?") from None
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{path}: not a run's config with its neighbouring "
+                       f"relation ({type(e).__name__}: {e})") from None
+    for round_index, event in self.recorded_events():
+      ledger.record(round_index, event)
+    return ledger
+
   def recorded_events(self) -> list:
     """(round, event) of every complete line of ledger.jsonl.
 
@@ -121,14 +152,18 @@ class RunDirectory:
 
   # --- While the run goes on. -----------------------------------------------
 
-  def open(self, resolved_config: dict, ledger: accounting.PrivacyLedger,
-           metrics_offset: int) -> None:
-    """Writes config.json, rewrites ledger.jsonl to `ledger`'s rounds (the
-    rounds after a checkpoint will be replayed and recorded again), cuts
-    metrics.jsonl to `metrics_offset` bytes, and opens both for appending."""
+  def open(self, config: dict, noise_multiplier: float,
+           ledger: accounting.PrivacyLedger, metrics_offset: int) -> None:
+    """Writes config.json (the config's fields and `DERIVED_FIELDS`),
+    rewrites ledger.jsonl to `ledger`'s rounds (the rounds after a
+    checkpoint will be replayed and recorded again), cuts metrics.jsonl to
+    `metrics_offset` bytes, and opens both for appending."""
     self.path.mkdir(parents=True, exist_ok=True)
+    resolved = config | {
+        "resolved_noise_multiplier": noise_multiplier,
+        "neighbouring_relation": ledger.relation.value}
     write_atomic(self.path / "config.json",
-                 json.dumps(resolved_config, indent=2, sort_keys=True) + "\n")
+                 json.dumps(resolved, indent=2, sort_keys=True) + "\n")
     write_atomic(self.ledger_path, "".join(
         _ledger_lines(e.round, [e.event]) for e in ledger.entries))
     if self.metrics_path.exists():

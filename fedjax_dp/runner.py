@@ -21,6 +21,7 @@ import numpy as np
 from fedjax_dp import audit
 from fedjax_dp import checkpoint
 from fedjax_dp import config as config_lib
+from fedjax_dp import epsilon_reports
 from fedjax_dp import evaluation
 from fedjax_dp import round_calls
 from fedjax_dp import run_directory
@@ -128,7 +129,8 @@ def load_run_config(run_dir: str | os.PathLike) -> config_lib.Config:
   if not isinstance(data, dict):
     raise ValueError(f"--resume: {path} must hold a JSON object of config "
                      f"fields, not {type(data).__name__}")
-  data.pop("resolved_noise_multiplier", None)
+  for derived in run_directory.DERIVED_FIELDS:
+    data.pop(derived, None)
   return config_lib.Config.from_dict(data)
 
 
@@ -311,24 +313,38 @@ class Lane:
       "secagg_wrapped": 0, "secagg_near_overflow": 0,
       "secagg_sampler_failures": 0})
   start: float = dataclasses.field(default_factory=time.perf_counter)
+  # Set by `begin`: how many rounds the budget allows (the config's rounds
+  # without a budget), and the epsilons of the report rounds.
+  rounds_allowed: int = 0
+  reports: epsilon_reports.EpsilonReports | None = None
+  last_epsilon: float | None = None
+
+  def begin(self, first_round: int) -> None:
+    """Before the first round to run: the rounds the budget allows (one
+    search, not an epsilon per round) and the worker that computes the
+    report rounds' epsilons ahead."""
+    config = self.config
+    self.rounds_allowed = config.rounds
+    if config.epsilon_budget is not None:
+      self.rounds_allowed = epsilon_reports.rounds_within_budget(
+          self.plan, self.ledger, config.rounds, config.epsilon_budget)
+    self.reports = epsilon_reports.EpsilonReports(
+        self.plan, self.ledger, epsilon_reports.report_rounds(
+            first_round, self.rounds_allowed, config.eval_every))
+
+  def end(self) -> None:
+    if self.reports is not None:
+      self.reports.close()
 
   def plan_call(self, r: int, end: int):
-    """(end, events, epsilons) of this lane's part of the call of rounds
-    r..end-1: cut before the first round that would exceed the budget."""
-    budget = self.config.epsilon_budget
-    events = [self.plan.event(q) for q in range(r, end)]
-    # The epsilon after each of the call's rounds (its cost does not grow
-    # with the rounds already run).
-    epsilons = self.ledger.epsilons_after(events)
-    if budget is not None:
-      fit = next((i for i, e in enumerate(epsilons) if e > budget),
-                 len(epsilons))
-      if fit < len(events):
-        self.stopped = self.stopped_for_budget = True
-        self.log(f"{self.name}stopping before round {r + fit}: it would "
-                 f"exceed epsilon_budget={budget:g}")
-        end, events, epsilons = r + fit, events[:fit], epsilons[:fit]
-    return end, events, epsilons
+    """(end, events) of this lane's part of the call of rounds r..end-1:
+    cut before the first round that would exceed the budget."""
+    if end > self.rounds_allowed:
+      self.stopped = self.stopped_for_budget = True
+      self.log(f"{self.name}stopping before round {self.rounds_allowed}: "
+               f"it would exceed epsilon_budget={self.config.epsilon_budget:g}")
+      end = max(r, self.rounds_allowed)
+    return end, [self.plan.event(q) for q in range(r, end)]
 
   def record(self, r: int, events) -> None:
     """The call's events, in the ledger and durably in ledger.jsonl, before
@@ -338,19 +354,21 @@ class Lane:
     if self.directory is not None:
       self.directory.record(r, events)
 
-  def finish_round(self, r: int, row: round_calls.RoundRow, epsilon: float,
-                   example_epsilon: float | None, params) -> None:
-    """Completes round r's metrics (evaluating `params` at eval rounds),
-    writes them, and applies the failed-round policy."""
+  def finish_round(self, r: int, row: round_calls.RoundRow, params) -> None:
+    """Completes round r's metrics (evaluating `params` and adding the
+    epsilon at eval rounds and the last), writes them, and applies the
+    failed-round policy."""
     config = self.config
     metrics = row.metrics
     metrics["round"] = r
     metrics["num_drawn"] = row.num_drawn
     metrics["num_dropped"] = row.num_dropped
     metrics["truncated"] = row.num_drawn > self.plan.sampler.capacity
-    metrics["epsilon"] = epsilon
-    if example_epsilon is not None:
-      metrics["example_epsilon"] = example_epsilon
+    if (r + 1) % config.eval_every == 0 or r + 1 == self.rounds_allowed:
+      epsilon, example_epsilon = self.reports.epsilon_after(r)
+      metrics["epsilon"] = self.last_epsilon = epsilon
+      if example_epsilon is not None:
+        metrics["example_epsilon"] = example_epsilon
     if self.plan.secagg is not None:
       _report_secagg(r, metrics, self.secagg_totals, self.log)
     if (r + 1) % config.eval_every == 0 or r + 1 == config.rounds:
@@ -431,6 +449,18 @@ def run_rounds(lanes: list[Lane], calls, carry: round_calls.Carry,
   Returns:
     The carry after the last call.
   """
+  for lane in lanes:
+    lane.begin(first_round)
+  try:
+    return _run_calls(lanes, calls, carry, first_round, bar)
+  finally:
+    for lane in lanes:
+      lane.end()
+
+
+def _run_calls(lanes: list[Lane], calls, carry: round_calls.Carry,
+               first_round: int, bar) -> round_calls.Carry:
+  """`run_rounds`' loop over calls."""
   rounds, single = lanes[0].config.rounds, len(lanes) == 1
   r = first_round
   while r < rounds:
@@ -444,17 +474,12 @@ def run_rounds(lanes: list[Lane], calls, carry: round_calls.Carry,
       lanes[i].record(r, planned[i][1])
     carry, pending = calls.start(carry, r, end,
                                  [i in ends for i in range(len(lanes))])
-    # The call runs asynchronously: accounting overlaps it.
-    example_epsilons = {
-        i: [lanes[i].plan.example_epsilon(lanes[i].ledger.num_rounds - (
-            end - q) + 1) for q in range(r, end)] for i in ends}
     finished = calls.finish(pending)
     for i in ends:
       lane = lanes[i]
       try:
         for k, row in enumerate(finished[i].rows):
-          lane.finish_round(r + k, row, planned[i][2][k],
-                            example_epsilons[i][k], calls.params(carry, i))
+          lane.finish_round(r + k, row, calls.params(carry, i))
         if finished[i].diverged_at is not None:
           raise ModelDivergedError.at_round(finished[i].diverged_at)
       except ModelDivergedError as e:
@@ -473,8 +498,10 @@ def run_rounds(lanes: list[Lane], calls, carry: round_calls.Carry,
     if bar is not None:
       bar.update(end - r)
       if single and lanes[0].history:
-        bar.set_postfix(loss=f"{lanes[0].history[-1]['train_loss']:.3f}",
-                        eps=f"{lanes[0].history[-1]['epsilon']:.2f}")
+        postfix = {"loss": f"{lanes[0].history[-1]['train_loss']:.3f}"}
+        if lanes[0].last_epsilon is not None:
+          postfix["eps"] = f"{lanes[0].last_epsilon:.2f}"
+        bar.set_postfix(**postfix)
     r = end
   for lane in lanes:
     if lane.stopped_for_budget:
@@ -562,8 +589,7 @@ def run(
     carry, ledger, first_round, metrics_offset = _restore(directory, sim,
                                                           carry, log)
   if directory is not None:
-    directory.open(config.to_dict() | {
-        "resolved_noise_multiplier": sim.plan.noise_multiplier}, ledger,
+    directory.open(config.to_dict(), sim.plan.noise_multiplier, ledger,
                    metrics_offset)
   _log_start(sim, planned_epsilon, log)
   if device_calls is not None:

@@ -9,6 +9,7 @@ import pytest
 
 from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import pld_composition
 from fedjax_dp.privacy import sampling
 
 ADD_REMOVE = clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE
@@ -323,13 +324,20 @@ def test_ledger_epsilon_equals_epsilon_of_its_events(accountant):
   assert ledger.epsilon() == accounting.epsilon_of(
       events, 1e-5, accountant=accountant, relation=ADD_REMOVE)
   more = [_poisson(0.05)(1.0), _poisson(0.1)(1.0)]
-  prefixes = ledger.epsilons_after(more)
-  assert prefixes == [
+  prefixes = [
       accounting.epsilon_of(events + more[:n], 1e-5, accountant=accountant,
                             relation=ADD_REMOVE) for n in (1, 2)]
   assert ledger.epsilon_after(more) == prefixes[-1]
   assert ledger.epsilon_if(more[0]) == prefixes[0]
   assert ledger.num_rounds == len(events)  # asking records nothing
+  # A frozen epsilon is the epsilon when it was taken, whatever is
+  # recorded after.
+  frozen = ledger.frozen_epsilon()
+  for r, event in enumerate(more, start=len(events)):
+    ledger.record(r, event)
+  assert frozen() == accounting.epsilon_of(
+      events, 1e-5, accountant=accountant, relation=ADD_REMOVE)
+  assert ledger.epsilon() == prefixes[-1]
 
 
 class _CountedEvent(dp_accounting.PoissonSampledDpEvent):
@@ -389,11 +397,12 @@ def test_coarser_pld_grid_is_an_upper_bound(monkeypatch):
   event, rounds = _poisson(0.01)(1.0), 1000
   fine = accounting.epsilon_of_counts([(event, rounds)], 1e-5,
                                       accountant="pld", relation=ADD_REMOVE)
-  monkeypatch.setattr(accounting, "PLD_MAX_POINTS", 2**14)
+  monkeypatch.setattr(pld_composition, "PLD_MAX_POINTS", 2**14)
   accounting._epsilon.cache_clear()
   try:
-    (single, _, _), = accounting._pld_parts(((event, rounds),), ADD_REMOVE)
-    assert single._pmf_remove._discretization > 1e-4
+    composed = pld_composition.ComposedPld(
+        ((event, rounds),), dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    assert composed.grid > 1e-4
     coarse = accounting.epsilon_of_counts(
         [(event, rounds)], 1e-5, accountant="pld", relation=ADD_REMOVE)
   finally:

@@ -10,6 +10,7 @@ import pytest
 from fedjax_dp import cli
 from fedjax_dp import config as config_lib
 from fedjax_dp import runner
+from fedjax_dp.privacy import accounting
 
 
 def _small(**changes):
@@ -28,8 +29,13 @@ def test_run_writes_run_directory_and_accounts_every_round(tmp_path):
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text()
            .splitlines()]
   assert [m["round"] for m in lines] == [0, 1, 2, 3]
-  eps = [m["epsilon"] for m in lines]
-  assert all(b > a for a, b in zip(eps, eps[1:]))
+  # Evaluation rounds (eval_every=2) and the last report the ledger's
+  # epsilon so far; every round is in the ledger.
+  assert ["epsilon" in m for m in lines] == [False, True, False, True]
+  assert 0 < lines[1]["epsilon"] < lines[3]["epsilon"]
+  assert lines[1]["epsilon"] == accounting.epsilon_of(
+      result.ledger.events[:2], 1e-3, accountant="pld",
+      relation=result.ledger.relation)
   for key in ("train_loss", "fraction_clipped", "update_norm_p50",
               "num_clients"):
     assert key in lines[0]
@@ -47,6 +53,30 @@ def test_run_writes_run_directory_and_accounts_every_round(tmp_path):
   acc.compose(dp_accounting.PoissonSampledDpEvent(
       q, dp_accounting.GaussianDpEvent(result.noise_multiplier)), 4)
   assert summary["epsilon"] == pytest.approx(acc.get_epsilon(1e-3), rel=1e-6)
+  assert lines[3]["epsilon"] == summary["epsilon"]
+
+
+def test_cli_account_recomputes_a_runs_epsilon_from_its_ledger(tmp_path,
+                                                               capsys):
+  result = runner.run(_small(), run_dir=tmp_path, progress=False,
+                      log=lambda s: None)
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text()
+          .splitlines()]
+  assert cli.main(["account", "--run-dir", str(tmp_path), "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["epsilon"] == result.summary["epsilon"]
+  assert (out["rounds"], out["delta"], out["accountant"]) == (4, 1e-3, "pld")
+  # Any prefix, at another accountant or delta.
+  assert cli.main(["account", "--run-dir", str(tmp_path), "--rounds", "2",
+                   "--json"]) == 0
+  assert json.loads(capsys.readouterr().out)["epsilon"] == rows[1]["epsilon"]
+  assert cli.main(["account", "--run-dir", str(tmp_path), "--accountant",
+                   "rdp", "--json"]) == 0
+  assert json.loads(capsys.readouterr().out)["epsilon"] == \
+      result.summary["epsilon_rdp"]
+  assert cli.main(["account", "--run-dir", str(tmp_path), "--rounds",
+                   "5"]) == 2
+  assert "--rounds must be an integer in [0, 4]" in capsys.readouterr().err
 
 
 @pytest.mark.slow

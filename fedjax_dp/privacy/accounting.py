@@ -19,7 +19,8 @@ ledger's neighbouring relation. The PLD accountant places privacy losses on a
 grid, rounding pessimistically (dp_accounting's default), which keeps its
 epsilon an upper bound at any grid interval (up to the floating-point
 rounding of the FFTs that compose it). The grid is dp_accounting's default
-of 1e-4 nats unless the composition would hold more than `PLD_MAX_POINTS`
+of 1e-4 nats unless the composition would hold more than
+`pld_composition.PLD_MAX_POINTS`
 points (for Poisson-sampled Gaussian rounds, from some millions of rounds
 on); it is then made coarser by a power of two, so that time and memory stay
 bounded for any number of rounds. The bound stays valid but is looser on a
@@ -54,14 +55,11 @@ import dp_accounting
 from dp_accounting import pld
 from dp_accounting import rdp
 from dp_accounting.rdp import rdp_privacy_accountant
-from dp_accounting.pld import common as pld_common
-from dp_accounting.pld import pld_pmf
-from dp_accounting.pld import privacy_loss_distribution as pld_lib
 import numpy as np
-from scipy import fft as scipy_fft
 from scipy import stats
 
 from fedjax_dp.privacy import clipping
+from fedjax_dp.privacy import pld_composition
 
 ACCOUNTANTS = ("pld", "rdp")
 
@@ -136,156 +134,18 @@ def _group(counts) -> dp_accounting.DpEvent:
       for e, c in counts])
 
 
-# dp_accounting's default PLD grid interval (nats) and tail mass truncation.
-_PLD_INTERVAL = 1e-4
-_TAIL_MASS = 1e-15
-
-# The most points a PLD composition may hold in either of its two pmfs; a
-# composition that would hold more is built on a coarser grid. Time and
-# memory grow with it (an FFT of that length per pmf); the cost and the
-# looseness of the coarser grid are measured in docs/benchmarks.md
-# ("Accounting many rounds").
-PLD_MAX_POINTS = 2**22
-
-
-# --- dp_accounting's PLD internals -------------------------------------------
-#
-# Read here only, and tested against dp_accounting's PLDAccountant
-# (tests/test_accounting.py). dp_accounting has no public way to get the PLD
-# of a DpEvent (its PLDAccountant keeps it private) nor to self-compose a pmf
-# within given tail bounds, which a bounded-memory composition of millions to
-# billions of rounds needs. pyproject.toml pins the dp-accounting releases
-# these functions were tested with.
-# pylint: disable=protected-access
-
-
-@functools.lru_cache(maxsize=32)
-def _single_event_pld(event: dp_accounting.DpEvent,
-                      relation: clipping.NeighbouringRelation,
-                      interval: float):
-  """dp_accounting's PLD of one event on a grid of `interval` nats, built by
-  its own PLDAccountant, and whether the event is not DP at all.
-
-  Building a PLD takes ~0.5 s on the default grid while composing it T times
-  is fast, so the single-event PLD is cached.
-  """
-  acc = pld.PLDAccountant(neighboring_relation=_RELATIONS[relation],
-                          value_discretization_interval=interval)
-  if not acc.supports(event):
+def _composed_pld(counts: tuple,
+                  relation: clipping.NeighbouringRelation):
+  """The PLD composition of (event, count) pairs (pld_composition.py)."""
+  try:
+    return pld_composition.ComposedPld(counts, _RELATIONS[relation])
+  except pld_composition.UnsupportedEventError as e:
+    if isinstance(e.args[0], str):
+      raise UnsupportedAccountingError(e.args[0]) from None
     raise UnsupportedAccountingError(
-        f"the pld accountant cannot account {event} under {relation.value} "
-        "neighbours (dp_accounting's PLD has no event for sampling without "
-        "replacement); use accountant='rdp'")
-  acc.compose(event)
-  return acc._pld, acc._contains_non_dp_event
-
-
-def _pmfs(single) -> tuple:
-  """The pmfs of a PLD: (remove,) when it is symmetric, else (remove, add)."""
-  if single._symmetric:
-    return (single._pmf_remove,)
-  return (single._pmf_remove, single._pmf_add)
-
-
-def _self_convolve_bounds(pmf, count: int) -> tuple[int, int]:
-  """Indices (from count x the pmf's lowest loss) outside which `pmf`
-  composed `count` times has at most _TAIL_MASS / 2 on each side.
-
-  dp_accounting's Chernoff bound at its own orders (k / size for 0 < |k| <=
-  20) and at smaller ones, which large counts need: with dp_accounting's
-  alone, a billion-fold composition spans ~10 times its actual support. A
-  Chernoff bound holds at every order.
-  """
-  size = pmf.size
-  orders = np.concatenate([
-      np.arange(1, 21) / size,
-      np.geomspace(0.1 / (size * math.sqrt(count)), 1.0 / size, 24)])
-  return pld_common.compute_self_convolve_bounds(
-      pmf.to_dense_pmf()._probs, count, _TAIL_MASS,
-      orders=list(np.concatenate([-orders, orders])))
-
-
-def _self_compose_pmf(pmf, count: int,
-                      bounds: tuple[int, int]) -> pld_pmf.DensePLDPmf:
-  """dp_accounting's DensePLDPmf.self_compose, kept within `bounds` (from
-  `_self_convolve_bounds`).
-
-  The count-th power of the pmf's FFT; the mass outside the bounds (at most
-  _TAIL_MASS) is also counted as an infinite loss, a pessimistic estimate, as
-  in dp_accounting.
-  """
-  dense = pmf.to_dense_pmf()
-  lower, upper = bounds
-  length = upper - lower + 1
-  fast_len = scipy_fft.next_fast_len(max(length, dense.size))
-  probs = np.real(
-      scipy_fft.ifft(scipy_fft.fft(dense._probs, fast_len) ** count))
-  probs = np.roll(probs, -lower)[:length]
-  infinity_mass = _TAIL_MASS - math.expm1(
-      count * math.log1p(-dense._infinity_mass))
-  return pld_pmf.DensePLDPmf(
-      dense._discretization, dense._lower_loss * count + lower, probs,
-      infinity_mass, dense._pessimistic_estimate)
-# pylint: enable=protected-access
-# --- end of dp_accounting's PLD internals -----------------------------------
-
-
-def _pld_parts(counts: tuple,
-               relation: clipping.NeighbouringRelation) -> list | None:
-  """(single-event PLD, count, self-convolution bounds of each of its pmfs)
-  on the finest grid (1e-4 nats times a power of two) whose composition fits
-  PLD_MAX_POINTS; None when an event is not DP."""
-  interval = _PLD_INTERVAL
-  for _ in range(40):
-    singles = [(_single_event_pld(e, relation, interval), c)
-               for e, c in counts]
-    if any(non_dp for (_, non_dp), _ in singles):
-      return None
-    parts = []
-    points = [0, 0]  # of the composition's remove and add pmfs
-    for (single, _), count in singles:
-      pmfs = _pmfs(single)
-      bounds = [None] * len(pmfs)
-      if count > 1:
-        bounds = [_self_convolve_bounds(pmf, count) for pmf in pmfs]
-      sizes = [pmf.size if b is None else max(b[1] - b[0] + 1, pmf.size)
-               for pmf, b in zip(pmfs, bounds)]
-      points[0] += sizes[0]
-      points[1] += sizes[-1]
-      parts.append((single, count, bounds))
-    if max(points) <= PLD_MAX_POINTS:
-      return parts
-    # Points scale about as 1 / interval.
-    interval *= 2.0 ** max(
-        1, math.ceil(math.log2(max(points) / PLD_MAX_POINTS)))
-  raise UnsupportedAccountingError(
-      "the pld accountant cannot compose these events in bounded memory; "
-      "use accountant='rdp'")
-
-
-class _ComposedPld:
-  """Composition of (event, count) pairs, with the accountant's interface.
-
-  Equal to dp_accounting's PLDAccountant composing the same events (tested)
-  when the composition fits PLD_MAX_POINTS on dp_accounting's default grid.
-  """
-
-  def __init__(self, counts: tuple, relation: clipping.NeighbouringRelation):
-    parts = _pld_parts(counts, relation)
-    self._non_dp = parts is None
-    self._pld = None
-    for single, count, bounds in parts or ():
-      if count > 1:
-        single = pld_lib.PrivacyLossDistribution(*[
-            _self_compose_pmf(pmf, count, b)
-            for pmf, b in zip(_pmfs(single), bounds)])
-      self._pld = single if self._pld is None else self._pld.compose(single)
-
-  def get_epsilon(self, delta: float) -> float:
-    return math.inf if self._non_dp else self._pld.get_epsilon_for_delta(delta)
-
-  def get_delta(self, epsilon: float) -> float:
-    return 1.0 if self._non_dp else self._pld.get_delta_for_epsilon(epsilon)
+        f"the pld accountant cannot account {e.args[0]} under "
+        f"{relation.value} neighbours (dp_accounting's PLD has no event for "
+        "sampling without replacement); use accountant='rdp'") from None
 
 
 @functools.lru_cache(maxsize=256)
@@ -519,7 +379,7 @@ def _epsilon(counts: tuple, beta: float, delta: float, accountant: str,
   round (a budget check before it, the epsilon after it, a summary per
   accountant)."""
   if accountant == "pld":
-    acc = _ComposedPld(counts, relation)
+    acc = _composed_pld(counts, relation)
   else:
     acc = _ComposedRdp(counts, relation)
   return epsilon_with_truncation_slack(acc, delta, beta)
@@ -591,6 +451,15 @@ class PrivacyLedger:
     check_accountant(accountant)
     return _epsilon_of_views(self._views, delta, accountant, self.relation)
 
+  def frozen_epsilon(self, accountant: str | None = None
+                     ) -> Callable[[], float]:
+    """A function returning the epsilon `epsilon(accountant)` returns now,
+    whatever is recorded later (for another thread to compute)."""
+    accountant = accountant or self.accountant
+    check_accountant(accountant)
+    return functools.partial(_epsilon_of_views, self._views.copy(),
+                             self.delta, accountant, self.relation)
+
   def epsilon_if(self, event: dp_accounting.DpEvent,
                  accountant: str | None = None) -> float:
     """Epsilon the ledger would report after also recording `event`."""
@@ -606,20 +475,6 @@ class PrivacyLedger:
     for event in events:
       views[_view(event)] += 1
     return _epsilon_of_views(views, self.delta, accountant, self.relation)
-
-  def epsilons_after(self, events: Sequence[dp_accounting.DpEvent],
-                     accountant: str | None = None) -> list[float]:
-    """The epsilons the ledger would report after also recording
-    events[:n], for n = 1, ..., len(events); the ledger is unchanged."""
-    accountant = accountant or self.accountant
-    check_accountant(accountant)
-    views = self._views.copy()
-    epsilons = []
-    for event in events:
-      views[_view(event)] += 1
-      epsilons.append(
-          _epsilon_of_views(views, self.delta, accountant, self.relation))
-    return epsilons
 
 
 # Calibration searches noise multipliers in this range. At 0.1 a single
