@@ -303,6 +303,15 @@ def _cmd_data_fetch(args) -> int:
   return 0
 
 
+def _add_compilation_cache_arg(p):
+  p.add_argument(
+      "--no-compilation-cache", dest="compilation_cache",
+      action="store_false",
+      help="do not keep compiled rounds on disk (default: kept in "
+      "$FEDJAX_DP_COMPILATION_CACHE or ~/.cache/fedjax-dp/xla, so the next "
+      "run of the same shapes starts in about a second)")
+
+
 _DEFAULT_DELTA = 1e-5
 _DEFAULT_ACCOUNTANT = "pld"
 
@@ -346,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--no-progress", action="store_true")
   train.add_argument("--json", action="store_true",
                      help="print the final summary as JSON")
+  _add_compilation_cache_arg(train)
   train.set_defaults(fn=_cmd_train)
 
   audit = sub.add_parser(
@@ -359,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
   audit.add_argument("--run-dir")
   audit.add_argument("--no-progress", action="store_true")
   audit.add_argument("--json", action="store_true")
+  _add_compilation_cache_arg(audit)
   audit.set_defaults(fn=_cmd_audit)
 
   sweep = sub.add_parser(
@@ -374,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
   sweep.add_argument("--no-tuning", action="store_true",
                      help="skip the privacy cost of tuning")
   sweep.add_argument("--no-progress", action="store_true")
+  _add_compilation_cache_arg(sweep)
   sweep.set_defaults(fn=_cmd_sweep)
 
   account = sub.add_parser("account", help="epsilon of a DP-FedAvg schedule")
@@ -432,6 +444,9 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   # dp_accounting logs a warning per RDP order it skips; they are not errors.
   logging.getLogger("absl").setLevel(logging.ERROR)
+  if getattr(args, "compilation_cache", False):
+    from fedjax_dp import compilation_cache  # pylint: disable=g-import-not-at-top
+    compilation_cache.enable()
   try:
     return args.fn(args)
   except KeyboardInterrupt as e:

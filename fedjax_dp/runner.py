@@ -27,6 +27,8 @@ from fedjax_dp import round_calls
 from fedjax_dp import run_directory
 from fedjax_dp import simulation
 from fedjax_dp import tree_util
+from fedjax_dp.data import files
+from fedjax_dp.data import population as population_lib
 from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import ledger_codec
 from fedjax_dp.privacy import plan as plan_lib
@@ -574,6 +576,7 @@ def run(
       checkpoint is kept.
     RunInterrupted: the user interrupted the run (SIGINT).
   """
+  start = time.perf_counter()  # a row's elapsed_s counts from here
   sim = simulation.build(config, dataset)
   planned_epsilon = _check_budget(sim)
   directory = run_directory.RunDirectory(run_dir) if run_dir else None
@@ -598,7 +601,7 @@ def run(
         "ends at an eval round)")
   calls = device_calls or round_calls.HostRounds(sim, first_round, canaries)
   lane = Lane(config, sim, sim.plan, ledger, directory, log,
-              rounds_done=first_round)
+              rounds_done=first_round, start=start)
   bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
@@ -639,3 +642,10 @@ def _log_start(sim: simulation.Simulation, planned_epsilon: float,
       f"{plan.sampler.expected_cohort_size:g}, block {sim.slots} slots), z="
       f"{plan.noise_multiplier:.4g}, C={config.clip_norm:g}, planned epsilon="
       f"{planned_epsilon:.4g} at delta={config.delta:g} ({config.accountant})")
+  mib = files.decoded_bytes(sim.train) / 2**20
+  if isinstance(sim.train, population_lib.FederatedPopulation):
+    log(f"training clients in memory ({mib:.4g} MiB): each cohort is "
+        "gathered by one index")
+  else:
+    log(f"training clients on disk ({mib:.4g} MiB): each round's cohort is "
+        "read on a background thread")

@@ -47,6 +47,9 @@ OUTSIDE_RELEASE_IDENTITY = (
     "noise_multiplier", "clients_per_chunk", "vmap_clients",
     "unroll_local_steps", "shard_clients", "round_shape", "max_failed_rounds",
     "rounds_per_call")
+# Data-loading keys of `dataset_kwargs` that change where examples are read
+# from (memory or the file), not which: outside the identity too.
+DATA_KWARGS_OUTSIDE_RELEASE_IDENTITY = ("in_memory", "in_memory_max_gib")
 # Fields added after the first release of the identity: they enter the hash
 # only when set away from their default, so adding a field never changes the
 # randomness (and so the results) of runs that do not use it.
@@ -58,8 +61,9 @@ def release_identity(config: config_lib.Config,
   """Two 32-bit words that name what a run computes and releases.
 
   A hash of every config field except `OUTSIDE_RELEASE_IDENTITY` (and the
-  `OMITTED_AT_DEFAULT` ones at their defaults), with the resolved noise
-  multiplier. Runs (or sweep lanes) that differ in anything
+  `OMITTED_AT_DEFAULT` ones at their defaults, and the
+  `DATA_KWARGS_OUTSIDE_RELEASE_IDENTITY` keys of `dataset_kwargs`), with the
+  resolved noise multiplier. Runs (or sweep lanes) that differ in anything
   they compute -- noise multiplier, clip norm, learning rates, data, model,
   sampling, mechanism, seed, ... -- get different identities and so draw
   independent randomness (`stream_keys`); runs that compute the same thing
@@ -69,6 +73,9 @@ def release_identity(config: config_lib.Config,
   fields = {k: v for k, v in config.to_dict().items()
             if k not in OUTSIDE_RELEASE_IDENTITY and not (
                 k in OMITTED_AT_DEFAULT and v == getattr(defaults, k))}
+  fields["dataset_kwargs"] = {
+      k: v for k, v in fields["dataset_kwargs"].items()
+      if k not in DATA_KWARGS_OUTSIDE_RELEASE_IDENTITY}
   fields["resolved_noise_multiplier"] = float(noise_multiplier)
   if plan_lib.noise_depends_on_rounds(config):
     # Runs of different lengths compute different noise from the same
@@ -333,17 +340,23 @@ class Simulation:
       chosen = chosen[stays]
     n = self.train.num_clients
     canaries = chosen[chosen >= n] - n
-    cohort = self.train.subset(chosen[chosen < n])
-    local_valid = np.arange(self.slots) < cohort.num_clients
-    local = np.where(local_valid, np.arange(self.slots), 0)
+    real = chosen[chosen < n]
+    if isinstance(self.train, population_lib.FederatedPopulation):
+      # In memory: the block is gathered from the population directly.
+      population, indices = self.train, real
+    else:
+      population, indices = self.train.subset(real), np.arange(real.size)
+    local_valid = np.arange(self.slots) < real.size
+    local = np.zeros((self.slots,), np.int64)
+    local[:real.size] = indices
     block = blocks.make_block(
-        cohort, local, local_valid, batch_size=self.config.batch_size,
+        population, local, local_valid, batch_size=self.config.batch_size,
         epochs=self.config.local_epochs, num_steps=self.num_steps,
         key=jax.random.fold_in(streams.data, r),
         width=self.example_width,
         max_examples_per_client=self.config.max_examples_per_client)
     canary_ids = np.full((self.slots,), -1, np.int32)
-    first = cohort.num_clients
+    first = real.size
     canary_ids[first:first + canaries.size] = canaries
     block.client_mask[first:first + canaries.size] = True
     return block, int(num_drawn), num_dropped, canary_ids

@@ -1,9 +1,21 @@
 """Shared pytest configuration."""
 
 import os
+import pathlib
 
 import hypothesis
 import pytest
+
+from fedjax_dp import compilation_cache
+
+# Compiled programs are kept on disk (JAX's persistent compilation cache),
+# shared by the worker processes and by later runs: many tests compile the
+# same few rounds. FEDJAX_DP_COMPILATION_CACHE=off turns it off.
+os.environ.setdefault(
+    compilation_cache.ENV_VAR,
+    str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" /
+        "fedjax-dp-xla"))
+compilation_cache.enable()
 
 # Property tests draw their examples from a fixed seed so that CI runs are
 # reproducible: a failure seen once is seen again on the same commit. Set

@@ -1,5 +1,7 @@
-"""Training from federated files read lazily, one cohort per round."""
+"""Training from federated files: loaded once, or read one cohort per
+round."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -7,6 +9,7 @@ from fedjax_dp import config as config_lib
 from fedjax_dp import runner
 from fedjax_dp.data import builtin
 from fedjax_dp.data import files
+from fedjax_dp.data import population as population_lib
 from fedjax_dp.data.formats import fedjax_sqlite
 from fedjax_dp.data.formats import tff_hdf5
 
@@ -58,7 +61,8 @@ def test_runner_reads_only_each_cohort(tmp_path, monkeypatch):
   config = config_lib.Config(
       name="lazy", dataset="file",
       dataset_kwargs={"path": str(tmp_path / "d.sqlite"), "num_classes": 4,
-                      "x": "pixels", "y": "label", "max_eval_clients": 10},
+                      "x": "pixels", "y": "label", "max_eval_clients": 10,
+                      "in_memory": False},
       model="logistic", rounds=3, cohort_size=8, eval_every=3, delta=1e-3)
   result = runner.run(config, progress=False, log=lambda s: None)
   assert result.rounds_completed == 3
@@ -66,3 +70,47 @@ def test_runner_reads_only_each_cohort(tmp_path, monkeypatch):
   # only that round's cohort (never the 320 training clients at once).
   assert loaded[0] == 10
   assert len(loaded) == 4 and max(loaded[1:]) < 40
+
+
+def test_a_population_that_fits_is_loaded_once(tmp_path):
+  _write(tmp_path / "d.h5", 30)
+  kwargs = dict(path=str(tmp_path / "d.h5"), num_classes=4, x="pixels",
+                y="label")
+  loaded = builtin.load("file", **kwargs)
+  assert isinstance(loaded.train, population_lib.FederatedPopulation)
+  assert files.decoded_bytes(loaded.train) == (
+      int(np.sum(loaded.train.num_examples)) * (6 * 4 + 4))
+  # Over the size limit (or asked to), it stays on disk.
+  for changes in ({"in_memory_max_gib": 0.0}, {"in_memory": False}):
+    lazy = builtin.load("file", **kwargs, **changes)
+    assert isinstance(lazy.train, files.ClientView)
+    assert lazy.train.client_ids == loaded.train.client_ids
+  for bad, field in (({"in_memory": "yes"}, "in_memory"),
+                     ({"in_memory_max_gib": -1}, "in_memory_max_gib")):
+    with pytest.raises(ValueError, match=field):
+      builtin.load("file", **kwargs, **bad)
+
+
+@pytest.mark.parametrize("audit_canaries", [0, 3])
+def test_in_memory_and_per_round_reads_train_alike(tmp_path, audit_canaries):
+  """The cohort gathered from the population in memory is the block read
+  from the file: the same parameters, bit for bit, and the same ledger."""
+  _write(tmp_path / "d.h5", 60)
+  results = []
+  for in_memory in (True, False):
+    config = config_lib.Config(
+        name="file", dataset="file",
+        dataset_kwargs={"path": str(tmp_path / "d.h5"), "num_classes": 4,
+                        "x": "pixels", "y": "label", "in_memory": in_memory},
+        model="logistic", rounds=3, cohort_size=8, batch_size=2,
+        eval_every=3, delta=1e-3, noise_multiplier=1.0,
+        audit_canaries=audit_canaries)
+    results.append(runner.run(config, progress=False, log=lambda s: None))
+  memory, lazy = results
+  for a, b in zip(jax.tree_util.tree_leaves(memory.params),
+                  jax.tree_util.tree_leaves(lazy.params)):
+    np.testing.assert_array_equal(a, b)
+  assert memory.ledger.events == lazy.ledger.events
+  assert memory.summary["epsilon"] == lazy.summary["epsilon"]
+  assert [m["train_loss"] for m in memory.history] == \
+      [m["train_loss"] for m in lazy.history]

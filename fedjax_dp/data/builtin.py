@@ -225,8 +225,9 @@ _LOADERS: dict[str, tuple[Callable[..., _Dataset], tuple[str, ...]]] = {
                 "eval_fraction")),
     "file": (_load_file,
              ("path", "num_classes", "x", "y", "x_dtype", "eval_path",
-              "eval_fraction", "max_eval_clients", "format_name", "features",
-              "split_name", "feature_shapes")),
+              "eval_fraction", "max_eval_clients", "format_name",
+              "in_memory", "in_memory_max_gib", "features", "split_name",
+              "feature_shapes")),
     "shakespeare": (
         _load_shakespeare,
         ("path", "seq_len", "stride", "min_chars", "max_examples_per_client",
