@@ -20,6 +20,7 @@ What the rounds carry from one to the next is a `Carry`: the server state
 tree) and the audit's best canary cosines.
 """
 
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -105,18 +106,34 @@ class HostRounds(_SingleRun):
                canaries: AuditCanaries | None = None):
     super().__init__(sim)
     self._sim = sim
-    self._round = jax.jit(sim.round_fn(), donate_argnums=(0,))
+    round_fn = sim.round_fn()
+
+    def one_round(state, block, hparams, noise_key, r, canaries, adaptive,
+                  secagg):
+      # The round's key and the finiteness check inside the program: no
+      # eager operations between rounds.
+      state, metrics = round_fn(state, block, hparams,
+                                jax.random.fold_in(noise_key, r), canaries,
+                                adaptive, secagg)
+      return state, metrics, tree_util.tree_all_finite(state.params)
+
+    self._round = jax.jit(one_round, donate_argnums=(0,))
     self._streams = sim.streams()
     self._canaries = canaries
     sample_fn = jax.jit(sim.plan.sampler.sample_round)
 
     def prepare(r: int):
-      # Runs ahead on a background thread while the previous round computes.
-      return (r,) + sim.prepare(r, self._streams, sample_fn)
+      # Runs ahead on a background thread while the previous round computes,
+      # the cohort's copy to the device included.
+      prepared = sim.prepare(r, self._streams, sample_fn)
+      return (r, jax.device_put(prepared[0])) + prepared[1:]
 
     self._cohorts = prefetch.Prefetcher(
         prepare, range(first_round, sim.config.rounds), depth=2)
     self._next = iter(self._cohorts)
+    # Seconds rounds waited for their cohort: preparation on the critical
+    # path (none while it keeps ahead of the rounds).
+    self.data_wait_s = 0.0
 
   def call_end(self, r: int) -> int:
     return r + 1
@@ -125,22 +142,22 @@ class HostRounds(_SingleRun):
     """Starts round r (end = r + 1); returns the new carry and what
     `finish` collects."""
     del end, active
+    started = time.perf_counter()
     q, block, num_drawn, num_dropped, canary_ids = next(self._next)
+    self.data_wait_s += time.perf_counter() - started
     if q != r:
       raise AssertionError(f"prepared round {q}, expected {r}")
     canaries = None
     if self._canaries is not None:
       canaries = dp_fedavg.Canaries(self._canaries.directions, canary_ids,
                                     jnp.float32(self._canaries.norm))
-    state, metrics = self._round(
-        carry.state, block, self._hparams,
-        jax.random.fold_in(self._streams.noise, r), canaries, self._adaptive,
-        self._secagg)
+    state, metrics, finite = self._round(
+        carry.state, block, self._hparams, self._streams.noise, r, canaries,
+        self._adaptive, self._secagg)
     canary_max = carry.canary_max
     if canaries is not None:
       canary_max = audit.max_over_rounds(canary_max,
                                          metrics.pop("canary_cosines"))
-    finite = tree_util.tree_all_finite(state.params)
     return (Carry(state, canary_max),
             (r, metrics, finite, num_drawn, num_dropped))
 
@@ -174,6 +191,8 @@ class DeviceRounds(_SingleRun):
     # The longest call that can occur: the compiled loop's static length.
     self.max_rounds = min(config.rounds_per_call, config.eval_every,
                           config.rounds)
+    # Cohorts are sampled and laid out inside the call: no host wait.
+    self.data_wait_s = 0.0
 
   def call_end(self, r: int) -> int:
     # Ending a call at an eval round evaluates the same models as the host

@@ -7,6 +7,7 @@ events in the ledger before their results exist, run them, evaluate, log,
 and write the run directory (run_directory.py).
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -320,6 +321,9 @@ class Lane:
   rounds_allowed: int = 0
   reports: epsilon_reports.EpsilonReports | None = None
   last_epsilon: float | None = None
+  # Seconds the host loop spent on this lane's accounting (recording
+  # events, waiting for reported epsilons): the part on the critical path.
+  accounting_s: float = 0.0
 
   def begin(self, first_round: int) -> None:
     """Before the first round to run: the rounds the budget allows (one
@@ -351,10 +355,12 @@ class Lane:
   def record(self, r: int, events) -> None:
     """The call's events, in the ledger and durably in ledger.jsonl, before
     any of its results exists."""
+    started = time.perf_counter()
     for i, event in enumerate(events):
       self.ledger.record(r + i, event)
     if self.directory is not None:
       self.directory.record(r, events)
+    self.accounting_s += time.perf_counter() - started
 
   def finish_round(self, r: int, row: round_calls.RoundRow, params) -> None:
     """Completes round r's metrics (evaluating `params` and adding the
@@ -367,7 +373,9 @@ class Lane:
     metrics["num_dropped"] = row.num_dropped
     metrics["truncated"] = row.num_drawn > self.plan.sampler.capacity
     if (r + 1) % config.eval_every == 0 or r + 1 == self.rounds_allowed:
+      started = time.perf_counter()
       epsilon, example_epsilon = self.reports.epsilon_after(r)
+      self.accounting_s += time.perf_counter() - started
       metrics["epsilon"] = self.last_epsilon = epsilon
       if example_epsilon is not None:
         metrics["example_epsilon"] = example_epsilon
@@ -414,6 +422,7 @@ class Lane:
         "accountant": config.accountant,
         "epsilon": ledger.epsilon(),
         "wall_time_s": time.perf_counter() - self.start,
+        "host_accounting_s": self.accounting_s,
         **self.eval_metrics,
     }
     for name in accounting.ACCOUNTANTS:
@@ -437,7 +446,9 @@ class Lane:
 
 
 def run_rounds(lanes: list[Lane], calls, carry: round_calls.Carry,
-               first_round: int, bar=None) -> round_calls.Carry:
+               first_round: int, bar=None,
+               dispatched: Callable[[], None] | None = None
+               ) -> round_calls.Carry:
   """The host loop: runs rounds first_round, ... of every lane, call by
   call (round_calls.py), until the last round or every lane stopped.
 
@@ -447,6 +458,8 @@ def run_rounds(lanes: list[Lane], calls, carry: round_calls.Carry,
   single lane may take calls of several. A lane stops before the round that
   would exceed its budget. A single run raises when its model diverges or
   training fails; a lane of several stops there and the others go on.
+  `dispatched` is called once the first call is on its way (or when there
+  was none), i.e. after the rounds' compilation.
 
   Returns:
     The carry after the last call.
@@ -454,14 +467,15 @@ def run_rounds(lanes: list[Lane], calls, carry: round_calls.Carry,
   for lane in lanes:
     lane.begin(first_round)
   try:
-    return _run_calls(lanes, calls, carry, first_round, bar)
+    carry = _run_calls(lanes, calls, carry, first_round, bar, dispatched)
   finally:
     for lane in lanes:
       lane.end()
+  return carry
 
 
 def _run_calls(lanes: list[Lane], calls, carry: round_calls.Carry,
-               first_round: int, bar) -> round_calls.Carry:
+               first_round: int, bar, dispatched) -> round_calls.Carry:
   """`run_rounds`' loop over calls."""
   rounds, single = lanes[0].config.rounds, len(lanes) == 1
   r = first_round
@@ -476,6 +490,9 @@ def _run_calls(lanes: list[Lane], calls, carry: round_calls.Carry,
       lanes[i].record(r, planned[i][1])
     carry, pending = calls.start(carry, r, end,
                                  [i in ends for i in range(len(lanes))])
+    if dispatched is not None:
+      dispatched()
+      dispatched = None
     finished = calls.finish(pending)
     for i in ends:
       lane = lanes[i]
@@ -505,25 +522,37 @@ def _run_calls(lanes: list[Lane], calls, carry: round_calls.Carry,
           postfix["eps"] = f"{lanes[0].last_epsilon:.2f}"
         bar.set_postfix(**postfix)
     r = end
+  if dispatched is not None:
+    dispatched()
   for lane in lanes:
     if lane.stopped_for_budget:
       lane.save_checkpoint(carry)
   return carry
 
 
-def _check_budget(sim: simulation.Simulation) -> float:
-  """The planned epsilon; refuses a plan over its budget unless the run
-  stops at it."""
+def _planned_epsilon(sim: simulation.Simulation) -> Callable[[], float]:
+  """The planned epsilon, as a function returning it.
+
+  With a budget it is computed now and checked (a plan over its budget is
+  refused before anything is written, unless the run stops at it). Without
+  one it is only reported, so it is computed on a thread while the first
+  round compiles (building a PLD takes about 0.5 s).
+  """
   config = sim.config
+  if config.epsilon_budget is None:
+    executor = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix="fedjax_dp-planned-epsilon")
+    future = executor.submit(sim.plan.planned_epsilon)
+    executor.shutdown(wait=False)
+    return future.result
   planned = sim.plan.planned_epsilon()
-  if (config.epsilon_budget is not None and not config.stop_at_budget
-      and planned > config.epsilon_budget):
+  if not config.stop_at_budget and planned > config.epsilon_budget:
     raise ValueError(
         f"config field 'epsilon_budget' ({config.epsilon_budget:g}) is below "
         f"the planned epsilon {planned:.4g} of {config.rounds} rounds; "
         "lower rounds, raise noise_multiplier, or set stop_at_budget=true to "
         "stop before the round that would exceed it")
-  return planned
+  return lambda: planned
 
 
 def _first_carry(sim: simulation.Simulation):
@@ -578,7 +607,7 @@ def run(
   """
   start = time.perf_counter()  # a row's elapsed_s counts from here
   sim = simulation.build(config, dataset)
-  planned_epsilon = _check_budget(sim)
+  planned_epsilon = _planned_epsilon(sim)
   directory = run_directory.RunDirectory(run_dir) if run_dir else None
   if resume and directory is None:
     raise ValueError("resume needs a run directory")
@@ -594,11 +623,13 @@ def run(
   if directory is not None:
     directory.open(config.to_dict(), sim.plan.noise_multiplier, ledger,
                    metrics_offset)
-  _log_start(sim, planned_epsilon, log)
-  if device_calls is not None:
-    log(f"rounds_per_call={config.rounds_per_call}: population on the "
-        f"device, calls of up to {device_calls.max_rounds} rounds (a call "
-        "ends at an eval round)")
+  def started():
+    _log_start(sim, planned_epsilon(), log)
+    if device_calls is not None:
+      log(f"rounds_per_call={config.rounds_per_call}: population on the "
+          f"device, calls of up to {device_calls.max_rounds} rounds (a call "
+          "ends at an eval round)")
+
   calls = device_calls or round_calls.HostRounds(sim, first_round, canaries)
   lane = Lane(config, sim, sim.plan, ledger, directory, log,
               rounds_done=first_round, start=start)
@@ -608,7 +639,8 @@ def run(
     bar = tqdm.tqdm(total=config.rounds, initial=first_round,
                     desc=config.name, unit="round", leave=False)
   try:
-    carry = run_rounds([lane], calls, carry, first_round, bar)
+    carry = run_rounds([lane], calls, carry, first_round, bar,
+                       dispatched=started)
   except KeyboardInterrupt:
     raise RunInterrupted(lane.rounds_done, run_dir) from None
   finally:
@@ -619,6 +651,7 @@ def run(
       directory.close()
   params = carry.state.params
   summary = lane.summary(params, carry.clip_norm())
+  summary["host_data_wait_s"] = calls.data_wait_s
   if canaries is not None:
     summary["audit"] = _audit_summary(config, canaries.directions,
                                       initial_params, params,

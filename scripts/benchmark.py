@@ -53,6 +53,7 @@ Usage:
   python scripts/benchmark.py --workloads A --shapes loop,factored --rounds 7
   python scripts/benchmark.py --json                # one JSON object a line
   python scripts/benchmark.py --quick --json        # smoke test, small sizes
+  python scripts/benchmark.py --end-to-end          # runner.run from a file
 
 The machine may be shared: numbers are medians, and `--repeat N` reruns every
 shape N times and keeps the median of the medians.
@@ -533,8 +534,21 @@ def main(argv=None):
                  help="one JSON object per workload on stdout")
   p.add_argument("--quiet", action="store_true",
                  help="no per-shape progress lines on stderr")
+  p.add_argument("--end-to-end", action="store_true",
+                 help="the user's path instead: runner.run on a data file "
+                 "(workloads A, B, digits; see end_to_end_benchmark.py)")
   p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.end_to_end:
+    import end_to_end_benchmark  # pylint: disable=g-import-not-at-top
+    forwarded = ["--workloads", args.workloads]
+    if args.workloads == "A,B,C":  # this script's default
+      forwarded[1] = ",".join(end_to_end_benchmark.WORKLOADS)
+    if args.rounds:
+      forwarded += ["--rounds", str(args.rounds)]
+    forwarded += ["--quick"] * args.quick + ["--json"] * args.json
+    end_to_end_benchmark.main(forwarded)
+    return
   if args._child is not None:  # pylint: disable=protected-access
     print(json.dumps(measure(json.loads(args._child))))  # pylint: disable=protected-access
     return

@@ -22,6 +22,7 @@ dp-accounting releases they were tested with.
 
 import functools
 import math
+import threading
 
 import dp_accounting
 from dp_accounting import pld
@@ -135,13 +136,25 @@ class _Single:
 
 
 @functools.lru_cache(maxsize=32)
+def _single_cached(event: dp_accounting.DpEvent,
+                   relation: dp_accounting.NeighboringRelation,
+                   interval: float) -> _Single:
+  return _Single(event, relation, interval)
+
+
+# Threads that ask for the same PLD at once (a run's planned epsilon and its
+# first reported one) build it once.
+_SINGLE_LOCK = threading.Lock()
+
+
 def _single(event: dp_accounting.DpEvent,
             relation: dp_accounting.NeighboringRelation,
             interval: float) -> _Single:
   """dp_accounting's PLD of one event (built by its own PLDAccountant),
   cached: building one takes ~0.5 s on the default grid, composing it is
   much faster."""
-  return _Single(event, relation, interval)
+  with _SINGLE_LOCK:
+    return _single_cached(event, relation, interval)
 
 
 def epsilon_for_delta(pmf: pld_pmf.DensePLDPmf, delta: float) -> float:
