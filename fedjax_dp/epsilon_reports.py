@@ -20,10 +20,10 @@ from typing import Callable, Iterator
 from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import plan as plan_lib
 
-# How many report rounds ahead of the loop the worker may be: enough to
-# keep it busy, few enough that it does not compete with the rounds for
-# long after a run stops early.
-LOOKAHEAD = 4
+# How many report rounds ahead of the loop the worker may be: enough that
+# it starts on them while the first round compiles (a run that stops early
+# cancels the ones not started).
+LOOKAHEAD = 64
 
 
 def report_rounds(first_round: int, num_rounds: int,

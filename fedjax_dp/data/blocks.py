@@ -179,6 +179,22 @@ def example_positions(key: jax.Array, counts: jax.Array, *, width: int,
   return jax.vmap(client_positions)(keys, jnp.asarray(counts, jnp.int32))
 
 
+# XLA:CPU takes host memory aligned to this many bytes without copying it
+# (jax.device_put of a 60 MB cohort: 40 ms copied, 0.05 ms aliased).
+_DEVICE_ALIGNMENT = 64
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """An uninitialised array whose data starts on a `_DEVICE_ALIGNMENT`-byte
+  boundary, so that the device can use it in place (its contents must not
+  change once it is on the device)."""
+  dtype = np.dtype(dtype)
+  nbytes = math.prod(shape) * dtype.itemsize
+  raw = np.empty(nbytes + _DEVICE_ALIGNMENT, np.uint8)
+  start = -raw.ctypes.data % _DEVICE_ALIGNMENT
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def make_block(
     population: population_lib.FederatedPopulation,
     client_indices: np.ndarray,
@@ -243,14 +259,24 @@ def make_block(
   rows = rows.reshape(capacity, num_steps, batch_size)
   mask = np.array(mask, bool).reshape(capacity, num_steps, batch_size)
 
+  flat_rows = rows.reshape(-1)
+
   def gather(array):
+    out = _aligned_empty(rows.shape + array.shape[1:], array.dtype)
     if array.shape[0] == 0:
       # An empty cohort (a legitimate Poisson draw): every slot is padding.
-      return np.zeros(rows.shape + array.shape[1:], array.dtype)
+      out[...] = 0
+      return out
+    if flat_rows.size and not 0 <= flat_rows.min() <= flat_rows.max() < (
+        array.shape[0]):
+      raise AssertionError("a block row lies outside the population")
+    # Every row is in range (checked), so "clip" never clips; it is the mode
+    # in which numpy gathers straight into `out` (about 3x faster).
+    np.take(array, flat_rows, axis=0,
+            out=out.reshape((-1,) + array.shape[1:]), mode="clip")
     # Padding positions index row 0 (some client's example); they are
     # zeroed so that padding never holds another client's data (NaN there
     # must not reach anyone's computation, whatever the masks do).
-    out = array[rows]
     out[~mask] = 0
     return out
 
