@@ -151,8 +151,14 @@ def _cmd_sweep(args) -> int:
 
 def _sampler_from_args(args):
   from fedjax_dp.privacy import sampling  # pylint: disable=g-import-not-at-top
+  if (args.population is None and args.sampling == "poisson"
+      and args.q is not None and args.capacity is None):
+    # Poisson sampling with a block that never truncates: the event is
+    # PoissonSampled(q, Gaussian(z)) whatever the population.
+    return sampling.PoissonSampler(1, args.q, capacity=1)
   if args.population is None:
-    raise ValueError("--population: required (number of clients, >= 1)")
+    raise ValueError("--population: required (number of clients, >= 1; "
+                     "Poisson sampling given by --q needs none)")
   return sampling.make_sampler(
       args.sampling, args.population, cohort_size=args.cohort_size,
       sampling_probability=args.q, capacity=args.capacity)
@@ -161,6 +167,12 @@ def _sampler_from_args(args):
 def _check_rounds(rounds):
   if rounds is None or rounds < 1:
     raise ValueError(f"--rounds must be an integer >= 1, got {rounds!r}")
+
+
+def _schedule_defaults(args) -> None:
+  """--delta and --accountant of a schedule (a run's own are its)."""
+  args.delta = _DEFAULT_DELTA if args.delta is None else args.delta
+  args.accountant = args.accountant or _DEFAULT_ACCOUNTANT
 
 
 def _report(args, result: dict, text: str) -> None:
@@ -178,9 +190,7 @@ def _account_run(args) -> int:
     raise ValueError(f"--rounds must be an integer in [0, "
                      f"{ledger.num_rounds}] (the rounds {args.run_dir} "
                      f"recorded), got {rounds!r}")
-  prefix = type(ledger)(ledger.relation, ledger.delta, ledger.accountant)
-  for entry in ledger.entries[:rounds]:
-    prefix.record(entry.round, entry.event)
+  prefix = ledger.first(rounds)
   delta = ledger.delta if args.delta is None else args.delta
   accountant = args.accountant or ledger.accountant
   eps = prefix.epsilon(accountant, delta)
@@ -200,8 +210,7 @@ def _cmd_account(args) -> int:
   from fedjax_dp.privacy import plan as plan_lib  # pylint: disable=g-import-not-at-top
   if args.run_dir is not None:
     return _account_run(args)
-  args.delta = _DEFAULT_DELTA if args.delta is None else args.delta
-  args.accountant = args.accountant or _DEFAULT_ACCOUNTANT
+  _schedule_defaults(args)
   _check_rounds(args.rounds)
   z = args.noise_multiplier
   if not (z is not None and z >= 0):
@@ -229,7 +238,8 @@ def _cmd_account(args) -> int:
   if tree is None:
     result.update(sampling=args.sampling, population=args.population,
                   sampling_probability=sampler.sampling_probability,
-                  expected_cohort_size=sampler.expected_cohort_size)
+                  expected_cohort_size=(None if args.population is None
+                                        else sampler.expected_cohort_size))
     text = (f"{head}, {args.sampling} sampling, q = "
             f"{sampler.sampling_probability:.6g}, z = {z:g}, {args.rounds} "
             f"rounds, {relation.value} neighbours)")
@@ -253,8 +263,7 @@ def _cmd_account(args) -> int:
 
 def _cmd_calibrate(args) -> int:
   from fedjax_dp.privacy import accounting  # pylint: disable=g-import-not-at-top
-  args.delta = _DEFAULT_DELTA if args.delta is None else args.delta
-  args.accountant = args.accountant or _DEFAULT_ACCOUNTANT
+  _schedule_defaults(args)
   _check_rounds(args.rounds)
   sampler = _sampler_from_args(args)
   z = accounting.calibrate_noise_multiplier(

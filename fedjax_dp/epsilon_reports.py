@@ -39,9 +39,7 @@ def ledger_after(plan: plan_lib.PrivacyPlan, ledger: accounting.PrivacyLedger,
                  num_rounds: int) -> accounting.PrivacyLedger:
   """A copy of `ledger` (holding rounds 0..k-1) with the plan's events of
   rounds k..num_rounds-1 recorded after them."""
-  shadow = plan.new_ledger()
-  for entry in ledger.entries:
-    shadow.record(entry.round, entry.event)
+  shadow = ledger.first(ledger.num_rounds)
   for r in range(ledger.num_rounds, num_rounds):
     shadow.record(r, plan.event(r))
   return shadow

@@ -331,7 +331,8 @@ class Lane:
     report rounds' epsilons ahead."""
     config = self.config
     self.rounds_allowed = config.rounds
-    if config.epsilon_budget is not None:
+    # Without stop_at_budget a plan over its budget was refused up front.
+    if config.epsilon_budget is not None and config.stop_at_budget:
       self.rounds_allowed = epsilon_reports.rounds_within_budget(
           self.plan, self.ledger, config.rounds, config.epsilon_budget)
     self.reports = epsilon_reports.EpsilonReports(

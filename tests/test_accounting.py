@@ -338,6 +338,11 @@ def test_ledger_epsilon_equals_epsilon_of_its_events(accountant):
   assert frozen() == accounting.epsilon_of(
       events, 1e-5, accountant=accountant, relation=ADD_REMOVE)
   assert ledger.epsilon() == prefixes[-1]
+  # A ledger of the first n rounds.
+  first = ledger.first(len(events))
+  assert first.events == events and first.epsilon() == frozen()
+  assert (first.relation, first.delta, first.accountant) == (
+      ledger.relation, ledger.delta, ledger.accountant)
 
 
 class _CountedEvent(dp_accounting.PoissonSampledDpEvent):

@@ -90,17 +90,26 @@ def _truncate(path, fraction=0.5):
 
 
 class _ReadCounter:
-  """Counts reads of dataset contents through h5py."""
+  """Counts the datasets whose contents h5py reads: through h5py's Dataset,
+  and (once `count_opens` is set) those opened by the low-level API, which
+  the numeric fast path reads and opening a source uses for sizes."""
 
   def __init__(self, monkeypatch):
     self.count = 0
+    self.count_opens = False
     original = h5py.Dataset.__getitem__
+    original_open = h5py.h5d.open
 
     def counting_getitem(dataset, *args, **kwargs):
       self.count += 1
       return original(dataset, *args, **kwargs)
 
+    def counting_open(*args, **kwargs):
+      self.count += self.count_opens
+      return original_open(*args, **kwargs)
+
     monkeypatch.setattr(h5py.Dataset, "__getitem__", counting_getitem)
+    monkeypatch.setattr(h5py.h5d, "open", counting_open)
 
 
 def test_format_error_is_value_error():
@@ -189,6 +198,7 @@ def test_tff_hdf5_lazy_reads_only_requested_clients(tmp_path, monkeypatch):
   reads = _ReadCounter(monkeypatch)
   with tff_hdf5.TffHdf5Source(path) as source:
     assert reads.count == 0  # Opening touches only metadata.
+    reads.count_opens = True
     assert source.num_clients == 1000
     np.testing.assert_array_equal(source.num_examples, sizes)
     population = source.subset([993, 7])
@@ -660,6 +670,39 @@ def test_fedjax_sqlite_lazy_reads_only_requested_clients(tmp_path,
     assert len(calls) == 3
     _assert_population_equal(population, [ids[998], ids[3]],
                              [feats[998], feats[3]])
+
+
+def test_large_subsets_read_in_parallel_equal_the_sequential_read(
+    tmp_path, monkeypatch):
+  """Numeric HDF5 features read by the low-level API, and SQLite subsets
+  read by several threads, give what the per-client reads give; a damaged
+  client is still named."""
+  rng = np.random.default_rng(12)
+  ids = [f"c{i:03d}" for i in range(300)]
+  feats = [{"x": rng.random((int(n), 2, 3)).astype(np.float32),
+            "y": rng.integers(0, 9, int(n)).astype(np.int32)}
+           for n in rng.integers(0, 5, size=300)]
+  indices = rng.permutation(300)[:200]
+  want = ([ids[i] for i in indices], [feats[i] for i in indices])
+  fedjax_sqlite.write_fedjax_sqlite(tmp_path / "d.sqlite", ids, feats)
+  tff_hdf5.write_tff_hdf5(tmp_path / "d.h5", ids, feats)
+  monkeypatch.setattr(fedjax_sqlite, "_READER_THREADS", 3)
+  with fedjax_sqlite.FedjaxSqliteSource(tmp_path / "d.sqlite") as source:
+    _assert_population_equal(source.subset(indices), *want)
+    assert len(source._reader_connections) == 3  # pylint: disable=protected-access
+  with tff_hdf5.TffHdf5Source(tmp_path / "d.h5") as source:
+    order = {cid: k for k, cid in enumerate(source.client_ids)}
+    fast = source.subset([order[c] for c in want[0]])
+    _assert_population_equal(fast, *want)
+  # A damaged blob in the last thread's share.
+  connection = sqlite3.connect(tmp_path / "d.sqlite")
+  with connection:
+    connection.execute("UPDATE federated_data SET data = ? WHERE client_id = ?",
+                       (b"not zlib", ids[indices[-1]].encode()))
+  connection.close()
+  with fedjax_sqlite.FedjaxSqliteSource(tmp_path / "d.sqlite") as source:
+    _assert_format_error(tmp_path / "d.sqlite",
+                         lambda: source.subset(indices), ids[indices[-1]])
 
 
 def test_fedjax_sqlite_errors(tmp_path):

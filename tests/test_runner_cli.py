@@ -128,6 +128,29 @@ def test_cli_account_and_calibrate_agree(capsys):
   assert "epsilon =" in capsys.readouterr().out
 
 
+def test_cli_account_of_poisson_sampling_needs_no_population(capsys):
+  """Without truncation a Poisson round's event does not depend on the
+  population: --q alone accounts it."""
+  args = ["account", "--rounds", "100", "--noise-multiplier", "1.1",
+          "--json"]
+  assert cli.main([*args, "--q", "0.01"]) == 0
+  alone = json.loads(capsys.readouterr().out)
+  assert cli.main([*args, "--q", "0.01", "--population", "50000",
+                   "--capacity", "50000"]) == 0
+  assert json.loads(capsys.readouterr().out)["epsilon"] == alone["epsilon"]
+  acc = dp_accounting.pld.PLDAccountant()
+  acc.compose(dp_accounting.PoissonSampledDpEvent(
+      0.01, dp_accounting.GaussianDpEvent(1.1)), 100)
+  # dp_accounting's own composition cuts the tails elsewhere: equal to 1e-6
+  # (tests/test_pld_composition.py), never below.
+  theirs = acc.get_epsilon(1e-5)
+  assert theirs <= alone["epsilon"] <= theirs * (1 + 1e-6)
+  assert alone["population"] is None and alone["expected_cohort_size"] is None
+  # A cohort size (or fixed-size sampling) still needs the population.
+  assert cli.main([*args, "--cohort-size", "10"]) == 2
+  assert "--population" in capsys.readouterr().err
+
+
 def test_cli_account_reproduces_published_epsilons(capsys):
   """Two published accountings, as the commands documented in
   docs/reproductions.md run them."""

@@ -100,7 +100,7 @@ class ClientView:
     feats = {}
     for new, (old, dtype) in self.features.items():
       array = loaded.features[old]
-      feats[new] = array.astype(dtype) if dtype else array
+      feats[new] = array.astype(dtype, copy=False) if dtype else array
     return population_lib.FederatedPopulation(
         loaded.client_ids, feats, loaded.offsets)
 

@@ -433,6 +433,13 @@ class PrivacyLedger:
   def num_rounds(self) -> int:
     return len(self._entries)
 
+  def first(self, num_rounds: int) -> "PrivacyLedger":
+    """A new ledger holding this one's first `num_rounds` entries."""
+    ledger = PrivacyLedger(self.relation, self.delta, self.accountant)
+    for entry in self._entries[:num_rounds]:
+      ledger.record(entry.round, entry.event)
+    return ledger
+
   def record(self, round_index: int, event: dp_accounting.DpEvent) -> None:
     """Adds round `round_index`'s event; each round may be recorded once."""
     round_index = int(round_index)

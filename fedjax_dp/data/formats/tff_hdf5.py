@@ -158,8 +158,14 @@ class TffHdf5Source(common.IndexedSource):
     """
     indices = common.check_indices(indices, self.num_clients)
     client_ids = [self._client_ids[i] for i in indices]
+    sizes = self._num_examples[indices]
     client_features = []
     with self._lock:
+      features = self._read_numeric(client_ids, sizes)
+      if features is not None:
+        offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        return population_lib.FederatedPopulation(tuple(client_ids), features,
+                                                  offsets)
       for cid in client_ids:
         with common.reraise(self._path, f"cannot read client {cid!r}"):
           group = self._examples[cid]
@@ -174,6 +180,38 @@ class TffHdf5Source(common.IndexedSource):
         client_features.append(feats)
     return common.assemble(self._path, client_ids, client_features,
                            self._specs, self._num_examples[indices])
+
+  def _read_numeric(self, client_ids, sizes) -> dict | None:
+    """The clients' numeric features read straight into one array each.
+
+    HDF5's low-level API, with no per-client arrays to concatenate: 1,000
+    EMNIST clients in 0.08 s against 0.30 s through h5py's datasets
+    (docs/benchmarks.md). None when a feature holds strings, or a client's
+    dataset is missing or not exactly of the announced shape and dtype:
+    the checked per-client path then reads them (and names what is wrong).
+    Threads would not help: h5py serialises every call behind one lock.
+    """
+    if any(dtype == _OBJECT for _, dtype in self._specs.values()):
+      return None
+    total = int(np.sum(sizes))
+    out = {name: np.empty((total,) + tuple(shape), dtype)
+           for name, (shape, dtype) in self._specs.items()}
+    offset = 0
+    for cid, n in zip(client_ids, sizes):
+      n = int(n)
+      for name, (shape, dtype) in self._specs.items():
+        try:
+          dataset = h5py.h5d.open(self._examples.id,
+                                  f"{cid}/{name}".encode("utf-8"))
+        except (KeyError, ValueError, TypeError, OSError, RuntimeError):
+          return None
+        if dataset.shape != (n,) + tuple(shape) or dataset.dtype != dtype:
+          return None
+        if n:
+          dataset.read(h5py.h5s.ALL, h5py.h5s.ALL,
+                       out[name][offset:offset + n])
+      offset += n
+    return out
 
   def close(self) -> None:
     """Closes the file; the source is unusable afterwards."""
