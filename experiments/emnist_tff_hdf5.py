@@ -5,7 +5,10 @@ TFF's federated EMNIST (3,400 writers, 62 classes) ships as
 subgroup per writer, datasets `pixels` [N, 28, 28] float32 and `label`. Put
 the files anywhere on local disk (nothing is downloaded) and point
 FEDJAX_DP_EMNIST_DIR at their folder. The McMahan et al. 2017 CNN is trained
-with user-level DP-FedAvg; the files are read lazily, one cohort per round.
+with user-level DP-FedAvg. The training writers (about 0.2 GB decoded) are
+read once and each round's cohort is gathered from memory; on a machine
+with less than about 1 GB of memory they would be read one cohort per round
+(`dataset_kwargs` `in_memory` chooses).
 
 Run:
   FEDJAX_DP_EMNIST_DIR=/data/emnist fedjax-dp train --config experiments/emnist_tff_hdf5.py

@@ -6,6 +6,8 @@ Workloads (`benchmark.py --end-to-end` runs them; this module can run alone):
   A: benchmark.py's workload A (2NN, fixed-size cohorts of 1,000 of 3,400
      clients of 20 EMNIST-shaped examples), read from a TFF-layout HDF5 file
      of those clients written by this script (0.2 GB), RDP ledger;
+  A_disk: A with the population left on disk (`in_memory=False`): each
+     round reads its cohort from the file on the prefetch thread;
   B: the same with the McMahan CNN and cohorts of 100;
   digits: the default experiment as `fedjax-dp train` runs it (150 rounds,
      evaluated every 10), scikit-learn's digits over 500 clients.
@@ -43,7 +45,7 @@ import time
 
 import benchmark  # scripts/benchmark.py: workloads, data, FLOP counting
 
-WORKLOADS = ("A", "B", "digits")
+WORKLOADS = ("A", "A_disk", "B", "digits")
 
 
 def write_population_file(path: str, population: int, clients=None,
@@ -73,7 +75,7 @@ def workload_config(name: str, data_dir: str, rounds: int, quick: bool):
     # The default experiment as it is (150 rounds, evaluated every 10).
     del rounds
     return config_lib.Config(name="digits")
-  w = benchmark.WORKLOADS[name]
+  w = benchmark.WORKLOADS[name[0]]
   cohort = w.quick_cohort if quick else w.cohort
   return config_lib.Config(
       name=f"end_to_end_{name}", dataset="file",
@@ -81,7 +83,7 @@ def workload_config(name: str, data_dir: str, rounds: int, quick: bool):
           "path": os.path.join(data_dir, "train.h5"),
           "eval_path": os.path.join(data_dir, "eval.h5"),
           "num_classes": benchmark.NUM_CLASSES, "x": "pixels", "y": "label",
-          "max_eval_clients": 50},
+          "max_eval_clients": 50, "in_memory": not name.endswith("_disk")},
       model=w.model, rounds=rounds, eval_every=rounds,
       sampling="fixed", cohort_size=cohort, sampling_probability=None,
       batch_size=benchmark.BATCH_SIZE, local_epochs=benchmark.LOCAL_EPOCHS,
@@ -191,7 +193,7 @@ def run(workloads, rounds: int, repeats: int, quick: bool) -> list[dict]:
   results = []
   with tempfile.TemporaryDirectory(prefix="fedjax_dp_e2e_") as tmp:
     population = 68 if quick else 3400
-    if any(w in ("A", "B") for w in workloads):
+    if any(w != "digits" for w in workloads):
       t0 = time.perf_counter()
       write_population_file(os.path.join(tmp, "train.h5"), population)
       # Held-out clients: 50 more, not in the training file.

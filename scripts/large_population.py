@@ -66,8 +66,10 @@ def main():
   size = path.stat().st_size
   config = config_lib.Config(
       name="large_population", dataset="file",
+      # Streamed, as a population larger than memory would be (this one
+      # would fit on a large machine).
       dataset_kwargs={"path": str(path), "num_classes": 10,
-                      "max_eval_clients": 200},
+                      "max_eval_clients": 200, "in_memory": False},
       model="logistic", rounds=args.rounds, cohort_size=args.cohort,
       batch_size=10, local_epochs=1, eval_every=args.rounds, delta=1e-6)
   t = time.perf_counter()
