@@ -399,16 +399,7 @@ class Config:
 
 def _parse_value(name: str, raw: str) -> Any:
   """The value of field `name` written as `raw` on a command line."""
-  raw = raw.strip()
-  if raw.lower() in ("inf", "+inf", "infinity"):
-    value = math.inf
-  elif raw.lower() in ("none", "null"):
-    value = None
-  else:
-    try:
-      value = json.loads(raw)
-    except json.JSONDecodeError:
-      value = raw
+  value = _parse_json(raw)
   hint = typing.get_type_hints(Config)[name]
   kinds = typing.get_args(hint) + (hint,)
   if float in kinds and _is_int(value):
@@ -428,6 +419,10 @@ def parse_overrides(config: Config, assignments) -> Config:
   taken as a string. 'inf' is accepted for floats. A later assignment of the
   same field wins.
 
+  Dict fields (`dataset_kwargs`, `model_kwargs`): `field.key=value` sets one
+  key and keeps the others (the config's, and earlier overrides');
+  `field={...}` replaces the whole dict.
+
   Raises:
     ValueError: a malformed assignment, an unknown field, or an invalid
       resulting config (naming the field).
@@ -438,12 +433,33 @@ def parse_overrides(config: Config, assignments) -> Config:
     if "=" not in assignment:
       raise ValueError(f"override {assignment!r} must look like field=value")
     name, raw = assignment.split("=", 1)
-    name = name.strip().replace("-", "_")
+    name, _, key = name.strip().replace("-", "_").partition(".")
     if name not in fields:
       raise ValueError(
           f"unknown config field {name!r}; fields are {sorted(fields)}")
-    changes[name] = _parse_value(name, raw)
+    if not key:
+      changes[name] = _parse_value(name, raw)
+      continue
+    merged = changes.get(name, getattr(config, name))
+    if not isinstance(merged, dict):
+      raise ValueError(
+          f"override {assignment!r}: config field {name!r} is not a dict, so "
+          f"it has no key {key!r}; set it as {name}=value")
+    changes[name] = {**merged, key: _parse_json(raw)}
   return config.replace(**changes) if changes else config
+
+
+def _parse_json(raw: str) -> Any:
+  """A value written on a command line: JSON, or else a bare string."""
+  raw = raw.strip()
+  if raw.lower() in ("inf", "+inf", "infinity"):
+    return math.inf
+  if raw.lower() in ("none", "null"):
+    return None
+  try:
+    return json.loads(raw)
+  except json.JSONDecodeError:
+    return raw
 
 
 def parse_override(config: Config, assignment: str) -> Config:

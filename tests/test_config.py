@@ -88,6 +88,24 @@ def test_override_parsing():
     config_lib.parse_override(c, "rounds=zero")
 
 
+def test_a_dict_fields_key_is_set_without_dropping_the_others():
+  c = config_lib.Config(dataset_kwargs={"path": "a.h5", "num_classes": 62})
+  c = config_lib.parse_overrides(c, [
+      "dataset_kwargs.path=b.h5", "dataset_kwargs.in_memory=false",
+      "model_kwargs.hidden=[10, 10]"])
+  assert c.dataset_kwargs == {"path": "b.h5", "num_classes": 62,
+                              "in_memory": False}
+  assert c.model_kwargs == {"hidden": [10, 10]}
+  # The whole dict replaces; a later key still merges into it.
+  c = config_lib.parse_overrides(c, ['dataset_kwargs={"path": "c.h5"}',
+                                     "dataset_kwargs.num_classes=10"])
+  assert c.dataset_kwargs == {"path": "c.h5", "num_classes": 10}
+  with pytest.raises(ValueError, match="'rounds' is not a dict"):
+    config_lib.parse_overrides(c, ["rounds.x=1"])
+  with pytest.raises(ValueError, match="unknown config field 'bogus'"):
+    config_lib.parse_overrides(c, ["bogus.x=1"])
+
+
 def test_config_round_trips_through_dict():
   c = config_lib.Config(rounds=3, model_kwargs={"hidden": [8]})
   assert config_lib.Config.from_dict(c.to_dict()) == c
