@@ -21,7 +21,7 @@ ENV_VAR = "FEDJAX_DP_COMPILATION_CACHE"
 MAX_BYTES = 2 * 2**30
 # Programs that compile faster than this are not worth a file (a round, the
 # evaluation and the data layout all take longer).
-MIN_COMPILE_SECONDS = 0.05
+MIN_COMPILE_SECONDS = 0.0
 
 
 def default_directory() -> pathlib.Path | None:

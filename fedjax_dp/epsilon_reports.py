@@ -90,7 +90,7 @@ class EpsilonReports:
     self._pending = collections.deque()
     self._executor = concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix="fedjax_dp-epsilon",
-        initializer=_lower_priority)
+        initializer=lower_priority)
     for _ in range(LOOKAHEAD):
       self._submit_next()
 
@@ -122,9 +122,9 @@ class EpsilonReports:
     self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _lower_priority() -> None:
-  """Runs the worker below the rounds' threads: where the device is the
-  CPU, the rounds go first and the worker takes the idle time."""
+def lower_priority() -> None:
+  """Runs this (worker) thread below the rounds' threads: where the device
+  is the CPU, the rounds go first and the worker takes the idle time."""
   try:
     # On Linux a thread's id names it alone: this thread gets nice 10.
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
