@@ -90,7 +90,7 @@ class EpsilonReports:
     self._pending = collections.deque()
     self._executor = concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix="fedjax_dp-epsilon",
-        initializer=lower_priority)
+        initializer=_lower_priority)
     for _ in range(LOOKAHEAD):
       self._submit_next()
 
@@ -122,7 +122,7 @@ class EpsilonReports:
     self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def lower_priority() -> None:
+def _lower_priority() -> None:
   """Runs this (worker) thread below the rounds' threads: where the device
   is the CPU, the rounds go first and the worker takes the idle time."""
   try:

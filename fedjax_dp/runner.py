@@ -459,8 +459,8 @@ def run_rounds(lanes: list[Lane], calls, carry: round_calls.Carry,
   single lane may take calls of several. A lane stops before the round that
   would exceed its budget. A single run raises when its model diverges or
   training fails; a lane of several stops there and the others go on.
-  `dispatched` is called once the first call's rows are written (or when
-  there was none), i.e. after the rounds' compilation.
+  `dispatched` is called once the first call is on its way (or when there
+  was none), i.e. after the rounds' compilation.
 
   Returns:
     The carry after the last call.
@@ -491,6 +491,11 @@ def _run_calls(lanes: list[Lane], calls, carry: round_calls.Carry,
       lanes[i].record(r, planned[i][1])
     carry, pending = calls.start(carry, r, end,
                                  [i in ends for i in range(len(lanes))])
+    if dispatched is not None:
+      # While the first call runs: the rounds' first reported epsilon
+      # needs what this waits for (the plan's PLD) anyway.
+      dispatched()
+      dispatched = None
     finished = calls.finish(pending)
     for i in ends:
       lane = lanes[i]
@@ -512,9 +517,6 @@ def _run_calls(lanes: list[Lane], calls, carry: round_calls.Carry,
       if ends[i] == rounds or any((q + 1) % lane.config.checkpoint_every == 0
                                   for q in range(r, ends[i])):
         lane.save_checkpoint(carry)
-    if dispatched is not None:
-      dispatched()
-      dispatched = None
     if bar is not None:
       bar.update(end - r)
       if single and lanes[0].history:
@@ -537,14 +539,12 @@ def _planned_epsilon(sim: simulation.Simulation) -> Callable[[], float]:
   With a budget it is computed now and checked (a plan over its budget is
   refused before anything is written, unless the run stops at it). Without
   one it is only reported, so it is computed on a thread while the first
-  round compiles and runs (building a PLD takes about 0.5 s), and reported
-  after it.
+  round compiles (building a PLD takes about 0.5 s).
   """
   config = sim.config
   if config.epsilon_budget is None:
     executor = concurrent.futures.ThreadPoolExecutor(
-        1, thread_name_prefix="fedjax_dp-planned-epsilon",
-        initializer=epsilon_reports.lower_priority)
+        1, thread_name_prefix="fedjax_dp-planned-epsilon")
     future = executor.submit(sim.plan.planned_epsilon)
     executor.shutdown(wait=False)
     return future.result
