@@ -66,7 +66,7 @@ def _cmd_train(args) -> int:
                        "combine it with --config, --smoke or --set")
     config = runner.load_run_config(args.resume)
     result = runner.run(config, run_dir=args.resume, resume=True,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, log=_log(args))
     _print_summary(result.summary, args.json, args.resume)
     return 0
   if args.config:
@@ -86,16 +86,29 @@ def _cmd_train(args) -> int:
   run_dir = args.run_dir or (
       pathlib.Path("runs") /
       f"{config.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-  result = runner.run(config, run_dir=run_dir, progress=not args.no_progress)
+  result = runner.run(config, run_dir=run_dir, progress=not args.no_progress,
+                      log=_log(args))
   _print_summary(result.summary, args.json, run_dir)
   return 0
 
 
+def _log(args):
+  """Where progress lines go: stderr with --json (stdout holds only the
+  JSON), else stdout."""
+  if getattr(args, "json", False):
+    return lambda line: print(line, file=sys.stderr)
+  return print
+
+
+def _print_json(result: dict, run_dir) -> None:
+  print(json.dumps({**result, "run_dir": str(run_dir)}))
+
+
 def _print_summary(s: dict, as_json: bool, run_dir) -> None:
-  print(f"run directory: {run_dir}")
   if as_json:
-    print(json.dumps(s))
+    _print_json(s, run_dir)
     return
+  print(f"run directory: {run_dir}")
   print(f"final held-out accuracy: {s.get('eval_accuracy', float('nan')):.4f}")
   print(f"epsilon: {s['epsilon']:.4g} at delta={s['delta']:g} "
         f"({s['accountant']}); noise multiplier {s['noise_multiplier']:.4g}, "
@@ -112,10 +125,11 @@ def _cmd_audit(args) -> int:
   run_dir = args.run_dir or (
       pathlib.Path("runs") /
       f"{config.name}-audit-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-  result = runner.run(config, run_dir=run_dir, progress=not args.no_progress)
+  result = runner.run(config, run_dir=run_dir, progress=not args.no_progress,
+                      log=_log(args))
   s = result.summary
   if args.json:
-    print(json.dumps(s))
+    _print_json(s, run_dir)
     return 0
   a = s["audit"]
   print(f"run directory: {run_dir}")
@@ -140,10 +154,20 @@ def _cmd_sweep(args) -> int:
   run_dir = args.run_dir or (
       pathlib.Path("runs") /
       f"{config.name}-sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-  sweep.run_sweep(config, grid, run_dir=run_dir,
-                  progress=not args.no_progress,
-                  max_configs_per_group=args.max_configs_per_group,
-                  tuning=not args.no_tuning)
+  result = sweep.run_sweep(config, grid, run_dir=run_dir,
+                           progress=not args.no_progress,
+                           max_configs_per_group=args.max_configs_per_group,
+                           tuning=not args.no_tuning, log=_log(args))
+  if args.json:
+    from fedjax_dp import reports  # pylint: disable=g-import-not-at-top
+    tuning = result.tuning
+    _print_json({
+        "configs": reports.summary_rows(result),
+        "tuning_epsilon": None if tuning is None else tuning.epsilon,
+        "all_released_epsilon": (None if tuning is None
+                                 else tuning.all_released_epsilon),
+        "wall_time_s": result.wall_time_s}, run_dir)
+    return 0
   print(f"run directory: {run_dir}")
   print((pathlib.Path(run_dir) / "summary.md").read_text())
   return 0
@@ -394,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
   sweep.add_argument("--no-tuning", action="store_true",
                      help="skip the privacy cost of tuning")
   sweep.add_argument("--no-progress", action="store_true")
+  sweep.add_argument("--json", action="store_true",
+                     help="print only a JSON summary on stdout (progress "
+                     "lines go to stderr)")
   _add_compilation_cache_arg(sweep)
   sweep.set_defaults(fn=_cmd_sweep)
 

@@ -239,3 +239,40 @@ def test_a_billion_planned_rounds_are_accounted_at_once(accountant, capsys):
   eps = json.loads(capsys.readouterr().out)["epsilon"]
   # Near 20 for both accountants (privacy/accounting.py's table).
   assert 10 < eps < 40
+
+
+def _json_commands(tmp):
+  data = tmp / "clients.h5"
+  from fedjax_dp.data.formats import tff_hdf5  # pylint: disable=g-import-not-at-top
+  tff_hdf5.write_tff_hdf5(str(data), ["a", "b"], [
+      {"x": [[0.0, 1.0]], "y": [0]}, {"x": [[1.0, 0.0], [0.5, 0.5]],
+                                      "y": [1, 0]}])
+  return {
+      "train": ["train", "--smoke", "--no-progress", "--run-dir",
+                str(tmp / "train")],
+      "account": ["account", "--q", "0.1", "--rounds", "5",
+                  "--noise-multiplier", "1"],
+      "calibrate": ["calibrate", "--population", "1000", "--cohort-size",
+                    "50", "--rounds", "5", "--target-epsilon", "4"],
+      "data inspect": ["data", "inspect", str(data)],
+      "audit": ["audit", "--smoke", "--no-progress", "--run-dir",
+                str(tmp / "audit")],
+      "sweep": ["sweep", "--smoke", "--grid", "noise_multiplier=0.5,1",
+                "--no-progress", "--run-dir", str(tmp / "sweep")],
+  }
+
+
+@pytest.mark.parametrize("command", [
+    "train", "account", "calibrate", "data inspect",
+    pytest.param("audit", marks=pytest.mark.slow),
+    pytest.param("sweep", marks=pytest.mark.slow)])
+def test_json_flag_prints_nothing_but_json(command, tmp_path, capsys):
+  argv = _json_commands(tmp_path)[command] + ["--json"]
+  assert cli.main(argv) == 0
+  captured = capsys.readouterr()
+  out = json.loads(captured.out)  # the whole of stdout
+  assert isinstance(out, dict) and out
+  if command in ("train", "audit", "sweep"):
+    # Progress lines went to stderr; the run directory is in the JSON.
+    assert out["run_dir"] == argv[argv.index("--run-dir") + 1]
+    assert "run directory" not in captured.out and captured.err
