@@ -23,5 +23,5 @@ def get_config() -> config_lib.Config:
 
 
 def get_smoke_config() -> config_lib.Config:
-  return get_config().replace(name="digits_dp_fedavg_smoke", rounds=3,
-                              eval_every=3)
+  # The package default's smoke variant (what `--smoke` alone runs).
+  return config_lib.default_smoke_config()

@@ -44,6 +44,17 @@ def _load_experiment(path: str, smoke: bool):
   return config
 
 
+def _base_config(args):
+  """The experiment's config (--config), or the built-in default; with
+  --smoke, its smoke variant (for the default, `SMOKE_ROUNDS` rounds), the
+  same for every command that trains."""
+  from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
+  if args.config:
+    return _load_experiment(args.config, args.smoke)
+  return (config_lib.default_smoke_config() if args.smoke
+          else config_lib.Config())
+
+
 def _describe(e: BaseException) -> str:
   """An exception as one line: its type where that says something, and its
   message."""
@@ -69,12 +80,7 @@ def _cmd_train(args) -> int:
                         progress=not args.no_progress, log=_log(args))
     _print_summary(result.summary, args.json, args.resume)
     return 0
-  if args.config:
-    config = _load_experiment(args.config, args.smoke)
-  else:
-    config = config_lib.Config()
-    if args.smoke:
-      config = config.replace(name=config.name + "_smoke", rounds=5)
+  config = _base_config(args)
   flag_overrides = {
       "rounds": args.rounds, "noise_multiplier": args.noise_multiplier,
       "clip_norm": args.clip_norm, "seed": args.seed,
@@ -118,10 +124,9 @@ def _print_summary(s: dict, as_json: bool, run_dir) -> None:
 def _cmd_audit(args) -> int:
   from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
   from fedjax_dp import runner  # pylint: disable=g-import-not-at-top
-  config = (_load_experiment(args.config, args.smoke) if args.config
-            else config_lib.Config())
   config = config_lib.parse_overrides(
-      config, list(args.set or ()) + [f"audit_canaries={args.canaries}"])
+      _base_config(args),
+      list(args.set or ()) + [f"audit_canaries={args.canaries}"])
   run_dir = args.run_dir or (
       pathlib.Path("runs") /
       f"{config.name}-audit-{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -145,9 +150,7 @@ def _cmd_audit(args) -> int:
 def _cmd_sweep(args) -> int:
   from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
   from fedjax_dp import sweep  # pylint: disable=g-import-not-at-top
-  config = (_load_experiment(args.config, args.smoke) if args.config
-            else config_lib.Config())
-  config = config_lib.parse_overrides(config, args.set or ())
+  config = config_lib.parse_overrides(_base_config(args), args.set or ())
   if not args.grid:
     raise ValueError("--grid: give at least one FIELD=V1,V2,...")
   grid = sweep.parse_grid(config, args.grid)
@@ -374,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
   train = sub.add_parser("train", help="run DP-FedAvg")
   train.add_argument("--config", help="experiments/<name>.py")
   train.add_argument("--smoke", action="store_true",
-                     help="use the experiment's small smoke variant")
+                     help="use the experiment's small smoke variant (the "
+                     "default's: 3 rounds)")
   train.add_argument("--rounds", type=int)
   train.add_argument("--noise-multiplier", type=float)
   train.add_argument("--clip-norm", type=float)
@@ -395,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
       "audit", help="train with canary clients and estimate epsilon "
       "empirically (Andrew et al. 2024)")
   audit.add_argument("--config", help="experiments/<name>.py")
-  audit.add_argument("--smoke", action="store_true")
+  audit.add_argument("--smoke", action="store_true",
+                     help="the experiment's smoke variant (as for train)")
   audit.add_argument("--canaries", type=int, default=500,
                      help="canaries inserted (as many more are held out)")
   audit.add_argument("--set", action="append", metavar="FIELD=VALUE")
@@ -409,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
       "sweep", help="run a grid of configurations as one vmapped program per "
       "shape group")
   sweep.add_argument("--config", help="experiments/<name>.py")
-  sweep.add_argument("--smoke", action="store_true")
+  sweep.add_argument("--smoke", action="store_true",
+                     help="the experiment's smoke variant (as for train)")
   sweep.add_argument("--grid", action="append", metavar="FIELD=V1,V2,...",
                      help="values of one field (repeatable)")
   sweep.add_argument("--set", action="append", metavar="FIELD=VALUE")

@@ -397,6 +397,17 @@ class Config:
     return cls(**d)
 
 
+# What `--smoke` means for every command: an experiment's small variant,
+# which for the built-in default is this many rounds (evaluated at the end).
+SMOKE_ROUNDS = 3
+
+
+def default_smoke_config() -> Config:
+  """The default experiment's smoke variant (`--smoke` without --config)."""
+  return Config().replace(name=Config().name + "_smoke", rounds=SMOKE_ROUNDS,
+                          eval_every=SMOKE_ROUNDS)
+
+
 def _parse_value(name: str, raw: str) -> Any:
   """The value of field `name` written as `raw` on a command line."""
   value = _parse_json(raw)

@@ -276,3 +276,7 @@ def test_json_flag_prints_nothing_but_json(command, tmp_path, capsys):
     # Progress lines went to stderr; the run directory is in the JSON.
     assert out["run_dir"] == argv[argv.index("--run-dir") + 1]
     assert "run directory" not in captured.out and captured.err
+    # --smoke means the same for every command: the default's 3 rounds.
+    runs = out["configs"] if command == "sweep" else [out]
+    assert [r["rounds_completed"] for r in runs] == [
+        config_lib.SMOKE_ROUNDS] * len(runs)
