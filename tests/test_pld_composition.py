@@ -43,6 +43,7 @@ def test_epsilon_equals_dp_accountings_scan_bit_for_bit(event, count):
     ([0.25, 0.25, 0.25, 0.2], 0.05, 0.01),  # infinite loss above delta
     ([0.25, 0.25, 0.25, 0.2], 0.05, 0.05),  # exactly delta
     ([0.0, 0.0, 0.5, 0.5], 0.0, 1e-6),
+    ([], 1e-7, 1e-6),  # only the infinite loss, below delta
 ])
 def test_epsilon_edge_cases_equal_dp_accounting(probs, infinity_mass, delta):
   pmf = _pmf(probs, infinity_mass=infinity_mass)

@@ -171,6 +171,8 @@ def epsilon_for_delta(pmf: pld_pmf.DensePLDPmf, delta: float) -> float:
   if infinity_mass > delta:
     return math.inf
   probs = np.flip(pmf._probs)
+  if probs.size == 0:  # all mass at the infinite loss, at most delta
+    return 0.0
   upper_loss = (pmf._lower_loss + probs.size - 1) * pmf._discretization
   # The losses and running sums are accumulated in dp_accounting's order
   # (its losses come from repeatedly subtracting the interval), so that they
@@ -180,7 +182,9 @@ def epsilon_for_delta(pmf: pld_pmf.DensePLDPmf, delta: float) -> float:
   # Masses before adding loss i (as the scan holds them when it checks i),
   # and after.
   before_upper = np.cumsum(np.concatenate([[infinity_mass], probs]))
-  before_lower = np.cumsum(np.concatenate([[0.0], np.exp(-losses) * probs]))
+  with np.errstate(over="ignore"):  # a loss below -709 weighs inf
+    weighted = np.exp(-losses) * probs
+  before_lower = np.cumsum(np.concatenate([[0.0], weighted]))
   mass_upper, mass_lower = before_upper[1:], before_lower[1:]
   before_upper, before_lower = before_upper[:-1], before_lower[:-1]
   with np.errstate(divide="ignore", invalid="ignore"):
@@ -195,11 +199,9 @@ def epsilon_for_delta(pmf: pld_pmf.DensePLDPmf, delta: float) -> float:
                      else probs.size)
   if first_saturated < stop:
     return max(0.0, float(losses[first_saturated]))
-  # The masses when the scan ends (before_* has one more entry than losses).
-  upper = float(np.concatenate([before_upper, mass_upper[-1:]])[stop]) if (
-      probs.size) else infinity_mass
-  lower = float(np.concatenate([before_lower, mass_lower[-1:]])[stop]) if (
-      probs.size) else 0.0
+  # The masses when the scan ends (at `stop`, or after the last loss).
+  upper = float(np.concatenate([before_upper, mass_upper[-1:]])[stop])
+  lower = float(np.concatenate([before_lower, mass_lower[-1:]])[stop])
   if upper <= lower + delta:
     return 0.0
   return math.log((upper - delta) / lower)
