@@ -119,6 +119,12 @@ def _print_summary(s: dict, as_json: bool, run_dir) -> None:
   print(f"epsilon: {s['epsilon']:.4g} at delta={s['delta']:g} "
         f"({s['accountant']}); noise multiplier {s['noise_multiplier']:.4g}, "
         f"clip norm {s['clip_norm']:g}, {s['rounds_completed']} rounds")
+  if s.get("example_epsilon") is not None:
+    # Record-level DP: the client-level epsilon may be inf (no client-level
+    # noise) while each client's examples are protected.
+    print(f"example-level epsilon: {s['example_epsilon']:.4g} at "
+          f"delta={s['delta']:g} (one client's records, every round counted; "
+          "the guarantee a record-level DP run gives)")
 
 
 def _cmd_audit(args) -> int:

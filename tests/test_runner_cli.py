@@ -214,6 +214,8 @@ def test_every_experiment_smoke_variant_trains(experiment, tmp_path, capsys):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["rounds_completed"] == summary["rounds_planned"] > 0
   assert math.isfinite(summary["eval_loss"])
+  # A record-level DP run's headline shows the guarantee it gives.
+  assert ("example-level epsilon" in out) == ("example_epsilon" in summary)
 
 
 @pytest.mark.slow
