@@ -26,12 +26,17 @@ from fedjax_dp.privacy import plan as plan_lib
 LOOKAHEAD = 64
 
 
+def is_report_round(r: int, num_rounds: int, every: int) -> bool:
+  """Whether round r's row carries an epsilon: every `every`-th round and
+  the last of `num_rounds`."""
+  return (r + 1) % every == 0 or r + 1 == num_rounds
+
+
 def report_rounds(first_round: int, num_rounds: int,
                   every: int) -> Iterator[int]:
-  """Rounds (0-based, from `first_round`) whose rows carry an epsilon:
-  every `every`-th and the last of `num_rounds`."""
+  """The report rounds (`is_report_round`) from `first_round` on."""
   for r in range(first_round, num_rounds):
-    if (r + 1) % every == 0 or r + 1 == num_rounds:
+    if is_report_round(r, num_rounds, every):
       yield r
 
 
@@ -85,7 +90,7 @@ class EpsilonReports:
   def __init__(self, plan: plan_lib.PrivacyPlan,
                ledger: accounting.PrivacyLedger, rounds: Iterator[int]):
     self._plan = plan
-    self._shadow = ledger_after(plan, ledger, ledger.num_rounds)
+    self._shadow = ledger.first(ledger.num_rounds)
     self._rounds = iter(rounds)
     self._pending = collections.deque()
     self._executor = concurrent.futures.ThreadPoolExecutor(

@@ -373,7 +373,8 @@ class Lane:
     metrics["num_drawn"] = row.num_drawn
     metrics["num_dropped"] = row.num_dropped
     metrics["truncated"] = row.num_drawn > self.plan.sampler.capacity
-    if (r + 1) % config.eval_every == 0 or r + 1 == self.rounds_allowed:
+    if epsilon_reports.is_report_round(r, self.rounds_allowed,
+                                       config.eval_every):
       started = time.perf_counter()
       epsilon, example_epsilon = self.reports.epsilon_after(r)
       self.accounting_s += time.perf_counter() - started

@@ -66,12 +66,16 @@ def num_local_steps(max_examples: int, batch_size: int, epochs: int) -> int:
 BLOCK_MEMORY_FRACTION = 1 / 8
 
 
+def example_bytes(feature_specs: dict) -> int:
+  """Bytes of one example's features."""
+  return sum(math.prod(shape) * np.dtype(dtype).itemsize
+             for shape, dtype in feature_specs.values())
+
+
 def block_bytes(feature_specs: dict, slots: int, num_steps: int,
                 batch_size: int) -> int:
   """Bytes of a block of `slots` clients (features and masks)."""
-  per_example = 1 + sum(  # the example mask's byte
-      math.prod(shape) * np.dtype(dtype).itemsize
-      for shape, dtype in feature_specs.values())
+  per_example = 1 + example_bytes(feature_specs)  # and the mask's byte
   return slots * num_steps * batch_size * per_example + slots
 
 

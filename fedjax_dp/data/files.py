@@ -15,7 +15,6 @@ decodes to at most `DEFAULT_IN_MEMORY_FRACTION` of the host's memory.
 """
 
 import dataclasses
-import math
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -35,9 +34,8 @@ DEFAULT_IN_MEMORY_FRACTION = 1 / 4
 
 def decoded_bytes(source: source_lib.ClientSource) -> int:
   """Bytes the clients of `source` take in memory, from its index."""
-  per_example = sum(math.prod(shape) * np.dtype(dtype).itemsize
-                    for shape, dtype in source.feature_specs.values())
-  return int(np.sum(source.num_examples)) * per_example
+  return (int(np.sum(source.num_examples))
+          * blocks.example_bytes(source.feature_specs))
 
 
 def _load_in_memory(source: source_lib.ClientSource, in_memory,

@@ -179,7 +179,7 @@ class TffHdf5Source(common.IndexedSource):
             feats[name] = _read_dataset(dataset, dtype)
         client_features.append(feats)
     return common.assemble(self._path, client_ids, client_features,
-                           self._specs, self._num_examples[indices])
+                           self._specs, sizes)
 
   def _read_numeric(self, client_ids, sizes) -> dict | None:
     """The clients' numeric features read straight into one array each.
