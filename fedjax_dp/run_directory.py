@@ -8,9 +8,14 @@
                     state the rounds carry, the ledger and the byte offset
                     of metrics.jsonl they cover
     summary.json    the final summary
+    tensorboard/, metrics.csv, *.png
+                    views of metrics.jsonl for people (run_outputs.py):
+                    TensorBoard events written row by row, the table and
+                    plots when the directory closes
 
 Every file is replaced atomically or appended to; a failure (a full disk, an
-interruption) leaves what was already written readable.
+interruption) leaves what was already written readable. The views are never
+read back, and a failure to write them is a warning, not an error.
 """
 
 import json
@@ -18,6 +23,7 @@ import os
 import pathlib
 
 from fedjax_dp import checkpoint
+from fedjax_dp import run_outputs
 from fedjax_dp.privacy import accounting
 from fedjax_dp.privacy import ledger_codec
 
@@ -53,12 +59,16 @@ DERIVED_FIELDS = ("resolved_noise_multiplier", "neighbouring_relation")
 class RunDirectory:
   """A run directory, read for resuming and written while a run goes on."""
 
-  def __init__(self, path: str | os.PathLike):
+  def __init__(self, path: str | os.PathLike, plots: bool = True):
+    """`plots=False` leaves out the PNGs (a sweep plots its runs
+    together)."""
     self.path = pathlib.Path(path)
     self.checkpoints = self.path / "checkpoints"
     self.metrics_path = self.path / "metrics.jsonl"
     self.ledger_path = self.path / "ledger.jsonl"
-    self._metrics = self._ledger = None
+    self._metrics = self._ledger = self._tensorboard = None
+    self._plots = plots
+    self._config = {}
 
   # --- Before anything is written. ------------------------------------------
 
@@ -159,7 +169,7 @@ class RunDirectory:
     checkpoint will be replayed and recorded again), cuts metrics.jsonl to
     `metrics_offset` bytes, and opens both for appending."""
     self.path.mkdir(parents=True, exist_ok=True)
-    resolved = config | {
+    resolved = self._config = config | {
         "resolved_noise_multiplier": noise_multiplier,
         "neighbouring_relation": ledger.relation.value}
     write_atomic(self.path / "config.json",
@@ -172,6 +182,9 @@ class RunDirectory:
         f.truncate(metrics_offset)
     self._metrics = open(self.metrics_path, "a", encoding="utf-8")
     self._ledger = open(self.ledger_path, "a", encoding="utf-8")
+    self._tensorboard = run_outputs.TensorBoardLog(
+        self.path / run_outputs.TENSORBOARD_DIR,
+        kept_rows=self.metrics_path if metrics_offset else None)
 
   def record(self, first: int, events) -> None:
     """Appends rounds first, first + 1, ...'s events, durably."""
@@ -182,6 +195,7 @@ class RunDirectory:
   def write_metrics(self, row: dict) -> None:
     self._metrics.write(json.dumps(row) + "\n")
     self._metrics.flush()
+    self._tensorboard.add(row)
 
   def save_checkpoint(self, rounds_completed: int, tree,
                       ledger: accounting.PrivacyLedger, config: dict) -> None:
@@ -198,7 +212,25 @@ class RunDirectory:
                  json.dumps(summary, indent=2) + "\n")
 
   def close(self) -> None:
-    for f in (self._metrics, self._ledger):
+    """Closes the files, then regenerates the views of metrics.jsonl."""
+    opened = self._metrics is not None
+    for f in (self._metrics, self._ledger, self._tensorboard):
       if f is not None:
         f.close()
-    self._metrics = self._ledger = None
+    self._metrics = self._ledger = self._tensorboard = None
+    if opened:
+      self._write_views()
+
+  def _write_views(self) -> None:
+    try:
+      rows = run_outputs.read_rows(self.metrics_path)
+    except Exception as e:  # pylint: disable=broad-except
+      run_outputs.warn("metrics.csv or plots", self.path, e)
+      return
+    try:
+      write_atomic(self.path / run_outputs.CSV_NAME,
+                   run_outputs.csv_text(rows))
+    except Exception as e:  # pylint: disable=broad-except
+      run_outputs.warn(run_outputs.CSV_NAME, self.path, e)
+    if self._plots:
+      run_outputs.write_plots(rows, self._config, self.path)

@@ -1,0 +1,221 @@
+"""`fedjax-dp report`: several run directories side by side.
+
+For each run directory: its config.json, summary.json (absent when the run
+did not finish: then its last metrics rows stand in) and metrics.jsonl. The
+comparison is a table (one row per run) and overlaid curves, one line per
+run: held-out accuracy, loss and epsilon vs rounds completed.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+
+from fedjax_dp import run_outputs
+
+# Table columns: (key, heading).
+COLUMNS = (("run", "run"), ("rounds", "rounds"),
+           ("eval_accuracy", "accuracy"), ("epsilon", "epsilon"),
+           ("delta", "delta"), ("noise_multiplier", "z"),
+           ("clip_norm", "clip C"), ("wall_time_s", "wall s"),
+           ("status", "status"), ("run_dir", "directory"))
+
+PLOTS = ("accuracy", "loss", "epsilon")
+
+
+@dataclasses.dataclass
+class Run:
+  """What one run directory holds."""
+
+  path: pathlib.Path
+  config: dict
+  summary: dict | None
+  rows: list[dict]
+  # The run's line in legends and the table (its name, with its directory
+  # where names collide).
+  label: str = ""
+
+  @property
+  def name(self) -> str:
+    return str(self.config.get("name") or self.path.name)
+
+
+def _read_json(path: pathlib.Path):
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def load_run(path: str | os.PathLike) -> Run:
+  """Reads a run directory.
+
+  Raises:
+    ValueError: `path` is not a run directory (no config.json and no
+      metrics.jsonl), or one of its JSON files is damaged.
+  """
+  path = pathlib.Path(path)
+  config_path, summary_path = path / "config.json", path / "summary.json"
+  metrics_path = path / "metrics.jsonl"
+  if not config_path.is_file() and not metrics_path.is_file():
+    raise ValueError(f"{path} is not a run directory (it holds no "
+                     "config.json or metrics.jsonl)")
+  config = _read_json(config_path) if config_path.is_file() else {}
+  summary = _read_json(summary_path) if summary_path.is_file() else None
+  for what, value in (("config.json", config), ("summary.json", summary)):
+    if value is not None and not isinstance(value, dict):
+      raise ValueError(f"{path / what} must hold a JSON object")
+  return Run(path, config, summary, run_outputs.read_rows(metrics_path))
+
+
+def label_runs(runs: list[Run]) -> None:
+  """Gives each run a label: its name, followed by as much of its
+  directory's path as tells it from the runs of the same name."""
+  by_name = {}
+  for run in runs:
+    by_name.setdefault(run.name, []).append(run)
+  for name, same in by_name.items():
+    if len(same) == 1:
+      same[0].label = name
+      continue
+    parts = [run.path.resolve().parts for run in same]
+    depth = 1
+    while depth < max(len(p) for p in parts) and len(
+        {p[-depth:] for p in parts}) < len(parts):
+      depth += 1
+    for run, p in zip(same, parts):
+      run.label = f"{name} ({'/'.join(p[-depth:])})"
+
+
+def _last(rows: list[dict], key: str):
+  for row in reversed(rows):
+    if key in row:
+      return row[key]
+  return None
+
+
+def table_row(run: Run) -> dict:
+  """The run's row of the comparison table."""
+  config, summary, rows = run.config, run.summary, run.rows
+  row = {"run": run.label or run.name, "run_dir": str(run.path)}
+  if summary is not None:
+    row.update(
+        rounds=summary.get("rounds_completed"),
+        eval_accuracy=summary.get("eval_accuracy"),
+        epsilon=summary.get("epsilon"),
+        delta=summary.get("delta", config.get("delta")),
+        noise_multiplier=summary.get(
+            "noise_multiplier", config.get("resolved_noise_multiplier")),
+        clip_norm=summary.get("clip_norm", config.get("clip_norm")),
+        final_clip_norm=summary.get("final_clip_norm"),
+        wall_time_s=summary.get("wall_time_s"),
+        status="diverged" if summary.get("diverged") else "finished")
+  else:
+    # A run that did not finish: what its rows reached.
+    row.update(
+        rounds=rows[-1]["round"] + 1 if rows else 0,
+        eval_accuracy=_last(rows, "eval_accuracy"),
+        epsilon=_last(rows, "epsilon"),
+        delta=config.get("delta"),
+        noise_multiplier=config.get("resolved_noise_multiplier",
+                                    config.get("noise_multiplier")),
+        clip_norm=config.get("clip_norm"),
+        final_clip_norm=_last(rows, "clip_norm") if config.get(
+            "adaptive_clipping") else None,
+        wall_time_s=_last(rows, "elapsed_s"),
+        status="unfinished (no summary.json)")
+  row["rounds_planned"] = config.get("rounds")
+  return row
+
+
+def _text(key: str, row: dict) -> str:
+  value = row.get(key)
+  if key == "clip_norm" and row.get("final_clip_norm") is not None:
+    return f"{value:g}->{row['final_clip_norm']:.3g}"  # adaptive clipping
+  if key == "rounds" and row.get("rounds_planned") not in (None, value):
+    return f"{value}/{row['rounds_planned']}"
+  if value is None:
+    return "-"
+  if isinstance(value, float):
+    if key == "wall_time_s":
+      return f"{value:.1f}"
+    return f"{value:.4g}" if math.isfinite(value) else str(value)
+  return str(value)
+
+
+def format_table(rows: list[dict]) -> str:
+  """The table as aligned text columns."""
+  cells = [[heading for _, heading in COLUMNS]]
+  cells += [[_text(key, row) for key, _ in COLUMNS] for row in rows]
+  widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+           for line in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def _plot(runs: list[Run], what: str, path: pathlib.Path) -> bool:
+  """One overlaid plot; False (nothing written) when no run has its data."""
+  keys = {"accuracy": ("eval_accuracy",), "loss": ("eval_loss", "train_loss"),
+          "epsilon": ("epsilon",)}[what]
+  if not any(run_outputs.points(run.rows, k)[0] for run in runs for k in keys):
+    return False
+  names = ", ".join(dict.fromkeys(run.name for run in runs))
+  if len(names) > 60:
+    names = f"{len(runs)} runs"
+  deltas = list(dict.fromkeys(run.config.get("delta") for run in runs))
+  at = (f"delta={deltas[0]:g}" if len(deltas) == 1 and
+        run_outputs.is_number(deltas[0]) else "each run's delta")
+  ylabel = {"accuracy": "held-out accuracy",
+            "loss": "loss (solid: held-out, dashed: training)",
+            "epsilon": f"epsilon ({at})"}[what]
+  title = {"accuracy": "Held-out accuracy", "loss": "Loss",
+           "epsilon": "Privacy spent"}[what]
+  fig, ax = run_outputs.new_axes(f"{title}: {names}", ylabel, width=7.5)
+  plt = run_outputs.pyplot()
+  colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+  for i, run in enumerate(runs):
+    color = colors(i % colors.N)
+    xs, ys = run_outputs.points(run.rows, keys[0])
+    if xs:
+      run_outputs.line(ax, xs, ys, label=run.label, color=color)
+    if what == "loss":
+      train = run_outputs.points(run.rows, "train_loss")
+      if train[0]:
+        ax.plot(*train, color=color, linestyle="--", linewidth=1, alpha=0.6,
+                label=None if xs else run.label)
+  if what == "epsilon":
+    ax.set_ylim(bottom=0)
+  run_outputs.save(fig, ax, path)
+  return True
+
+
+def write_plots(runs: list[Run], out_dir: str | os.PathLike,
+                prefix: str = "report_") -> list[pathlib.Path]:
+  """Writes `<prefix>accuracy.png`, `loss.png`, `epsilon.png` (those some
+  run has data for) into `out_dir`; returns their paths."""
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  written = []
+  for what in PLOTS:
+    path = out_dir / f"{prefix}{what}.png"
+    if _plot(runs, what, path):
+      written.append(path)
+  return written
+
+
+def report(run_dirs, out_dir: str | os.PathLike) -> dict:
+  """Reads `run_dirs`, writes the overlaid plots into `out_dir`.
+
+  Returns:
+    {"runs": the table's rows, "files": the PNGs written}.
+
+  Raises:
+    ValueError: a path is not a run directory or holds damaged JSON.
+  """
+  runs = [load_run(p) for p in run_dirs]
+  label_runs(runs)
+  files = write_plots(runs, out_dir)
+  return {"runs": [table_row(run) for run in runs],
+          "files": [str(f) for f in files]}
