@@ -16,7 +16,7 @@ one of the paper's six tasks (Shakespeare next-character prediction). The
 paper's per-task accuracies could not be read here, so its numbers are "not
 available here"; the comparison is of the finding.
 
-Paper's settings (found with the search tool: the paper's reproducibility
+Paper's settings (from the paper's reproducibility
 summary and TensorFlow Privacy's QuantileAdaptiveClipSumQuery docs, which
 cite the paper's recommendations): gamma = 0.5 (median), eta_C = 0.2
 (geometric update), C_0 = 0.1, m = 100 clients per round, sigma_b = m / 20;

@@ -13,11 +13,11 @@ increased computation, rather than in decreased utility".
 What is reproduced: the qualitative findings of the paper's accuracy vs.
 noise / users-per-round experiments, not its numbers. Its tables and figures
 could not be read here (only the abstract and a summary of the method were
-found with the search tool), so every paper number below is "not available
+available), so every paper number below is "not available
 here" except those stated as quoted.
 
 Paper's settings (as far as found): Reddit next-*word* prediction, 763,430
-users (figure quoted from the task brief, not verified here), an LSTM
+users (a commonly quoted figure, not verified against the paper here), an LSTM
 language model, user-level DP with the moments accountant, expected users
 per round and noise varied; the paper's exact C~, sigma, S, rounds and delta
 are not available here.

@@ -400,6 +400,23 @@ def epsilon_lower_bound(inserted_cosines, held_out_cosines, delta: float,
   return float(_bounds_at(np.array([threshold]), ev1, ev0, alpha, delta)[0])
 
 
+def largest_lower_bound(num_canaries: int, delta: float,
+                        confidence: float = 0.95) -> float:
+  """The largest epsilon_lo `epsilon_lower_bound` can return with
+  `num_canaries` inserted and as many held out: the bound when the two
+  groups separate perfectly.
+
+  An audit whose accountant's epsilon is above this cannot test it, and its
+  epsilon_lo = 0 is no evidence of privacy: it has no power there.
+  """
+  alpha = 1.0 - confidence
+  # The bound is evaluated on the second half of each group.
+  inserted = num_canaries - num_canaries // 2
+  fpr_hi = clopper_pearson_upper(np.array([0]), inserted, alpha / 2)
+  fnr_hi = clopper_pearson_upper(np.array([0]), inserted, alpha / 2)
+  return float(_threshold_epsilons(fpr_hi, fnr_hi, delta)[0])
+
+
 def max_over_rounds(running: jax.Array | None,
                     round_cosines: jax.Array) -> jax.Array:
   """Running per-canary maximum of cosines over rounds (all-iterates audit)."""

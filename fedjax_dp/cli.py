@@ -55,6 +55,30 @@ def _base_config(args):
           else config_lib.Config())
 
 
+def _user_code_assignments(args) -> list[str]:
+  """--model / --dataset as config assignments, applied before --set: the
+  user's builder by import path, with empty kwargs (the experiment's were
+  for its own model or dataset)."""
+  out = []
+  for field in ("model", "dataset"):
+    path = getattr(args, field, None)
+    if path:
+      out += [f"{field}={json.dumps(path)}", f"{field}_kwargs={{}}"]
+  return out
+
+
+def _add_user_code_args(p) -> None:
+  p.add_argument("--model", metavar="PACKAGE.MODULE:NAME",
+                 help="train your own model: the import path of a flax "
+                 "module class or of a function that builds one (its "
+                 "arguments from --set model_kwargs.NAME=VALUE); the current "
+                 "directory is searched")
+  p.add_argument("--dataset", metavar="PACKAGE.MODULE:NAME",
+                 help="train on your own data: the import path of a function "
+                 "returning a fedjax_dp FederatedDataset (its arguments from "
+                 "--set dataset_kwargs.NAME=VALUE, and seed)")
+
+
 def _describe(e: BaseException) -> str:
   """An exception as one line: its type where that says something, and its
   message."""
@@ -72,9 +96,10 @@ def _cmd_train(args) -> int:
   from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
   from fedjax_dp import runner  # pylint: disable=g-import-not-at-top
   if args.resume:
-    if args.config or args.set or args.smoke:
+    if args.config or args.set or args.smoke or args.model or args.dataset:
       raise ValueError("--resume takes the run directory's own config; do not "
-                       "combine it with --config, --smoke or --set")
+                       "combine it with --config, --smoke, --set, --model or "
+                       "--dataset")
     config = runner.load_run_config(args.resume)
     result = runner.run(config, run_dir=args.resume, resume=True,
                         progress=not args.no_progress, log=_log(args))
@@ -86,8 +111,9 @@ def _cmd_train(args) -> int:
       "clip_norm": args.clip_norm, "seed": args.seed,
   }
   # Flags and --set overrides are applied together and validated once.
-  assignments = [f"{k}={json.dumps(v)}" for k, v in flag_overrides.items()
-                 if v is not None] + list(args.set or ())
+  assignments = _user_code_assignments(args) + [
+      f"{k}={json.dumps(v)}" for k, v in flag_overrides.items()
+      if v is not None] + list(args.set or ())
   config = config_lib.parse_overrides(config, assignments)
   run_dir = args.run_dir or (
       pathlib.Path("runs") /
@@ -125,6 +151,9 @@ def _print_summary(s: dict, as_json: bool, run_dir) -> None:
     print(f"example-level epsilon: {s['example_epsilon']:.4g} at "
           f"delta={s['delta']:g} (one client's records, every round counted; "
           "the guarantee a record-level DP run gives)")
+  if s.get("loss_exploded_at_round") is not None:
+    print(f"warning: the loss exploded at round {s['loss_exploded_at_round']}"
+          " (see the log): the accuracy above is of a diverging model")
 
 
 def _cmd_audit(args) -> int:
@@ -132,7 +161,8 @@ def _cmd_audit(args) -> int:
   from fedjax_dp import runner  # pylint: disable=g-import-not-at-top
   config = config_lib.parse_overrides(
       _base_config(args),
-      list(args.set or ()) + [f"audit_canaries={args.canaries}"])
+      _user_code_assignments(args) + list(args.set or ()) +
+      [f"audit_canaries={args.canaries}"])
   run_dir = args.run_dir or (
       pathlib.Path("runs") /
       f"{config.name}-audit-{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -150,13 +180,38 @@ def _cmd_audit(args) -> int:
           f"out): epsilon_est = {a[name]['epsilon_est']:.4g}, "
           f"epsilon_threshold_est = {a[name]['epsilon_threshold_est']:.4g} "
           "(estimates, not bounds)")
+  for line in _audit_power(s):
+    print(line)
   return 0
+
+
+def _audit_power(s: dict) -> list[str]:
+  """What the audit can and cannot say, in words: a zero estimate from an
+  audit without power is no evidence of privacy."""
+  a, lines = s["audit"], []
+  ceiling = a["largest_threshold_est"]
+  if ceiling < s["epsilon"]:
+    lines.append(
+        f"note: with {a['canaries']} canaries the threshold test can show at "
+        f"most epsilon {ceiling:.3g}, below the accountant's "
+        f"{s['epsilon']:.4g}: it cannot test that bound (more canaries "
+        "raise the ceiling: --canaries)")
+  if all(a[n]["epsilon_threshold_est"] == 0
+         for n in ("final_model", "all_iterates")):
+    lines.append(
+        "note: no power: the inserted canaries did not separate from the "
+        "held-out ones (epsilon_threshold_est = 0). That is no evidence of "
+        "privacy: too few canaries, or a model too small for canary "
+        "directions to stand out of the update; use more canaries or audit "
+        "a larger model")
+  return lines
 
 
 def _cmd_sweep(args) -> int:
   from fedjax_dp import config as config_lib  # pylint: disable=g-import-not-at-top
   from fedjax_dp import sweep  # pylint: disable=g-import-not-at-top
-  config = config_lib.parse_overrides(_base_config(args), args.set or ())
+  config = config_lib.parse_overrides(
+      _base_config(args), _user_code_assignments(args) + list(args.set or ()))
   if not args.grid:
     raise ValueError("--grid: give at least one FIELD=V1,V2,...")
   grid = sweep.parse_grid(config, args.grid)
@@ -175,10 +230,13 @@ def _cmd_sweep(args) -> int:
         "tuning_epsilon": None if tuning is None else tuning.epsilon,
         "all_released_epsilon": (None if tuning is None
                                  else tuning.all_released_epsilon),
+        "tuning_advice": None if tuning is None else tuning.advice(),
         "wall_time_s": result.wall_time_s}, run_dir)
     return 0
   print(f"run directory: {run_dir}")
   print((pathlib.Path(run_dir) / "summary.md").read_text())
+  if result.tuning is not None:
+    print(f"privacy of the selection: {result.tuning.advice()}")
   return 0
 
 
@@ -345,6 +403,18 @@ def _cmd_data_fetch(args) -> int:
   return 0
 
 
+def _cmd_report(args) -> int:
+  from fedjax_dp import run_report  # pylint: disable=g-import-not-at-top
+  result = run_report.report(args.run_dirs, args.out)
+  if args.json:
+    print(json.dumps(result))
+    return 0
+  print(run_report.format_table(result["runs"]))
+  for path in result["files"]:
+    print(f"wrote {path}")
+  return 0
+
+
 def _add_compilation_cache_arg(p):
   p.add_argument(
       "--no-compilation-cache", dest="compilation_cache",
@@ -398,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--no-progress", action="store_true")
   train.add_argument("--json", action="store_true",
                      help="print the final summary as JSON")
+  _add_user_code_args(train)
   _add_compilation_cache_arg(train)
   train.set_defaults(fn=_cmd_train)
 
@@ -413,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
   audit.add_argument("--run-dir")
   audit.add_argument("--no-progress", action="store_true")
   audit.add_argument("--json", action="store_true")
+  _add_user_code_args(audit)
   _add_compilation_cache_arg(audit)
   audit.set_defaults(fn=_cmd_audit)
 
@@ -433,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
   sweep.add_argument("--json", action="store_true",
                      help="print only a JSON summary on stdout (progress "
                      "lines go to stderr)")
+  _add_user_code_args(sweep)
   _add_compilation_cache_arg(sweep)
   sweep.set_defaults(fn=_cmd_sweep)
 
@@ -478,6 +551,19 @@ def build_parser() -> argparse.ArgumentParser:
   fetch.add_argument("--cache-dir", default=str(
       pathlib.Path.home() / ".cache" / "fedjax_dp"))
   fetch.set_defaults(fn=_cmd_data_fetch)
+
+  report = sub.add_parser(
+      "report", help="compare run directories: a table and overlaid "
+      "accuracy, loss and epsilon curves")
+  report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+  report.add_argument("--out", default=".",
+                      help="where to write report_accuracy.png, "
+                      "report_loss.png, report_epsilon.png (default: the "
+                      "current directory)")
+  report.add_argument("--json", action="store_true",
+                      help="print only a JSON object (the table's rows and "
+                      "the files written)")
+  report.set_defaults(fn=_cmd_report)
   return parser
 
 

@@ -56,7 +56,7 @@ def masked_mean_loss(model: types.Model, params, features, mask) -> jax.Array:
   """Mean per-example loss over the real examples of one batch (0 if none)."""
   features = select_examples(features, mask)
   logits = model.apply(params, features["x"])
-  per_example = losses.cross_entropy(logits, features["y"])
+  per_example = losses.loss_of(model)(logits, features["y"])
   total = jnp.sum(jnp.where(mask, per_example, 0.0))
   return total / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 

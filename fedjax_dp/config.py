@@ -78,7 +78,9 @@ class Config:
   """
 
   name: str = "digits_dp_fedavg"
-  # Data and model.
+  # Data and model: built-in names, or the import paths
+  # ("package.module:attribute") of the user's dataset function and model
+  # class or builder (README, "Your own model and data").
   dataset: str = "digits"
   dataset_kwargs: dict = dataclasses.field(default_factory=dict)
   model: str = "mlp_2nn"
@@ -217,6 +219,7 @@ class Config:
     from fedjax_dp.privacy import accounting  # pylint: disable=g-import-not-at-top
     from fedjax_dp.privacy import plan as plan_lib  # pylint: disable=g-import-not-at-top
     from fedjax_dp.privacy import sampling as sampling_lib  # pylint: disable=g-import-not-at-top
+    from fedjax_dp import import_paths  # pylint: disable=g-import-not-at-top
     from fedjax_dp import server  # pylint: disable=g-import-not-at-top
 
     def positive_int(name):
@@ -226,10 +229,15 @@ class Config:
 
     _check_types(self)
 
-    if self.dataset not in builtin.NAMES:
-      _fail("dataset", f"one of {list(builtin.NAMES)}", self.dataset)
-    if self.model not in registry.NAMES:
-      _fail("model", f"one of {list(registry.NAMES)}", self.model)
+    # Besides the built-in names: an import path of the user's builder
+    # ("package.module:attribute"), or the "<name>" label of an object
+    # passed to runner.run (import_paths.py).
+    for name, names in (("dataset", builtin.NAMES), ("model", registry.NAMES)):
+      value = getattr(self, name)
+      if not (value in names or import_paths.is_import_path(value)
+              or import_paths.is_object_label(value)):
+        _fail(name, f"one of {list(names)} or an import path "
+              "'package.module:attribute'", value)
     for name in ("rounds", "local_epochs", "batch_size", "eval_every",
                  "checkpoint_every"):
       positive_int(name)

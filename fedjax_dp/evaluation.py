@@ -17,7 +17,8 @@ def _sums_fn(model: types.Model):
   @jax.jit
   def sums(params, x, y):
     logits = model.apply(params, x)
-    return losses.cross_entropy(logits, y), losses.accuracy(logits, y)
+    return (losses.loss_of(model)(logits, y),
+            losses.accuracy_of(model)(logits, y))
   return sums
 
 

@@ -1,5 +1,7 @@
 """Per-example losses and metrics for classification and sequence prediction."""
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -27,3 +29,15 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Fraction of correct predictions per example, [batch]."""
   correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
   return _per_example_mean(correct)
+
+
+def loss_of(model) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The model's per-example loss (`types.Model.loss`; default
+  `cross_entropy`)."""
+  return model.loss or cross_entropy
+
+
+def accuracy_of(model) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The model's per-example accuracy (`types.Model.accuracy`; default
+  `accuracy`)."""
+  return model.accuracy or accuracy

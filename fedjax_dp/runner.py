@@ -101,7 +101,10 @@ def _audit_summary(config, directions, initial_params, final_params,
   delta = tree_util.tree_sub(final_params, initial_params)
   final = np.asarray(audit.cosines(directions, delta))
   best = np.asarray(canary_max)
-  out = {"canaries": m, "nominal_confidence": 0.95}
+  out = {"canaries": m, "nominal_confidence": 0.95,
+         # The largest epsilon_threshold_est these canaries can show.
+         "largest_threshold_est": audit.largest_lower_bound(
+             m, config.delta, confidence=0.95)}
   for name, cos in (("final_model", final), ("all_iterates", best)):
     inserted, held_out = cos[:m], cos[m:]
     out[name] = {
@@ -289,6 +292,44 @@ def _restore(directory: run_directory.RunDirectory,
 
 
 @dataclasses.dataclass
+class LossWatch:
+  """Says, once per run, when its loss explodes: a held-out loss over
+  `EVAL_FACTOR` times its lowest so far, or a training loss over
+  `TRAIN_FACTOR` times its lowest (training losses are noisier: each round
+  has other clients). A model that became non-finite is stopped elsewhere
+  (`ModelDivergedError`); this catches the climb before it."""
+
+  EVAL_FACTOR = 2.0
+  TRAIN_FACTOR = 3.0
+
+  lowest: dict = dataclasses.field(default_factory=dict)
+  exploded_at: int | None = None
+
+  def check(self, r: int, metrics: dict) -> str | None:
+    """The warning for round r's metrics, if its loss exploded (first time
+    only)."""
+    warning = None
+    for name, factor in (("eval_loss", self.EVAL_FACTOR),
+                         ("train_loss", self.TRAIN_FACTOR)):
+      value = metrics.get(name)
+      if value is None or not np.isfinite(value):
+        continue
+      low = self.lowest.get(name)
+      if low is not None and low[0] > 0 and value > factor * low[0] and (
+          warning is None and self.exploded_at is None):
+        warning = (
+            f"round {r}: {name} {value:.4g} is over {factor:g}x its lowest, "
+            f"{low[0]:.4g} at round {low[1]}: training is diverging. Lower "
+            "client_lr or server_lr, or add clients per round (less noise "
+            "per client) at the same epsilon")
+      if low is None or value < low[0]:
+        self.lowest[name] = (value, r)
+    if warning is not None:
+      self.exploded_at = r
+    return warning
+
+
+@dataclasses.dataclass
 class Lane:
   """One run's host state while its rounds go on: its plan, ledger, run
   directory (or None), metrics and stopping state. A sweep runs several
@@ -324,6 +365,8 @@ class Lane:
   # Seconds the host loop spent on this lane's accounting (recording
   # events, waiting for reported epsilons): the part on the critical path.
   accounting_s: float = 0.0
+  # Watches the losses for a run that is diverging (`LossWatch`).
+  loss_watch: LossWatch = dataclasses.field(default_factory=LossWatch)
 
   def begin(self, first_round: int) -> None:
     """Before the first round to run: the rounds the budget allows (one
@@ -388,6 +431,9 @@ class Lane:
                                               self.sim.eval_population)
       metrics.update(self.eval_metrics)
     metrics["elapsed_s"] = time.perf_counter() - self.start
+    warning = self.loss_watch.check(r, metrics)
+    if warning:
+      self.log(f"{self.name}warning: {warning}")
     self.history.append(metrics)
     if self.directory is not None:
       self.directory.write_metrics(metrics)
@@ -444,6 +490,8 @@ class Lane:
                      secagg_bits=plan.secagg.bits)
     if self.diverged:
       summary["diverged"] = True
+    if self.loss_watch.exploded_at is not None:
+      summary["loss_exploded_at_round"] = self.loss_watch.exploded_at
     return summary
 
 
@@ -582,11 +630,17 @@ def run(
     progress: bool = True,
     log: Callable[[str], None] = print,
     dataset=None,
+    model=None,
 ) -> RunResult:
   """Runs DP-FedAvg as configured; writes `run_dir` if given.
 
-  `dataset` (a `data.dataset.FederatedDataset`) trains on in-memory data
-  instead of loading `config.dataset`.
+  `dataset` (a `data.dataset.FederatedDataset`, e.g. from
+  `data.in_memory`) trains on the user's data instead of loading
+  `config.dataset`; `model` (a flax module, or another form listed in
+  `models/user_model.py`) trains the user's model instead of building
+  `config.model`. The run records what they were
+  (`simulation.name_user_objects`): resuming passes the same objects again,
+  or, for a module with an import path, rebuilds it from the run directory.
 
   Crash safety: each round's DP event is appended to `ledger.jsonl` (and
   fsync'd) before the round runs, so a result that was computed and logged is
@@ -610,7 +664,8 @@ def run(
     RunInterrupted: the user interrupted the run (SIGINT).
   """
   start = time.perf_counter()  # a row's elapsed_s counts from here
-  sim = simulation.build(config, dataset)
+  config = simulation.name_user_objects(config, dataset=dataset, model=model)
+  sim = simulation.build(config, dataset, model)
   planned_epsilon = _planned_epsilon(sim)
   directory = run_directory.RunDirectory(run_dir) if run_dir else None
   if resume and directory is None:
@@ -679,6 +734,7 @@ def _log_start(sim: simulation.Simulation, planned_epsilon: float,
       f"{plan.sampler.expected_cohort_size:g}, block {sim.slots} slots), z="
       f"{plan.noise_multiplier:.4g}, C={config.clip_norm:g}, planned epsilon="
       f"{planned_epsilon:.4g} at delta={config.delta:g} ({config.accountant})")
+  log(f"round: {sim.describe_round()}")
   mib = files.decoded_bytes(sim.train) / 2**20
   if isinstance(sim.train, population_lib.FederatedPopulation):
     log(f"training clients in memory ({mib:.4g} MiB): each cohort is "

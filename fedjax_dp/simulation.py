@@ -9,10 +9,12 @@ configurations of the same shape with one compiled, vmapped round.
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import os
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -20,6 +22,7 @@ import optax
 from fedjax_dp import audit
 from fedjax_dp import client as client_lib
 from fedjax_dp import config as config_lib
+from fedjax_dp import import_paths
 from fedjax_dp import server as server_lib
 from fedjax_dp import streams as streams_lib
 from fedjax_dp import tree_util
@@ -31,6 +34,7 @@ from fedjax_dp.data import builtin
 from fedjax_dp.data import dataset as dataset_lib
 from fedjax_dp.data import population as population_lib
 from fedjax_dp.models import registry
+from fedjax_dp.models import user_model
 from fedjax_dp.privacy import plan as plan_lib
 
 # Config fields that change nothing a run computes once its noise multiplier
@@ -273,6 +277,21 @@ class Simulation:
         unroll_local_steps=e.unroll_local_steps, factored=e.factored,
         mesh=self.mesh)
 
+  def describe_round(self) -> str:
+    """The round's layout in words, for the log: which backend and why."""
+    e = self.execution
+    if e.factored:
+      shape = "factored (clipped sums from per-example factors)"
+    else:
+      shape = "per-client"
+      if not factored.supports(self.config.model):
+        covered = factored.DENSE_MODELS + tuple(factored.FEATURE_MODELS)
+        shape += (" (the factored round covers the built-in models "
+                  f"{', '.join(covered)}, not {self.model.name})")
+    return (f"{shape}, chunks of {e.clients_per_chunk or self.slots} "
+            f"{'vmapped' if e.vmap_clients else 'independent'} clients, "
+            f"{self.num_steps} local steps")
+
   def hparams(self, config: config_lib.Config | None = None,
               noise_multiplier: float | None = None) -> dp_fedavg.RoundHparams:
     """The round's array hyperparameters for `config` (default: this run's)
@@ -368,16 +387,111 @@ class Simulation:
     return block, int(num_drawn), num_dropped, canary_ids
 
 
-def _model_and_shape(config: config_lib.Config,
-                     dataset: dataset_lib.FederatedDataset):
-  """The config's model for `dataset`, and its parameters' shapes.
+def name_user_objects(config: config_lib.Config, *, dataset=None,
+                      model=None) -> config_lib.Config:
+  """`config` with its `dataset` and `model` fields naming the objects a
+  user passes in (what the run directory records and the release identity
+  hashes).
+
+  A flax module whose class has an import path is recorded by that path and
+  its constructor arguments (`model_kwargs`), so the run can be rebuilt from
+  its directory; any other model object by the label "<name>". A dataset
+  object keeps a config's import path or label; otherwise it is recorded as
+  "<dataset.name>" (a built-in name would say the run read that dataset).
+  """
+  if model is not None:
+    described = (user_model.describe(model)
+                 if isinstance(model, nn.Module) else None)
+    if described is not None:
+      if config.model != described[0]:
+        # (Where the config already names the class, its `model_kwargs`
+        # stand, e.g. a sweep's grid over them.)
+        config = config.replace(model=described[0],
+                                model_kwargs=described[1])
+    elif not _names_object(config.model):
+      label = (type(model).__name__ if isinstance(model, nn.Module)
+               else getattr(model, "name", None) or type(model).__name__)
+      config = config.replace(model=import_paths.object_label(label),
+                              model_kwargs={})
+  if dataset is not None and not _names_object(config.dataset):
+    config = config.replace(
+        dataset=import_paths.object_label(dataset.name), dataset_kwargs={})
+  return config
+
+
+def _names_object(value: str) -> bool:
+  return import_paths.is_import_path(value) or import_paths.is_object_label(
+      value)
+
+
+def _passed_object(field: str, value: str) -> ValueError:
+  return ValueError(
+      f"config field {field!r} is {value!r}, the label of a {field} passed "
+      f"as a Python object: pass the same object again ({field}=...), or "
+      "name it by the import path of its builder, 'package.module:attribute'")
+
+
+def load_dataset(config: config_lib.Config) -> dataset_lib.FederatedDataset:
+  """The config's dataset: built in, or built by the function its import
+  path names (called with `dataset_kwargs`, and `seed` where it takes one).
 
   Raises:
-    ValueError: naming `model_kwargs`, for an architecture that does not
-      build (checked on shapes only, before anything runs).
+    ValueError: naming `dataset` or `dataset_kwargs`.
   """
-  model = registry.get_model(config.model, dataset.input_shape,
-                             dataset.num_classes, **config.model_kwargs)
+  name = config.dataset
+  if import_paths.is_object_label(name):
+    raise _passed_object("dataset", name)
+  if not import_paths.is_import_path(name):
+    return builtin.load(name, seed=config.seed, **config.dataset_kwargs)
+  fn = import_paths.resolve(name, "dataset")
+  kwargs = dict(config.dataset_kwargs)
+  try:
+    if "seed" in inspect.signature(fn).parameters and "seed" not in kwargs:
+      kwargs["seed"] = config.seed
+  except (TypeError, ValueError):
+    pass
+  try:
+    dataset = fn(**kwargs)
+  except TypeError as e:
+    raise ValueError(f"config field 'dataset_kwargs' {config.dataset_kwargs}"
+                     f" does not build dataset {name!r}: {e}") from None
+  if not isinstance(dataset, dataset_lib.FederatedDataset):
+    raise ValueError(
+        f"config field 'dataset': {name!r} returned a "
+        f"{type(dataset).__name__}, not a fedjax_dp.data.dataset."
+        "FederatedDataset (see fedjax_dp.data.in_memory to build one)")
+  return dataset
+
+
+def _model_and_shape(config: config_lib.Config,
+                     dataset: dataset_lib.FederatedDataset, model_obj=None):
+  """The config's model for `dataset` (or `model_obj`, the user's), and its
+  parameters' shapes.
+
+  Raises:
+    ValueError: naming `model` or `model_kwargs`, for an architecture that
+      does not build (checked on shapes only, before anything runs).
+  """
+  name = config.model
+  if model_obj is None and import_paths.is_object_label(name):
+    raise _passed_object("model", name)
+  if model_obj is None and not import_paths.is_import_path(name):
+    model = registry.get_model(name, dataset.input_shape,
+                               dataset.num_classes, **config.model_kwargs)
+  else:
+    if model_obj is None:
+      model_obj, kwargs = import_paths.resolve(name, "model"), dict(
+          config.model_kwargs)
+    else:
+      # An object's arguments are already in it (`name_user_objects`).
+      kwargs = {}
+      if isinstance(model_obj, nn.Module) and user_model.describe(model_obj):
+        model_obj = type(model_obj)
+        kwargs = dict(config.model_kwargs)
+    model = user_model.to_model(
+        model_obj, name=name, input_shape=dataset.input_shape,
+        num_classes=dataset.num_classes,
+        input_dtype=dataset.train.feature_specs["x"][1], kwargs=kwargs)
   try:
     return model, jax.eval_shape(model.init, jax.random.key(0))
   except (TypeError, ValueError, ArithmeticError) as e:
@@ -387,22 +501,26 @@ def _model_and_shape(config: config_lib.Config,
 
 
 def build(config: config_lib.Config,
-          dataset: dataset_lib.FederatedDataset | None = None) -> Simulation:
+          dataset: dataset_lib.FederatedDataset | None = None,
+          model=None) -> Simulation:
   """Validates `config` and builds its Simulation (loads data, no compiling).
 
   Args:
     config: the run's settings.
     dataset: an in-memory federated dataset to train on instead of loading
-      `config.dataset` (which then only names it).
+      `config.dataset` (which then only names it, see `name_user_objects`).
+    model: the user's model (`models/user_model.py` lists the forms) to
+      train instead of building `config.model` (which then only names it).
   """
+  config = name_user_objects(config, dataset=dataset, model=model)
   config.validate()
   if dataset is None:
-    dataset = builtin.load(config.dataset, seed=config.seed,
-                           **config.dataset_kwargs)
+    dataset = load_dataset(config)
   train = dataset.train
   # The model is built after the sampler's settings are checked (a cohort
   # larger than the population fails before anything is traced), once.
-  model_and_shape = functools.cache(lambda: _model_and_shape(config, dataset))
+  model_and_shape = functools.cache(
+      lambda: _model_and_shape(config, dataset, model))
   # Audit canaries are clients too: the sampler (and so the accounting) runs
   # over the real clients plus the inserted canaries.
   plan = plan_lib.build(

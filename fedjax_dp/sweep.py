@@ -293,8 +293,13 @@ def run_sweep(
     max_configs_per_group: int | None = None,
     tuning: bool = True,
     log: Callable[[str], None] = print,
+    dataset=None,
+    model=None,
 ) -> SweepResult:
   """Runs every configuration of `base` x `grid`, vmapped per shape group.
+
+  `dataset` and `model` (the user's, as in `runner.run`) are shared by every
+  configuration; `base` then names them (`simulation.name_user_objects`).
 
   Budgets: with `epsilon_budget` set, each configuration is checked before
   every round as `runner.run` checks a single run; one that would exceed its
@@ -330,6 +335,7 @@ def run_sweep(
         f"max_configs_per_group must be >= 1 or None, got "
         f"{max_configs_per_group!r}")
   start = time.perf_counter()
+  base = simulation.name_user_objects(base, dataset=dataset, model=model)
   expanded = expand_grid(base, grid)
   swept = [s for s, _ in expanded]
   configs = [c for _, c in expanded]
@@ -343,7 +349,7 @@ def run_sweep(
     check_sweepable(config)
     skey = _key(config, ARRAY_FIELDS[:-1] + HOST_FIELDS)
     if skey not in sims:
-      sims[skey] = simulation.build(_structural(config))
+      sims[skey] = simulation.build(_structural(config), dataset, model)
     sim = sims[skey]
     gkey = (_key(config, ARRAY_FIELDS + HOST_FIELDS), sim.slots,
             sim.num_steps, tuple(sim.dataset.input_shape),

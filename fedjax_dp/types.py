@@ -15,11 +15,17 @@ class Model(NamedTuple):
   """A model as two pure functions, the only form in which the core sees it.
 
   Attributes:
-    name: registry name, e.g. "cnn".
+    name: registry name (e.g. "cnn"), import path or label of the model.
     init: `init(key) -> params`.
     apply: `apply(params, x) -> logits`, `x` of shape [batch, *input_shape].
     input_shape: shape of one example's input, without the batch axis.
     num_classes: number of output logits.
+    loss: `loss(logits, labels) -> [batch]`, the per-example loss that
+      clients minimise and evaluation reports (None: softmax cross-entropy,
+      `losses.cross_entropy`).
+    accuracy: `accuracy(logits, labels) -> [batch]`, a per-example score in
+      [0, 1] that evaluation reports as accuracy (None: top-1 accuracy,
+      `losses.accuracy`).
   """
 
   name: str
@@ -27,3 +33,5 @@ class Model(NamedTuple):
   apply: Callable[[Params, jax.Array], jax.Array]
   input_shape: tuple[int, ...]
   num_classes: int
+  loss: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+  accuracy: Callable[[jax.Array, jax.Array], jax.Array] | None = None

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark of DP-FedAvg rounds on the fixed workloads of issue 5.
+"""Benchmark of DP-FedAvg rounds on fixed, EMNIST-shaped workloads.
 
 Workloads (synthetic EMNIST-shaped data from a fixed seed: 28x28x1 float32
 inputs, 62 classes, 20 examples per client; one local epoch of batch 10, i.e.
@@ -34,8 +34,8 @@ one warm-up round), client updates per second, compile time, memory, the
 machine's float32 matmul peak (a large jitted `jnp.dot` measured in the same
 process, after the rounds; the workload's FLOP bound uses the highest peak
 its subprocesses measured, since other jobs on a shared machine only ever
-lower it), the FLOP bound (FLOPs per round / peak, FLOPs counted as issue 5
-does: 3x the forward multiply-adds x 2) and the ratio to it, and the speed-up
+lower it), the FLOP bound (FLOPs per round / peak, FLOPs counted as 3x the
+forward multiply-adds x 2, the usual forward + backward convention) and the ratio to it, and the speed-up
 over the `loop` baseline. CPU seconds per round (all threads) are reported
 too: on a machine shared with other jobs they vary less than wall time.
 
@@ -208,7 +208,7 @@ def forward_macs_per_example(model, params) -> int:
 
 
 def flops_per_round(model, params, num_examples: int) -> float:
-  """Issue 5's convention: forward + backward = 3x forward MACs, x2 FLOPs."""
+  """Forward + backward = 3x the forward multiply-adds, x2 FLOPs each."""
   return 6.0 * forward_macs_per_example(model, params) * num_examples
 
 

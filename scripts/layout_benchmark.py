@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Round layouts of `dp_fedavg.build_round` compared on any registered model.
 
-The workloads of issue 5 (`scripts/benchmark.py`) cover the 2NN and the CNN.
+The fixed workloads of `scripts/benchmark.py` cover the 2NN and the CNN.
 This script checks the CPU default layout (chunks of as many clients as
 cores, traced as independent copies) against the previous default (one
 client per chunk, vmapped) on the other models, in one process, on the same

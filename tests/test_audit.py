@@ -184,6 +184,21 @@ def test_lower_bound_coverage(mu, delta, confidence):  # (d), statistically
   assert violations <= stats.binom.ppf(1 - 1e-4, trials, 1 - confidence)
 
 
+@pytest.mark.parametrize("m", [20, 41, 300])
+def test_largest_lower_bound_is_the_bound_of_a_perfect_separation(m):
+  perfect = audit.epsilon_lower_bound(np.ones(m), np.zeros(m), 1e-5)
+  assert audit.largest_lower_bound(m, 1e-5) == pytest.approx(perfect,
+                                                              rel=1e-12)
+  # No separation of these canaries can give more.
+  rng = np.random.default_rng(m)
+  for _ in range(5):
+    got = audit.epsilon_lower_bound(rng.normal(1, 0.5, m),
+                                    rng.normal(0, 0.5, m), 1e-5)
+    assert got <= audit.largest_lower_bound(m, 1e-5)
+  assert audit.largest_lower_bound(2 * m, 1e-5) > audit.largest_lower_bound(
+      m, 1e-5)
+
+
 def test_clopper_pearson_upper_bound():
   # k = 0: 1 - alpha^(1/n); k = n: 1; and covers p at the stated level.
   assert audit.clopper_pearson_upper(0, 100, 0.05) == pytest.approx(

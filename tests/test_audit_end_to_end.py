@@ -48,3 +48,24 @@ def test_cli_audit_prints_both_epsilons(tmp_path, capsys):
   assert code == 0
   out = capsys.readouterr().out
   assert "accountant: epsilon" in out and "epsilon_threshold_est" in out
+  # 20 canaries can show at most epsilon ~0.81 at this delta, below the
+  # smoke run's ~1.25: the headline says the audit cannot test it.
+  assert "can show at most epsilon 0.807" in out
+  assert "cannot test that bound" in out
+
+
+def _audit_summary(epsilon, canaries, ceiling, *estimates):
+  return {"epsilon": epsilon, "audit": {
+      "canaries": canaries, "largest_threshold_est": ceiling,
+      **{name: {"epsilon_threshold_est": e}
+         for name, e in zip(("final_model", "all_iterates"), estimates)}}}
+
+
+def test_an_audit_without_power_says_so():
+  lines = cli._audit_power(_audit_summary(2.0, 500, 4.2, 0.0, 0.0))
+  assert len(lines) == 1 and "no power" in lines[0]
+  # Too few canaries to reach the accountant's epsilon: said too.
+  lines = cli._audit_power(_audit_summary(6.0, 500, 4.2, 0.0, 0.0))
+  assert len(lines) == 2 and "at most epsilon 4.2" in lines[0]
+  # An audit that separated some canaries, under its ceiling: nothing to say.
+  assert not cli._audit_power(_audit_summary(2.0, 500, 4.2, 0.0, 0.3))

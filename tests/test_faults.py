@@ -166,3 +166,33 @@ def test_failed_round_reason():
       {"num_clients": 0, "num_nonfinite": 0}) is None
   assert runner.failed_round_reason(
       {"num_clients": 4, "num_nonfinite": 1, "eval_loss": 1.5}) is None
+
+
+def test_the_loss_watch_warns_once_when_a_loss_explodes():
+  watch = runner.LossWatch()
+  assert watch.check(0, {"train_loss": 1.0}) is None
+  assert watch.check(1, {"train_loss": 0.8, "eval_loss": 0.9}) is None
+  # The training loss may wander (other clients each round) ...
+  assert watch.check(2, {"train_loss": 2.3}) is None
+  # ... the held-out loss may not double.
+  warning = watch.check(3, {"train_loss": 1.0, "eval_loss": 1.9})
+  assert "round 3: eval_loss 1.9 is over 2x its lowest, 0.9 at round 1" in \
+      warning
+  assert watch.exploded_at == 3
+  assert watch.check(4, {"train_loss": 9.0, "eval_loss": 9.0}) is None
+  assert runner.LossWatch().check(0, {"train_loss": float("nan")}) is None
+
+
+def test_a_run_whose_loss_explodes_warns_and_says_so_in_its_summary(capsys):
+  # A server step 10x the default: the training loss climbs from ~1.4 to
+  # ~6.6 by round 2 while the model stays finite.
+  cfg = config_lib.default_smoke_config().replace(
+      rounds=4, eval_every=4, server_lr=10.0, noise_multiplier=0.5)
+  lines = []
+  result = runner.run(cfg, progress=False, log=lines.append)
+  assert any("warning: round" in l and "training is diverging" in l
+             for l in lines)
+  at = result.summary["loss_exploded_at_round"]
+  assert 1 <= at <= 3
+  cli._print_summary(result.summary, False, "d")
+  assert f"the loss exploded at round {at}" in capsys.readouterr().out

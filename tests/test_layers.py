@@ -13,7 +13,7 @@ _ROOT = pathlib.Path(__file__).resolve().parent.parent / "fedjax_dp"
 # Shared helpers every layer may use (they import nothing of the package
 # but each other).
 _BOTTOM = frozenset({"fedjax_dp.types", "fedjax_dp.tree_util",
-                     "fedjax_dp.streams"})
+                     "fedjax_dp.streams", "fedjax_dp.import_paths"})
 # The independent pieces: each imports only itself and the bottom layer.
 _PIECES = ("fedjax_dp.data", "fedjax_dp.models", "fedjax_dp.privacy")
 

@@ -196,3 +196,44 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
   check = _CHECKS.get(path.stem)
   if check is not None:
     check(_stdout(nb), nb)
+
+
+def _colab_links():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "colab_links", REPO / "scripts" / "colab_links.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_colab_links_and_install_cells_match_the_repository_url(capsys):
+  links = _colab_links()
+  assert links.main(["--check"]) == 0, capsys.readouterr().out
+  repo = links.repository_url()
+  for path in NOTEBOOKS:
+    nb = nbformat.read(str(path), as_version=4)
+    intro = nb.cells[0].source
+    assert intro.startswith("[![Open In Colab]")
+    assert f"/blob/main/notebooks/{path.name})" in intro
+    assert repo.replace("https://github.com/", "colab.research.google.com/"
+                        "github/") in intro
+
+
+def test_the_install_cell_stops_with_a_clear_message_when_pip_fails(
+    monkeypatch):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  nb = nbformat.read(str(NOTEBOOKS[0]), as_version=4)
+  cell = next(c for c in nb.cells if c.cell_type == "code").source
+  installs = []
+  # IPython's %pip line, as a call we can watch; pip "fails": the package
+  # stays missing.
+  code = re.sub(r"^(\s*)%pip install -q \{(\w+)\}$",
+                r"\1_pip(\2)", cell, flags=re.M)
+  assert "_pip(FEDJAX_DP_SOURCE)" in code
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+  monkeypatch.setenv("FEDJAX_DP_SOURCE", "git+https://example.invalid/x.git")
+  with pytest.raises(RuntimeError, match=r"could not be installed from "
+                     r"'git\+https://example.invalid/x.git'.*FEDJAX_DP_SOURCE"):
+    exec(code, {"_pip": installs.append})  # pylint: disable=exec-used
+  assert installs == ["git+https://example.invalid/x.git"]

@@ -164,6 +164,26 @@ def test_tuning_epsilon_is_dp_accounting_repeat_and_select():
   assert t.epsilon > t.single_run_epsilon
 
 
+def test_the_tuning_advice_names_the_cheaper_release():
+  relation = clipping.NeighbouringRelation.ADD_OR_REMOVE_ONE
+
+  def rounds(z):
+    return [dp_accounting.PoissonSampledDpEvent(
+        0.1, dp_accounting.GaussianDpEvent(z))] * 5
+
+  # Configurations of the same noise: selecting the best is cheaper.
+  same = tuning.tuning_epsilon([rounds(2.0)] * 4, 1e-5, relation=relation)
+  assert same.epsilon < same.all_released_epsilon
+  assert same.advice().startswith("Releasing only the best")
+  # One far less private than the rest (a sweep over noise): selection
+  # charges every candidate as that one, so releasing all is cheaper.
+  mixed = tuning.tuning_epsilon([rounds(2.0)] + [rounds(100.0)] * 3, 1e-5,
+                                relation=relation)
+  assert mixed.epsilon > mixed.all_released_epsilon
+  assert mixed.advice().startswith("Releasing every configuration")
+  assert mixed.to_json()["advice"] == mixed.advice()
+
+
 def test_parse_grid_types_values_like_overrides():
   grid = sweep.parse_grid(
       _tiny(noise_multiplier=None, target_epsilon=3.0),

@@ -187,7 +187,7 @@ def epsilon_for_delta(pmf: pld_pmf.DensePLDPmf, delta: float) -> float:
   before_lower = np.cumsum(np.concatenate([[0.0], weighted]))
   mass_upper, mass_lower = before_upper[1:], before_lower[1:]
   before_upper, before_lower = before_upper[:-1], before_lower[:-1]
-  with np.errstate(divide="ignore", invalid="ignore"):
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
     stops = ((before_upper > delta) & (before_lower > 0)
              & (np.log((before_upper - delta) / before_lower) >= losses))
   # The scan also returns at the first loss after which the mass above

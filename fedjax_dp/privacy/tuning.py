@@ -46,7 +46,25 @@ class TuningPrivacy:
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     d["event"] = repr(self.event)
+    d["advice"] = self.advice()
     return d
+
+  def advice(self) -> str:
+    """Which release is cheaper, in words, and why."""
+    if self.epsilon > self.all_released_epsilon:
+      return (
+          f"Releasing every configuration (epsilon "
+          f"{self.all_released_epsilon:.4g}) costs less than releasing only "
+          f"the best ({self.epsilon:.4g}): the selection's guarantee counts "
+          f"a random number of runs (mean {self.mean_num_runs:g}), each as "
+          "the least private configuration, while releasing them all counts "
+          "each at its own cost. That happens when the configurations differ "
+          "in privacy (a sweep over noise multipliers): release them all, "
+          "or tune among configurations of the same noise.")
+    return (
+        f"Releasing only the best configuration (epsilon {self.epsilon:.4g})"
+        f" costs less than releasing every one "
+        f"({self.all_released_epsilon:.4g}).")
 
 
 def _run_event(events: Sequence[dp_accounting.DpEvent]):
