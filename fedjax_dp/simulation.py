@@ -188,7 +188,8 @@ _MAX_FACTORED_DENSE_STEPS = 16
 
 def uses_factored_round(config: config_lib.Config,
                         mesh: jax.sharding.Mesh | None,
-                        num_steps: int | None = None) -> bool:
+                        num_steps: int | None = None,
+                        kind: str | None = None) -> bool:
   """Whether the run's round computes its clipped sum with the factored
   backend (algorithms/factored.py).
 
@@ -200,9 +201,13 @@ def uses_factored_round(config: config_lib.Config,
   docs/benchmarks.md; accelerators keep the plain vmapped round). "factored"
   forces it (an error where it does not cover the configuration). Both
   rounds compute the same result.
+
+  `kind`: the built-in model the run's model computes (`round_kind`;
+  default the config's model).
   """
   c = config
-  eligible = (factored.supports(c.model, c.client_optimizer,
+  kind = kind or c.model
+  eligible = (factored.supports(kind, c.client_optimizer,
                                 c.client_momentum)
               and mesh is None and plan_lib.refusal(c, "factored") is None)
   if c.round_shape == "factored" and not eligible:
@@ -211,7 +216,7 @@ def uses_factored_round(config: config_lib.Config,
         "covers only dense models (logistic, mlp_2nn) and the McMahan CNN "
         "(cnn) under plain client SGD on one device with central Gaussian "
         "or tree noise, without per-layer clipping or record-level DP")
-  if c.model in factored.FEATURE_MODELS:
+  if kind in factored.FEATURE_MODELS:
     eligible_auto = (eligible and jax.default_backend() == "cpu"
                      and (num_steps or 0) <= _MAX_FACTORED_FEATURE_STEPS)
   else:
@@ -221,11 +226,14 @@ def uses_factored_round(config: config_lib.Config,
 
 
 def layout(config: config_lib.Config, capacity: int,
-           mesh: jax.sharding.Mesh | None, num_steps: int) -> Execution:
+           mesh: jax.sharding.Mesh | None, num_steps: int,
+           kind: str | None = None) -> Execution:
   """The round's whole layout, decided here only: backend (per-client or
-  factored), chunking, vmapped or independent clients, unrolling."""
-  factored_round = uses_factored_round(config, mesh, num_steps)
-  with_features = factored_round and config.model in factored.FEATURE_MODELS
+  factored), chunking, vmapped or independent clients, unrolling. `kind`:
+  as in `uses_factored_round`."""
+  kind = kind or config.model
+  factored_round = uses_factored_round(config, mesh, num_steps, kind)
+  with_features = factored_round and kind in factored.FEATURE_MODELS
   execution = default_execution(config, capacity,
                                 factored_features=with_features)
   if factored_round and not with_features:
@@ -250,6 +258,9 @@ class Simulation:
   num_steps: int
   server_optimizer: optax.GradientTransformation
   mesh: jax.sharding.Mesh | None = None
+  # The built-in model whose round shapes apply (`round_kind`); "" means
+  # the config's model.
+  kind: str = ""
 
   @property
   def train(self):
@@ -268,8 +279,13 @@ class Simulation:
   def round_fn(self):
     """The unjitted round (same for every config of this shape)."""
     e = self.execution
+    model = self.model
+    if e.factored:
+      # The factored backend is specialised by model: a user's model that
+      # computes a built-in one's program runs as that one (`round_kind`).
+      model = model._replace(name=self.kind or self.config.model)
     return dp_fedavg.build_round(
-        self.model,
+        model,
         client_lib.client_optimizer(self.config.client_optimizer,
                                     self.config.client_momentum),
         self.server_optimizer, self.plan.privatizer,
@@ -280,14 +296,18 @@ class Simulation:
   def describe_round(self) -> str:
     """The round's layout in words, for the log: which backend and why."""
     e = self.execution
+    kind = self.kind or self.config.model
     if e.factored:
       shape = "factored (clipped sums from per-example factors)"
+      if kind != self.config.model:
+        shape += f": the model computes exactly the built-in {kind!r}"
     else:
       shape = "per-client"
-      if not factored.supports(self.config.model):
+      if not factored.supports(kind):
         covered = factored.DENSE_MODELS + tuple(factored.FEATURE_MODELS)
         shape += (" (the factored round covers the built-in models "
-                  f"{', '.join(covered)}, not {self.model.name})")
+                  f"{', '.join(covered)} and models that compute exactly "
+                  f"what one of them computes; not {self.model.name})")
     return (f"{shape}, chunks of {e.clients_per_chunk or self.slots} "
             f"{'vmapped' if e.vmap_clients else 'independent'} clients, "
             f"{self.num_steps} local steps")
@@ -500,6 +520,19 @@ def _model_and_shape(config: config_lib.Config,
         f"build model {config.model!r}: {e}") from None
 
 
+def round_kind(config: config_lib.Config, model: types.Model, params_shape,
+               input_dtype) -> str:
+  """The model whose round shapes apply to this run: a built-in model's own
+  name; for a user's model, the built-in model it computes exactly
+  (`registry.builtin_equivalent`: same parameters, same program), else its
+  own name. A model with its own loss keeps its own: the factored round
+  computes softmax cross-entropy."""
+  if config.model in registry.NAMES or model.loss is not None:
+    return config.model
+  return registry.builtin_equivalent(model, params_shape,
+                                     input_dtype) or config.model
+
+
 def build(config: config_lib.Config,
           dataset: dataset_lib.FederatedDataset | None = None,
           model=None) -> Simulation:
@@ -538,7 +571,9 @@ def build(config: config_lib.Config,
     max_examples = min(max_examples, config.max_examples_per_client)
   num_steps = blocks.num_local_steps(max_examples, config.batch_size,
                                      config.local_epochs)
-  execution = layout(config, sampler.capacity, mesh, num_steps)
+  kind = round_kind(config, model, params_shape,
+                    train.feature_specs["x"][1])
+  execution = layout(config, sampler.capacity, mesh, num_steps, kind)
   # Every device gets a whole number of chunks.
   per_block = execution.slot_multiple * (mesh.size if mesh is not None else 1)
   slots = -(-sampler.capacity // per_block) * per_block
@@ -564,4 +599,4 @@ def build(config: config_lib.Config,
       num_steps=num_steps,
       server_optimizer=server_lib.server_optimizer(
           config.server_optimizer, momentum=config.server_momentum),
-      mesh=mesh)
+      mesh=mesh, kind=kind)

@@ -155,6 +155,35 @@ def test_the_models_loss_and_accuracy_are_the_ones_used(data):
       plain.summary["eval_loss"], rel=1e-3)
 
 
+def test_a_model_that_computes_a_built_in_one_gets_its_fast_round(data):
+  messages = []
+  cfg = _config(rounds=3)
+  fast = runner.run(cfg, dataset=data, model=user_code.PlainMLP(),
+                    progress=False, log=messages.append)
+  assert any("factored" in m and "exactly the built-in 'mlp_2nn'" in m
+             for m in messages), messages
+  plain = runner.run(cfg.replace(round_shape="plain"), dataset=data,
+                     model=user_code.PlainMLP(), **QUIET)
+  for a, b in zip(_leaves(fast.params), _leaves(plain.params)):
+    np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+@pytest.mark.parametrize("module, loss, kind", [
+    (user_code.PlainMLP(widths=(8,)), None, "mlp_2nn"),
+    (user_code.PlainMLP(activation="gelu"), None, None),
+    (user_code.TinyNet(), None, None),
+    # Its own loss: the factored round's softmax cross-entropy is not it.
+    (user_code.PlainMLP(), losses.cross_entropy, None),
+])
+def test_the_round_kind_is_decided_from_the_computation(data, module, loss,
+                                                        kind):
+  sim = simulation.build(_config(), data, module)
+  model = sim.model._replace(loss=loss)
+  shape = jax.eval_shape(model.init, jax.random.key(0))
+  got = simulation.round_kind(sim.config, model, shape, np.float32)
+  assert got == (kind or sim.config.model)
+
+
 @pytest.mark.parametrize("form", ["class", "pair", "builder"])
 def test_every_model_form_builds_the_same_network(form):
   module = user_code.TinyNet(hidden=6)

@@ -3,11 +3,15 @@
 import inspect
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from fedjax_dp import types
 from fedjax_dp.models import charlm
 from fedjax_dp.models import cnn
 from fedjax_dp.models import logistic
 from fedjax_dp.models import mlp
+from fedjax_dp.models import sensor
 
 NAMES = (
     "logistic",
@@ -15,6 +19,7 @@ NAMES = (
     "2nn",
     "cnn",
     "cnn_groupnorm",
+    "conv1d",
     "gru_lm",
     "transformer_lm",
 )
@@ -37,7 +42,7 @@ def get_model(
     num_classes: number of output logits; for the language models, the
       vocabulary size.
     **kwargs: architecture options passed to the builder, e.g. `hidden` for
-      "mlp_2nn" or `d_model` for "transformer_lm".
+      "mlp_2nn", `channels` for "conv1d" or `d_model` for "transformer_lm".
 
   Returns:
     The `types.Model`.
@@ -80,6 +85,64 @@ _BUILDERS = {
     "2nn": (mlp.mlp_2nn, ("input_shape", "num_classes")),
     "cnn": (cnn.cnn_mcmahan, ("input_shape", "num_classes")),
     "cnn_groupnorm": (cnn.cnn_groupnorm, ("input_shape", "num_classes")),
+    "conv1d": (sensor.conv1d, ("input_shape", "num_classes")),
     "gru_lm": (charlm.gru_lm, ("vocab_size", "seq_len")),
     "transformer_lm": (charlm.transformer_lm, ("vocab_size", "seq_len")),
 }
+
+
+# The built-in models a user's model may turn out to be (see
+# `builtin_equivalent`): the ones with a faster round of their own.
+_EQUIVALENT_CANDIDATES = ("mlp_2nn", "logistic", "cnn")
+
+
+def builtin_equivalent(model: types.Model, params_shape,
+                       input_dtype=jnp.float32) -> str | None:
+  """The built-in model that computes exactly what `model` computes, if any.
+
+  Decided from the model itself, not its name: the same parameter tree
+  (names and shapes) and the same traced program (jaxpr) for a batch of
+  inputs as one of `_EQUIVALENT_CANDIDATES` built for its parameter shapes.
+  A model that passes computes the same function of the same parameters,
+  so a round specialised to that built-in model trains it exactly.
+
+  Args:
+    model: the model, e.g. a user's flax module wrapped by
+      `user_model.to_model`.
+    params_shape: its parameters' shapes (`jax.eval_shape(model.init, key)`).
+    input_dtype: the dtype of its inputs.
+  """
+  x = jax.ShapeDtypeStruct((2,) + tuple(model.input_shape), input_dtype)
+  try:
+    program = str(jax.make_jaxpr(model.apply)(params_shape, x))
+  except Exception:  # pylint: disable=broad-except
+    return None
+  target = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params_shape)
+  for name in _EQUIVALENT_CANDIDATES:
+    kwargs = _kwargs_for(name, params_shape)
+    if kwargs is None:
+      continue
+    try:
+      candidate = get_model(name, model.input_shape, model.num_classes,
+                            **kwargs)
+      shape = jax.eval_shape(candidate.init, jax.random.key(0))
+    except (TypeError, ValueError):
+      continue
+    if jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shape) != target:
+      continue
+    if str(jax.make_jaxpr(candidate.apply)(shape, x)) == program:
+      return name
+  return None
+
+
+def _kwargs_for(name: str, params_shape) -> dict | None:
+  """The builder's arguments that give a model these parameter shapes (the
+  MLP's hidden widths), or None where `name` cannot have them."""
+  if name != "mlp_2nn":
+    return {}
+  if not isinstance(params_shape, dict) or not params_shape:
+    return None
+  layers = [params_shape.get(f"Dense_{i}") for i in range(len(params_shape))]
+  if any(not isinstance(l, dict) or "kernel" not in l for l in layers):
+    return None
+  return {"hidden": [int(l["kernel"].shape[1]) for l in layers[:-1]]}

@@ -38,3 +38,19 @@ def make_dataset(num_clients: int = 48, examples: int = 12, seed: int = 0):
     clients[f"device-{i:03d}"] = {"x": x, "y": y}
   return in_memory.from_clients(clients, num_classes=NUM_CLASSES,
                                 seed=seed, name="tiny_shifted")
+
+
+class PlainMLP(nn.Module):
+  """A ReLU MLP written as a user would: computes what the built-in
+  "mlp_2nn" computes, under other code."""
+
+  widths: tuple = (16, 16)
+  activation: str = "relu"
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0], -1))
+    act = {"relu": nn.relu, "gelu": nn.gelu}[self.activation]
+    for width in self.widths:
+      x = act(nn.Dense(width)(x))
+    return nn.Dense(NUM_CLASSES)(x)
