@@ -21,6 +21,7 @@ SMALL = {
     "cnn": ("cnn", (8, 8, 1), 7, {}),
     "cnn_groupnorm": ("cnn_groupnorm", (8, 8, 3), 5, {}),
     "gru_lm": ("gru_lm", (6,), 11, {"embed_dim": 4, "hidden": 16}),
+    "lstm_lm": ("lstm_lm", (6,), 11, {"embed_dim": 4, "hidden": 16}),
     "transformer_lm": (
         "transformer_lm",
         (6,),
@@ -28,7 +29,7 @@ SMALL = {
         {"d_model": 16, "num_heads": 2, "num_layers": 2},
     ),
 }
-LANGUAGE_MODELS = ("gru_lm", "transformer_lm")
+LANGUAGE_MODELS = ("gru_lm", "lstm_lm", "transformer_lm")
 # One batch size throughout, so each jitted apply compiles once per model.
 BATCH = 3
 
@@ -185,8 +186,9 @@ def test_transformer_rejects_bad_heads():
 @pytest.mark.parametrize("case", sorted(SMALL))
 def test_sgd_reduces_loss(case):
   model = _build(case)
-  # The small GRU's gradients are small at init; it needs a larger step.
-  lr = 1.0 if case == "gru_lm" else 0.1
+  # The small recurrent models' gradients are small at init; they need
+  # larger steps.
+  lr = {"gru_lm": 1.0, "lstm_lm": 4.0}.get(case, 0.1)
   params = model.init(jax.random.key(0))
   x = _inputs(model, 1)
   y = _labels(model, 2)
@@ -216,6 +218,13 @@ def test_registry_names_and_alias():
   lm = registry.get_model("gru_lm", (80,), 86)
   assert lm.input_shape == (80,)
   assert lm.num_classes == 86
+  # The Shakespeare model of Reddi et al. (2021): 8-dim embedding, two
+  # LSTM layers of 256: 4 * 256 * (8 + 256 + 1) + 4 * 256 * (256 + 256 + 1)
+  # + 90 * 8 + 257 * 90 parameters.
+  lstm = registry.get_model("lstm_lm", (80,), 90)
+  shapes = jax.eval_shape(lstm.init, jax.random.key(0))
+  assert sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes)) == (
+      4 * 256 * 265 + 4 * 256 * 513 + 90 * 8 + 257 * 90)
 
 
 def test_registry_unknown_name():

@@ -21,10 +21,11 @@ NAMES = (
     "cnn_groupnorm",
     "conv1d",
     "gru_lm",
+    "lstm_lm",
     "transformer_lm",
 )
 
-_LANGUAGE_MODELS = ("gru_lm", "transformer_lm")
+_LANGUAGE_MODELS = ("gru_lm", "lstm_lm", "transformer_lm")
 
 
 def get_model(
@@ -87,6 +88,7 @@ _BUILDERS = {
     "cnn_groupnorm": (cnn.cnn_groupnorm, ("input_shape", "num_classes")),
     "conv1d": (sensor.conv1d, ("input_shape", "num_classes")),
     "gru_lm": (charlm.gru_lm, ("vocab_size", "seq_len")),
+    "lstm_lm": (charlm.lstm_lm, ("vocab_size", "seq_len")),
     "transformer_lm": (charlm.transformer_lm, ("vocab_size", "seq_len")),
 }
 
