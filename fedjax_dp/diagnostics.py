@@ -47,6 +47,10 @@ METRICS = {
                                  "accuracy"),
     "eval_client_accuracy_p90": (RELEASED, "90th percentile of held-out "
                                  "clients' accuracies"),
+    "eval_auprc": (RELEASED, "binary classifiers: held-out average "
+                   "precision (area under the precision-recall curve)"),
+    "eval_recall_at_precision_90": (RELEASED, "binary classifiers: held-out "
+                                    "recall at precision 0.9"),
     "num_clients": (NOT_PRIVATE, "clients whose clipped update entered the "
                     "sum (the realised, finite cohort)"),
     "num_drawn": (NOT_PRIVATE, "clients the sampler drew, before truncation"),

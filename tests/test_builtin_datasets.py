@@ -34,7 +34,7 @@ def _same_dataset(a, b):
 def test_names():
   assert set(builtin.NAMES) == {
       "digits", "synthetic", "synthetic_iid", "breast_cancer", "shakespeare",
-      "file"}
+      "file", "fraud_banks", "iot_sensors"}
 
 
 def test_digits_shapes_dtypes_ranges():

@@ -7,6 +7,8 @@ Modules, each importing only those listed before it:
   `dataset`: `FederatedDataset`, training plus held-out clients, the type
     every loader returns.
   `partition`, `synthetic`: split arrays over clients; FedProx's Synthetic.
+  `fraud`, `iot`: generated transactions of banks (fraud detection) and
+    sensor windows of devices (activity recognition).
   `in_memory`: a dataset from the user's own arrays or clients.
   `formats`: readers of federated data files (TFF, FedJAX, LEAF).
   `files`, `shakespeare`: loaders of a data file and of Shakespeare's plays.

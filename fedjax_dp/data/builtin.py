@@ -8,7 +8,8 @@ seed; the partition and the held-out choice use separate random streams, so
 changing `eval_fraction` does not change which examples each client holds.
 
 This module only names and configures datasets; the loaders it calls
-(`synthetic.py`, `partition.py`, `shakespeare.py`, `files.py`) build them and
+(`synthetic.py`, `partition.py`, `shakespeare.py`, `files.py`, `fraud.py`,
+`iot.py`) build them and
 can be used directly, and `dataset.py` defines the type they all return.
 
 Datasets (keyword arguments and their defaults):
@@ -35,6 +36,15 @@ Datasets (keyword arguments and their defaults):
   30 features, 2 classes) as a few "hospitals", x float32 [30] standardised.
   Split by `partition.dirichlet_client_mixture`: num_clients=8, alpha=1.0,
   eval_fraction=0.2.
+* "fraud_banks": generated card transactions of a few banks for fraud
+  detection, x float32 [24] (`fraud.FEATURE_NAMES`), y 1 for fraud (0.5-2%
+  per bank by default). num_banks=24, median_transactions=4000,
+  size_sigma=0.8, min_fraud_rate=0.005, max_fraud_rate=0.02, bank_shift=1.5,
+  eval_fraction=0.2. See `fraud.py`.
+* "iot_sensors": generated 3-axis accelerometer windows of many devices for
+  activity recognition, x float32 [window_length, 3], y in [0, num_classes).
+  num_devices=3000, min_windows=5, max_windows=20, window_length=32,
+  num_classes=5, eval_fraction=0.2. See `iot.py`.
 """
 
 from typing import Any, Callable
@@ -44,6 +54,8 @@ from sklearn import datasets as sklearn_datasets
 
 from fedjax_dp.data import dataset as dataset_lib
 from fedjax_dp.data import files
+from fedjax_dp.data import fraud
+from fedjax_dp.data import iot
 from fedjax_dp.data import partition
 from fedjax_dp.data import shakespeare
 from fedjax_dp.data import synthetic as synthetic_lib
@@ -196,6 +208,42 @@ def _load_breast_cancer(seed: int, *, num_clients: int = 8, alpha: float = 1.0,
       (30,), 2)
 
 
+def _load_fraud_banks(seed: int, *, num_banks: int = 24,
+                      median_transactions: int = 4000,
+                      size_sigma: float = 0.8, min_fraud_rate: float = 0.005,
+                      max_fraud_rate: float = 0.02, bank_shift: float = 1.5,
+                      eval_fraction: float = 0.2) -> _Dataset:
+  num_banks = _check_int("num_banks", num_banks, 2, 10_000)
+  eval_fraction = _check_eval_fraction(eval_fraction)
+  partition_rng, holdout_rng = _streams(seed)
+  # The features are on scales fixed by the generator, so unlike
+  # breast_cancer no statistic of the data is needed to standardise them.
+  whole = fraud.fraud_banks(
+      num_banks, median_transactions=median_transactions,
+      size_sigma=size_sigma, min_fraud_rate=min_fraud_rate,
+      max_fraud_rate=max_fraud_rate, bank_shift=bank_shift,
+      seed=int(partition_rng.integers(2**31)), id_prefix="fraud_banks")
+  train, held = _held_out(num_banks, eval_fraction, holdout_rng)
+  return _Dataset("fraud_banks", whole.subset(train), whole.subset(held),
+                  (fraud.NUM_FEATURES,), 2)
+
+
+def _load_iot_sensors(seed: int, *, num_devices: int = 3000,
+                      min_windows: int = 5, max_windows: int = 20,
+                      window_length: int = 32, num_classes: int = 5,
+                      eval_fraction: float = 0.2) -> _Dataset:
+  num_devices = _check_int("num_devices", num_devices, 2, 1_000_000)
+  eval_fraction = _check_eval_fraction(eval_fraction)
+  partition_rng, holdout_rng = _streams(seed)
+  whole = iot.iot_devices(
+      num_devices, min_windows=min_windows, max_windows=max_windows,
+      window_length=window_length, num_classes=num_classes,
+      seed=int(partition_rng.integers(2**31)), id_prefix="iot_sensors")
+  train, held = _held_out(num_devices, eval_fraction, holdout_rng)
+  return _Dataset("iot_sensors", whole.subset(train), whole.subset(held),
+                  (window_length, iot.NUM_AXES), num_classes)
+
+
 def _load_shakespeare(seed: int, *, path=None, seq_len: int = 80,
                       stride=None, min_chars: int = 1000,
                       max_examples_per_client=None,
@@ -239,6 +287,13 @@ _LOADERS: dict[str, tuple[Callable[..., _Dataset], tuple[str, ...]]] = {
                       ("num_clients", "max_examples", "eval_fraction")),
     "breast_cancer": (_load_breast_cancer,
                       ("num_clients", "alpha", "eval_fraction")),
+    "fraud_banks": (_load_fraud_banks,
+                    ("num_banks", "median_transactions", "size_sigma",
+                     "min_fraud_rate", "max_fraud_rate", "bank_shift",
+                     "eval_fraction")),
+    "iot_sensors": (_load_iot_sensors,
+                    ("num_devices", "min_windows", "max_windows",
+                     "window_length", "num_classes", "eval_fraction")),
 }
 
 NAMES: tuple[str, ...] = tuple(_LOADERS)
