@@ -294,38 +294,52 @@ def _restore(directory: run_directory.RunDirectory,
 @dataclasses.dataclass
 class LossWatch:
   """Says, once per run, when its loss explodes: a held-out loss over
-  `EVAL_FACTOR` times its lowest so far, or a training loss over
-  `TRAIN_FACTOR` times its lowest (training losses are noisier: each round
-  has other clients). A model that became non-finite is stopped elsewhere
+  `EVAL_FACTOR` times its lowest so far, or a training loss, averaged over
+  the last `TRAIN_WINDOW` rounds, over `TRAIN_FACTOR` times the first
+  round's (the model has become worse than it started). One round's
+  training loss is too noisy to judge alone (each round has other clients
+  and other noise). A model that became non-finite is stopped elsewhere
   (`ModelDivergedError`); this catches the climb before it."""
 
   EVAL_FACTOR = 2.0
-  TRAIN_FACTOR = 3.0
+  TRAIN_FACTOR = 2.0
+  TRAIN_WINDOW = 5
 
-  lowest: dict = dataclasses.field(default_factory=dict)
+  lowest_eval: tuple | None = None  # (loss, round)
+  first_train: float | None = None
+  recent_train: list = dataclasses.field(default_factory=list)
   exploded_at: int | None = None
 
   def check(self, r: int, metrics: dict) -> str | None:
     """The warning for round r's metrics, if its loss exploded (first time
     only)."""
     warning = None
-    for name, factor in (("eval_loss", self.EVAL_FACTOR),
-                         ("train_loss", self.TRAIN_FACTOR)):
-      value = metrics.get(name)
-      if value is None or not np.isfinite(value):
-        continue
-      low = self.lowest.get(name)
-      if low is not None and low[0] > 0 and value > factor * low[0] and (
-          warning is None and self.exploded_at is None):
-        warning = (
-            f"round {r}: {name} {value:.4g} is over {factor:g}x its lowest, "
-            f"{low[0]:.4g} at round {low[1]}: training is diverging. Lower "
-            "client_lr or server_lr, or add clients per round (less noise "
-            "per client) at the same epsilon")
+    advice = ("training is diverging. Lower client_lr or server_lr, or add "
+              "clients per round (less noise per client) at the same epsilon")
+    value = metrics.get("eval_loss")
+    if value is not None and np.isfinite(value):
+      low = self.lowest_eval
+      if low is not None and low[0] > 0 and value > self.EVAL_FACTOR * low[0]:
+        warning = (f"round {r}: eval_loss {value:.4g} is over "
+                   f"{self.EVAL_FACTOR:g}x its lowest, {low[0]:.4g} at round "
+                   f"{low[1]}: {advice}")
       if low is None or value < low[0]:
-        self.lowest[name] = (value, r)
-    if warning is not None:
-      self.exploded_at = r
+        self.lowest_eval = (value, r)
+    value = metrics.get("train_loss")
+    if value is not None and np.isfinite(value):
+      if self.first_train is None:
+        self.first_train = value
+      self.recent_train = (self.recent_train + [value])[-self.TRAIN_WINDOW:]
+      mean = float(np.mean(self.recent_train))
+      if (warning is None and self.first_train > 0
+          and mean > self.TRAIN_FACTOR * self.first_train):
+        warning = (f"round {r}: the train_loss of the last "
+                   f"{len(self.recent_train)} rounds, {mean:.4g} on average, "
+                   f"is over {self.TRAIN_FACTOR:g}x the first round's, "
+                   f"{self.first_train:.4g}: {advice}")
+    if warning is None or self.exploded_at is not None:
+      return None
+    self.exploded_at = r
     return warning
 
 

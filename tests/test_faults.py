@@ -171,16 +171,23 @@ def test_failed_round_reason():
 def test_the_loss_watch_warns_once_when_a_loss_explodes():
   watch = runner.LossWatch()
   assert watch.check(0, {"train_loss": 1.0}) is None
-  assert watch.check(1, {"train_loss": 0.8, "eval_loss": 0.9}) is None
-  # The training loss may wander (other clients each round) ...
-  assert watch.check(2, {"train_loss": 2.3}) is None
-  # ... the held-out loss may not double.
-  warning = watch.check(3, {"train_loss": 1.0, "eval_loss": 1.9})
+  assert watch.check(1, {"train_loss": 0.3, "eval_loss": 0.9}) is None
+  # One noisy round of training loss is not an explosion (the default
+  # experiment's rounds range over 0.25-1.6) ...
+  assert watch.check(2, {"train_loss": 2.5}) is None
+  # ... but the held-out loss doubling is.
+  warning = watch.check(3, {"train_loss": 0.5, "eval_loss": 1.9})
   assert "round 3: eval_loss 1.9 is over 2x its lowest, 0.9 at round 1" in \
       warning
   assert watch.exploded_at == 3
   assert watch.check(4, {"train_loss": 9.0, "eval_loss": 9.0}) is None
   assert runner.LossWatch().check(0, {"train_loss": float("nan")}) is None
+  # Training losses whose recent average passes twice the first round's.
+  watch = runner.LossWatch()
+  for r, loss in enumerate([1.0, 1.5, 2.0, 3.0]):
+    assert watch.check(r, {"train_loss": loss}) is None
+  assert "the last 5 rounds, 2.1 on average, is over 2x the first round's" \
+      in watch.check(4, {"train_loss": 3.0})
 
 
 def test_a_run_whose_loss_explodes_warns_and_says_so_in_its_summary(capsys):
