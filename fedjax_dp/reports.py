@@ -230,6 +230,8 @@ def write_markdown(result, path: str | os.PathLike) -> None:
         f"{t.single_run_epsilon:.4g} (RDP). Releasing every configuration: "
         f"{t.all_released_epsilon:.4g} (RDP). Event used: {t.note}.",
         "",
+        t.advice(),
+        "",
     ]
   pathlib.Path(path).write_text("\n".join(parts), encoding="utf-8")
 

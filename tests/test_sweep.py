@@ -110,6 +110,7 @@ def test_reports_are_written(grid_sweep):
     assert field in rows[0]
   md = (out / "summary.md").read_text()
   assert md.count("\n| 0") == 16 and "Privacy cost of tuning" in md
+  assert grid_sweep.tuning.advice() in md
   for name in ("frontier.png", "learning_curves.png"):
     img = mpl_image.imread(out / name)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
