@@ -20,9 +20,13 @@ al.'s FedAvgM uses lr 1 without noise; we halve it, since momentum 0.9 at lr
 1 diverged under noise in experiments/shakespeare_keyboard.py); z = 1.0 and
 delta = 1e-4 as in the small comparison; 200 rounds.
 
-Cost measured on the 2-core CPU (2026-12-04, machine shared with another
-job): about 13 s per round, so about 45 minutes per run and 9 hours for 3
-seeds x (adaptive + 3 fixed clips). Run (first obtain the texts once:
+Every arm spends epsilon 18.85 at delta = 1e-4 (PLD): 100 of 506 clients
+per round is a sampling rate of 0.2, far above the paper's populations'.
+
+Cost measured on the 2-core CPU (2026-12-04): about 7.3 s per round on a
+quiet machine (13 s while shared with another job), so about 25 minutes
+per run and 5 hours for 3 seeds x (adaptive + 3 fixed clips). Run (first
+obtain the texts once:
 fedjax-dp data fetch shakespeare):
   E=experiments/andrew2021_paper_scale.py
   for S in 0 1 2; do
