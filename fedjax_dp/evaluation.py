@@ -23,7 +23,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from sklearn import metrics as sklearn_metrics
 
 from fedjax_dp import losses
 from fedjax_dp import types
@@ -64,6 +63,8 @@ def binary_ranking_metrics(labels: np.ndarray,
     {"eval_auprc", "eval_recall_at_precision_90"} as defined in the module
     docstring (NaN without a positive example or with a non-finite score).
   """
+  # Imported here: only binary tasks need it, and it is slow to import.
+  from sklearn import metrics as sklearn_metrics  # pylint: disable=g-import-not-at-top
   positive = np.asarray(labels).reshape(-1) == 1
   scores = np.asarray(scores, np.float64).reshape(-1)
   if not positive.any() or not np.all(np.isfinite(scores)):

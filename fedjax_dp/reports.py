@@ -77,15 +77,19 @@ def _cell(v) -> str:
   return str(v)
 
 
-def write_csv(result, path: str | os.PathLike) -> None:
-  columns = _columns(result)
+def _write_rows(path: str | os.PathLike, columns, rows) -> None:
+  """`rows` as a CSV of `columns` (dict values as JSON)."""
   with open(path, "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
-    for row in summary_rows(result):
+    for row in rows:
       writer.writerow({k: (json.dumps(v, sort_keys=True)
                            if isinstance(v, dict) else v)
                        for k, v in row.items()})
+
+
+def write_csv(result, path: str | os.PathLike) -> None:
+  _write_rows(path, _columns(result), summary_rows(result))
 
 
 def markdown_table(result) -> str:
@@ -170,13 +174,7 @@ _BY_CONFIG_COLUMNS = ("num_seeds", "seeds", "eval_accuracy_mean",
 
 def write_csv_by_config(result, path: str | os.PathLike) -> None:
   columns = [k for k in result.grid if k != "seed"] + list(_BY_CONFIG_COLUMNS)
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in summary_by_config_rows(result):
-      writer.writerow({k: (json.dumps(v, sort_keys=True)
-                           if isinstance(v, dict) else v)
-                       for k, v in row.items()})
+  _write_rows(path, columns, summary_by_config_rows(result))
 
 
 def _pm(mean: float, std: float) -> str:

@@ -52,6 +52,7 @@ from typing import Any, Callable
 import numpy as np
 from sklearn import datasets as sklearn_datasets
 
+from fedjax_dp.data import checks
 from fedjax_dp.data import dataset as dataset_lib
 from fedjax_dp.data import files
 from fedjax_dp.data import fraud
@@ -61,15 +62,6 @@ from fedjax_dp.data import shakespeare
 from fedjax_dp.data import synthetic as synthetic_lib
 
 _Dataset = dataset_lib.FederatedDataset
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, (int, np.integer)):
-    raise ValueError(f"{name} must be an int, got {value!r}")
-  if value < low or (high is not None and value > high):
-    allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-    raise ValueError(f"{name} must be {allowed}, got {value}")
-  return int(value)
 
 
 def _check_eval_fraction(eval_fraction) -> float:
@@ -127,7 +119,7 @@ def _load_digits(seed: int, *, num_clients: int = 500, alpha: float = 0.5,
   digits = sklearn_datasets.load_digits()
   x = (digits.images / 16.0).astype(np.float32)[..., None]
   y = digits.target.astype(np.int32)
-  num_clients = _check_int("num_clients", num_clients, 2, y.shape[0])
+  num_clients = checks.check_int("num_clients", num_clients, 2, y.shape[0])
   eval_fraction = _check_eval_fraction(eval_fraction)
   partition_rng, holdout_rng = _streams(seed)
   if partition_scheme == "mixture":
@@ -156,7 +148,7 @@ def _load_synthetic(seed: int, *, num_clients: int = 100, alpha: float = 1.0,
                     beta: float = 1.0, max_examples: int = 1000,
                     eval_fraction: float = 0.2,
                     iid: bool = False) -> _Dataset:
-  num_clients = _check_int("num_clients", num_clients, 2)
+  num_clients = checks.check_int("num_clients", num_clients, 2)
   eval_fraction = _check_eval_fraction(eval_fraction)
   partition_rng, holdout_rng = _streams(seed)
   name = "synthetic_iid" if iid else "synthetic"
@@ -182,7 +174,7 @@ def _load_breast_cancer(seed: int, *, num_clients: int = 8, alpha: float = 1.0,
   data = sklearn_datasets.load_breast_cancer()
   x = data.data.astype(np.float64)
   y = data.target.astype(np.int32)
-  num_clients = _check_int("num_clients", num_clients, 2, y.shape[0])
+  num_clients = checks.check_int("num_clients", num_clients, 2, y.shape[0])
   eval_fraction = _check_eval_fraction(eval_fraction)
   partition_rng, holdout_rng = _streams(seed)
   parts = partition.dirichlet_client_mixture(
@@ -213,7 +205,7 @@ def _load_fraud_banks(seed: int, *, num_banks: int = 24,
                       size_sigma: float = 0.8, min_fraud_rate: float = 0.005,
                       max_fraud_rate: float = 0.02, bank_shift: float = 1.5,
                       eval_fraction: float = 0.2) -> _Dataset:
-  num_banks = _check_int("num_banks", num_banks, 2, 10_000)
+  num_banks = checks.check_int("num_banks", num_banks, 2, 10_000)
   eval_fraction = _check_eval_fraction(eval_fraction)
   partition_rng, holdout_rng = _streams(seed)
   # The features are on scales fixed by the generator, so unlike
@@ -232,7 +224,7 @@ def _load_iot_sensors(seed: int, *, num_devices: int = 3000,
                       min_windows: int = 5, max_windows: int = 20,
                       window_length: int = 32, num_classes: int = 5,
                       eval_fraction: float = 0.2) -> _Dataset:
-  num_devices = _check_int("num_devices", num_devices, 2, 1_000_000)
+  num_devices = checks.check_int("num_devices", num_devices, 2, 1_000_000)
   eval_fraction = _check_eval_fraction(eval_fraction)
   partition_rng, holdout_rng = _streams(seed)
   whole = iot.iot_devices(
@@ -317,7 +309,7 @@ def load(name: str, *, seed: int = 0, **kwargs: Any) -> _Dataset:
   if name not in _LOADERS:
     raise ValueError(
         f"dataset must be one of {', '.join(NAMES)}; got {name!r}")
-  seed = _check_int("seed", seed, 0)
+  seed = checks.check_int("seed", seed, 0)
   loader, allowed = _LOADERS[name]
   unknown = sorted(set(kwargs) - set(allowed))
   if unknown:

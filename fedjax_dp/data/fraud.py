@@ -60,6 +60,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fedjax_dp.data import checks
 from fedjax_dp.data import population as population_lib
 
 CATEGORIES = ("grocery", "fuel", "restaurant", "travel", "electronics",
@@ -128,27 +129,6 @@ class BankProfile(NamedTuple):
   mode_weights: np.ndarray
   fraud_direction: np.ndarray
   targeted_category: int
-
-
-def _check_int(name: str, value, low: int, high: int) -> int:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, (int, np.integer)):
-    raise ValueError(f"{name} must be an int in [{low}, {high}], got "
-                     f"{value!r}")
-  if not low <= value <= high:
-    raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-  return int(value)
-
-
-def _check_float(name: str, value, low: float, high: float) -> float:
-  try:
-    value = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a float in [{low}, {high}], got "
-                     f"{value!r}") from None
-  if not low <= value <= high:  # also refuses NaN
-    raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-  return value
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -282,15 +262,15 @@ def fraud_banks_with_profiles(
     id_prefix: str = "bank",
 ) -> tuple[population_lib.FederatedPopulation, list[BankProfile]]:
   """Like `fraud_banks`, also returning every bank's hidden profile."""
-  num_banks = _check_int("num_banks", num_banks, 1, 10_000)
-  median_transactions = _check_int(
+  num_banks = checks.check_int("num_banks", num_banks, 1, 10_000)
+  median_transactions = checks.check_int(
       "median_transactions", median_transactions, MIN_TRANSACTIONS, 1_000_000)
-  size_sigma = _check_float("size_sigma", size_sigma, 0.0, 3.0)
-  min_fraud_rate = _check_float("min_fraud_rate", min_fraud_rate, 0.0, 0.5)
-  max_fraud_rate = _check_float("max_fraud_rate", max_fraud_rate,
+  size_sigma = checks.check_float("size_sigma", size_sigma, 0.0, 3.0)
+  min_fraud_rate = checks.check_float("min_fraud_rate", min_fraud_rate, 0.0, 0.5)
+  max_fraud_rate = checks.check_float("max_fraud_rate", max_fraud_rate,
                                 min_fraud_rate, 0.5)
-  bank_shift = _check_float("bank_shift", bank_shift, 0.0, 10.0)
-  seed = _check_int("seed", seed, 0, 2**63 - 1)
+  bank_shift = checks.check_float("bank_shift", bank_shift, 0.0, 10.0)
+  seed = checks.check_int("seed", seed, 0, 2**63 - 1)
   rng = np.random.default_rng(seed)
 
   sizes = rng.lognormal(np.log(median_transactions), size_sigma, num_banks)
@@ -312,10 +292,9 @@ def fraud_banks_with_profiles(
     xs.append(x[order].astype(np.float32))
     ys.append(y[order])
   width = max(2, len(str(num_banks - 1)))
-  population = population_lib.FederatedPopulation(
-      tuple(f"{id_prefix}-{k:0{width}d}" for k in range(num_banks)),
-      {"x": np.concatenate(xs), "y": np.concatenate(ys)},
-      np.concatenate([[0], np.cumsum(sizes)]))
+  population = population_lib.FederatedPopulation.from_client_arrays(
+      [f"{id_prefix}-{k:0{width}d}" for k in range(num_banks)],
+      [{"x": x, "y": y} for x, y in zip(xs, ys)])
   return population, profiles
 
 

@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fedjax_dp.data import checks
 from fedjax_dp.data import population as population_lib
 
 SAMPLE_RATE_HZ = 20.0
@@ -91,16 +92,6 @@ class DeviceProfile(NamedTuple):
   noise_std: float
 
 
-def _check_int(name: str, value, low: int, high: int) -> int:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, (int, np.integer)):
-    raise ValueError(f"{name} must be an int in [{low}, {high}], got "
-                     f"{value!r}")
-  if not low <= value <= high:
-    raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-  return int(value)
-
-
 def _tilted_gravity(rng) -> np.ndarray:
   """The unit vector (0, 0, 1) tilted by up to MAX_TILT_DEGREES."""
   tilt = np.radians(rng.uniform(0.0, MAX_TILT_DEGREES))
@@ -154,12 +145,12 @@ def iot_devices_with_profiles(
     id_prefix: str = "device",
 ) -> tuple[population_lib.FederatedPopulation, list[DeviceProfile]]:
   """Like `iot_devices`, also returning every device's hidden profile."""
-  num_devices = _check_int("num_devices", num_devices, 1, 1_000_000)
-  min_windows = _check_int("min_windows", min_windows, 1, 10_000)
-  max_windows = _check_int("max_windows", max_windows, min_windows, 10_000)
-  window_length = _check_int("window_length", window_length, 8, 4096)
-  num_classes = _check_int("num_classes", num_classes, 2, len(ACTIVITIES))
-  seed = _check_int("seed", seed, 0, 2**63 - 1)
+  num_devices = checks.check_int("num_devices", num_devices, 1, 1_000_000)
+  min_windows = checks.check_int("min_windows", min_windows, 1, 10_000)
+  max_windows = checks.check_int("max_windows", max_windows, min_windows, 10_000)
+  window_length = checks.check_int("window_length", window_length, 8, 4096)
+  num_classes = checks.check_int("num_classes", num_classes, 2, len(ACTIVITIES))
+  seed = checks.check_int("seed", seed, 0, 2**63 - 1)
   rng = np.random.default_rng(seed)
 
   profiles = []
@@ -180,12 +171,10 @@ def iot_devices_with_profiles(
         rng.standard_normal(signal.shape))
     xs.append(x.astype(np.float32))
     ys.append(labels.astype(np.int32))
-  sizes = [d.num_windows for d in profiles]
   width = max(4, len(str(num_devices - 1)))
-  population = population_lib.FederatedPopulation(
-      tuple(f"{id_prefix}-{k:0{width}d}" for k in range(num_devices)),
-      {"x": np.concatenate(xs), "y": np.concatenate(ys)},
-      np.concatenate([[0], np.cumsum(sizes)]))
+  population = population_lib.FederatedPopulation.from_client_arrays(
+      [f"{id_prefix}-{k:0{width}d}" for k in range(num_devices)],
+      [{"x": x, "y": y} for x, y in zip(xs, ys)])
   return population, profiles
 
 

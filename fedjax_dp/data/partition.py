@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from fedjax_dp.data import checks
 from fedjax_dp.data import population as population_lib
 
 Seed = int | np.random.Generator
@@ -38,18 +39,6 @@ def _as_rng(seed: Seed) -> np.random.Generator:
   if seed < 0:
     raise ValueError(f"seed must be >= 0, got {seed}")
   return np.random.default_rng(int(seed))
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-  """`value` as an int in [low, high], else a ValueError naming `name`."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, (int, np.integer)):
-    raise ValueError(f"{name} must be an int, got {value!r}")
-  value = int(value)
-  if value < low or (high is not None and value > high):
-    allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-    raise ValueError(f"{name} must be {allowed}, got {value}")
-  return value
 
 
 def _check_alpha(alpha) -> float:
@@ -93,8 +82,8 @@ def iid(num_examples: int, num_clients: int, seed: Seed) -> list[np.ndarray]:
   Raises:
     ValueError: on an out-of-range argument.
   """
-  num_examples = _check_int("num_examples", num_examples, 1)
-  num_clients = _check_int("num_clients", num_clients, 1, num_examples)
+  num_examples = checks.check_int("num_examples", num_examples, 1)
+  num_clients = checks.check_int("num_clients", num_clients, 1, num_examples)
   rng = _as_rng(seed)
   order = rng.permutation(num_examples)
   return _sorted(np.array_split(order, num_clients))
@@ -136,18 +125,18 @@ def dirichlet_client_mixture(
   """
   class_index, class_counts = _check_labels(labels)
   n = class_index.shape[0]
-  num_clients = _check_int("num_clients", num_clients, 1, n)
+  num_clients = checks.check_int("num_clients", num_clients, 1, n)
   alpha = _check_alpha(alpha)
   if examples_per_client is None:
     sizes = np.full(num_clients, n // num_clients, np.int64)
     sizes[:n % num_clients] += 1
   elif np.ndim(examples_per_client) == 0:
-    each = _check_int("examples_per_client", examples_per_client, 1,
+    each = checks.check_int("examples_per_client", examples_per_client, 1,
                       n // num_clients)
     sizes = np.full(num_clients, each, np.int64)
   else:
     sizes = [
-        _check_int(f"examples_per_client[{i}]", s, 1)
+        checks.check_int(f"examples_per_client[{i}]", s, 1)
         for i, s in enumerate(examples_per_client)
     ]
     sizes = np.asarray(sizes, np.int64)
@@ -233,11 +222,11 @@ def dirichlet_label_split(
   """
   class_index, class_counts = _check_labels(labels)
   n = class_index.shape[0]
-  num_clients = _check_int("num_clients", num_clients, 1, n)
+  num_clients = checks.check_int("num_clients", num_clients, 1, n)
   alpha = _check_alpha(alpha)
-  min_client_size = _check_int(
+  min_client_size = checks.check_int(
       "min_client_size", min_client_size, 0, n // num_clients)
-  max_tries = _check_int("max_tries", max_tries, 1)
+  max_tries = checks.check_int("max_tries", max_tries, 1)
   rng = _as_rng(seed)
 
   for _ in range(max_tries):

@@ -24,37 +24,23 @@ from fedjax_dp.models import flax_model
 DEFAULT_SEQ_LEN = 80
 
 
-class _GRULM(nn.Module):
-  """Embedding, stacked unidirectional GRUs, dense logits."""
+class _RecurrentLM(nn.Module):
+  """Embedding, stacked unidirectional recurrent layers, dense logits."""
 
   vocab_size: int
   embed_dim: int
   hidden: int
   num_layers: int
+  cell: str  # "gru" or "lstm"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    cell = {"gru": nn.GRUCell, "lstm": nn.OptimizedLSTMCell}[self.cell]
     h = nn.Embed(self.vocab_size, self.embed_dim)(x)
     for _ in range(self.num_layers):
       # Zero initial carry; left-to-right scan over the time axis, so the
       # output at t sees only inputs 0..t.
-      h = nn.RNN(nn.GRUCell(features=self.hidden))(h)
-    return nn.Dense(self.vocab_size)(h)
-
-
-class _LSTMLM(nn.Module):
-  """Embedding, stacked unidirectional LSTMs, dense logits."""
-
-  vocab_size: int
-  embed_dim: int
-  hidden: int
-  num_layers: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = nn.Embed(self.vocab_size, self.embed_dim)(x)
-    for _ in range(self.num_layers):
-      h = nn.RNN(nn.OptimizedLSTMCell(features=self.hidden))(h)
+      h = nn.RNN(cell(features=self.hidden))(h)
     return nn.Dense(self.vocab_size)(h)
 
 
@@ -140,11 +126,12 @@ def gru_lm(
     takes integer `x` [batch, T] with ids in [0, vocab_size) and returns
     float32 logits [batch, T, vocab_size].
   """
-  module = _GRULM(
+  module = _RecurrentLM(
       vocab_size=vocab_size,
       embed_dim=embed_dim,
       hidden=hidden,
       num_layers=num_layers,
+      cell="gru",
   )
   return _to_model("gru_lm", module, int(seq_len), vocab_size)
 
@@ -163,11 +150,12 @@ def lstm_lm(
 
   Args and returns: as `gru_lm`, with LSTM cells.
   """
-  module = _LSTMLM(
+  module = _RecurrentLM(
       vocab_size=vocab_size,
       embed_dim=embed_dim,
       hidden=hidden,
       num_layers=num_layers,
+      cell="lstm",
   )
   return _to_model("lstm_lm", module, int(seq_len), vocab_size)
 
