@@ -410,6 +410,9 @@ def _cmd_report(args) -> int:
     print(json.dumps(result))
     return 0
   print(run_report.format_table(result["runs"]))
+  if len(result["by_config"]) < len(result["runs"]):  # some over seeds
+    print("\nover seeds:")
+    print(run_report.format_by_config(result["by_config"]))
   for path in result["files"]:
     print(f"wrote {path}")
   return 0
@@ -558,11 +561,13 @@ def build_parser() -> argparse.ArgumentParser:
   report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
   report.add_argument("--out", default=".",
                       help="where to write report_accuracy.png, "
-                      "report_loss.png, report_epsilon.png (default: the "
+                      "report_loss.png, report_epsilon.png and, when runs "
+                      "differ only in their seed, report_by_config.png "
+                      "(default: the "
                       "current directory)")
   report.add_argument("--json", action="store_true",
-                      help="print only a JSON object (the table's rows and "
-                      "the files written)")
+                      help="print only a JSON object (the table's rows, the "
+                      "rows over seeds and the files written)")
   report.set_defaults(fn=_cmd_report)
   return parser
 

@@ -144,7 +144,7 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def _group_label(result, group: SeedGroup) -> str:
-  return _label(group.swept) or result.base.name
+  return fields_label(group.swept) or result.base.name
 
 
 def summary_by_config_rows(result) -> list[dict]:
@@ -238,10 +238,11 @@ def write_markdown(result, path: str | os.PathLike) -> None:
 # Plots.
 
 
-def _label(swept: dict) -> str:
+def fields_label(fields: dict) -> str:
+  """`fields` as one short legend label: `z=1, C=0.4`."""
   short = {"noise_multiplier": "z", "clip_norm": "C", "client_lr": "lr_c",
            "server_lr": "lr_s"}
-  return ", ".join(f"{short.get(k, k)}={_cell(v)}" for k, v in swept.items())
+  return ", ".join(f"{short.get(k, k)}={_cell(v)}" for k, v in fields.items())
 
 
 # Up to this many configurations (over seeds) get a legend entry each; more
@@ -347,24 +348,31 @@ def plot_learning_curves(result, path: str | os.PathLike) -> None:
       f"configurations{_seeds_note(groups)})", "held-out accuracy",
       width=7.5)
   for group, (color, label) in zip(groups, _group_styles(result, groups)):
-    by_step = {}
-    for i in group.indices:
-      for step, value in zip(*run_outputs.points(result.runs[i].history,
-                                                 "eval_accuracy")):
-        by_step.setdefault(step, []).append(value)
-    if not by_step:
-      continue
-    steps = sorted(by_step)
-    stats = [mean_std(by_step[t]) for t in steps]
-    mean = [m for m, _ in stats]
-    run_outputs.line(ax, steps, mean, label=label, color=color)
-    if len(group.indices) > 1:
-      # Within [0, 1], where an accuracy can be; fainter the more bands
-      # overlap, so that the mean lines stay readable.
-      ax.fill_between(steps, [max(m - d, 0.0) for m, d in stats],
-                      [min(m + d, 1.0) for m, d in stats], color=color,
-                      alpha=min(0.2, 0.5 / len(groups)), linewidth=0)
+    draw_mean_accuracy(ax, [result.runs[i].history for i in group.indices],
+                       color, label, len(groups))
   run_outputs.save(fig, ax, path)
+
+
+def draw_mean_accuracy(ax, histories: list[list[dict]], color, label,
+                       num_lines: int) -> None:
+  """Held-out accuracy over seeds on `ax`: the mean at each eval round
+  that some seed reached, in a band of +- one standard deviation where
+  more than one seed did."""
+  by_step = {}
+  for history in histories:
+    for step, value in zip(*run_outputs.points(history, "eval_accuracy")):
+      by_step.setdefault(step, []).append(value)
+  if not by_step:
+    return
+  steps = sorted(by_step)
+  stats = [mean_std(by_step[t]) for t in steps]
+  run_outputs.line(ax, steps, [m for m, _ in stats], label=label, color=color)
+  if len(histories) > 1:
+    # Within [0, 1], where an accuracy can be; fainter the more bands
+    # overlap, so that the mean lines stay readable.
+    ax.fill_between(steps, [max(m - d, 0.0) for m, d in stats],
+                    [min(m + d, 1.0) for m, d in stats], color=color,
+                    alpha=min(0.2, 0.5 / num_lines), linewidth=0)
 
 
 # ---------------------------------------------------------------------------

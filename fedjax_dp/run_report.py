@@ -4,6 +4,11 @@ For each run directory: its config.json, summary.json (absent when the run
 did not finish: then its last metrics rows stand in) and metrics.jsonl. The
 comparison is a table (one row per run) and overlaid curves, one line per
 run: held-out accuracy, loss and epsilon vs rounds completed.
+
+Runs whose configs are equal apart from the seed are one configuration over
+seeds: a second table gives each configuration's mean and standard
+deviation over its seeds (Bessel-corrected), and report_by_config.png its
+mean held-out accuracy curve in a band of +- one standard deviation.
 """
 
 import dataclasses
@@ -12,6 +17,7 @@ import math
 import os
 import pathlib
 
+from fedjax_dp import reports
 from fedjax_dp import run_outputs
 
 # Table columns: (key, heading).
@@ -205,11 +211,123 @@ def write_plots(runs: list[Run], out_dir: str | os.PathLike,
   return written
 
 
+# Config fields that say where or how a run was launched, not what it
+# computes: runs that differ only in these (and the seed) are one
+# configuration.
+_NOT_CONFIGURATION = ("seed", "name")
+
+
+def _configuration(run: Run) -> str:
+  if not run.config:  # nothing to compare: a configuration of its own
+    return str(run.path.resolve())
+  return json.dumps({k: v for k, v in run.config.items()
+                     if k not in _NOT_CONFIGURATION},
+                    sort_keys=True, default=repr)
+
+
+def config_groups(runs: list[Run]) -> list[list[Run]]:
+  """The runs grouped over seeds (equal configs apart from the seed and
+  the name), in order of first appearance."""
+  groups = {}
+  for run in runs:
+    groups.setdefault(_configuration(run), []).append(run)
+  return list(groups.values())
+
+
+def _group_labels(groups: list[list[Run]]) -> list[str]:
+  """Each group's label: the config fields whose values tell the groups
+  apart (the name alone when nothing else does)."""
+  configs = [group[0].config for group in groups]
+  fields = sorted({k for c in configs for k in c} - set(_NOT_CONFIGURATION))
+  differing = [k for k in fields if len({json.dumps(c.get(k), sort_keys=True,
+                                                    default=repr)
+                                         for c in configs}) > 1]
+  return [reports.fields_label({k: c.get(k) for k in differing})
+          or group[0].name for c, group in zip(configs, groups)]
+
+
+def by_config_rows(runs: list[Run]) -> list[dict]:
+  """One row per configuration over seeds: its seeds, how many of its
+  runs finished, and the mean and standard deviation of their final
+  accuracy, epsilon and wall time over its finished runs (over all its runs,
+  at the round each reached, when none finished: a run still going would
+  otherwise pull the mean of the finished ones)."""
+  groups = config_groups(runs)
+  rows = []
+  for label, group in zip(_group_labels(groups), groups):
+    table = [table_row(run) for run in group]
+    finished = [r for r in table if r["status"] == "finished"]
+    table = finished or table
+    acc = reports.mean_std(_number(r["eval_accuracy"]) for r in table)
+    eps = reports.mean_std(_number(r["epsilon"]) for r in table)
+    wall = reports.mean_std(_number(r["wall_time_s"]) for r in table)
+    rows.append({
+        "configuration": label,
+        "seeds": [run.config.get("seed") for run in group],
+        "num_runs": len(group),
+        "num_finished": len(finished),
+        "eval_accuracy_mean": acc[0], "eval_accuracy_std": acc[1],
+        "epsilon_mean": eps[0], "epsilon_std": eps[1],
+        "wall_time_s_mean": wall[0],
+        "run_dirs": [str(run.path) for run in group],
+    })
+  return rows
+
+
+def _number(value) -> float:
+  return float(value) if run_outputs.is_number(value) else float("nan")
+
+
+def format_by_config(rows: list[dict]) -> str:
+  """The configurations over seeds as aligned text columns."""
+  def pm(mean, std):
+    return f"{mean:.4g} +- {std:.2g}" if std else f"{mean:.4g}"
+  cells = [["configuration", "seeds", "finished", "accuracy (mean +- std)",
+            "epsilon", "wall s (mean)"]]
+  for row in rows:
+    cells.append([
+        row["configuration"], " ".join(str(s) for s in row["seeds"]),
+        f"{row['num_finished']}/{row['num_runs']}",
+        pm(row["eval_accuracy_mean"], row["eval_accuracy_std"]),
+        pm(row["epsilon_mean"], row["epsilon_std"]),
+        f"{row['wall_time_s_mean']:.1f}"])
+  widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+           for line in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def plot_by_config(runs: list[Run], path: pathlib.Path) -> bool:
+  """Held-out accuracy per configuration over seeds; False (nothing
+  written) when no configuration has more than one run or no run has
+  held-out accuracy."""
+  groups = config_groups(runs)
+  if max(len(g) for g in groups) < 2 or not any(
+      run_outputs.points(run.rows, "eval_accuracy")[0] for run in runs):
+    return False
+  counts = sorted({len(g) for g in groups})
+  seeds = (f"{counts[0]}" if len(counts) == 1
+           else f"{counts[0]}-{counts[-1]}")
+  fig, ax = run_outputs.new_axes(
+      f"Held-out accuracy: {len(groups)} configurations, mean +- std over "
+      f"{seeds} seeds", "held-out accuracy", width=7.5)
+  colors = run_outputs.pyplot().get_cmap(
+      "tab10" if len(groups) <= 10 else "tab20")
+  for k, (label, group) in enumerate(zip(_group_labels(groups), groups)):
+    reports.draw_mean_accuracy(ax, [run.rows for run in group],
+                               colors(k % colors.N),
+                               f"{label} ({len(group)} runs)", len(groups))
+  run_outputs.save(fig, ax, path)
+  return True
+
+
 def report(run_dirs, out_dir: str | os.PathLike) -> dict:
   """Reads `run_dirs`, writes the overlaid plots into `out_dir`.
 
   Returns:
-    {"runs": the table's rows, "files": the PNGs written}.
+    {"runs": the table's rows, "by_config": the rows over seeds
+    (`by_config_rows`), "files": the PNGs written}.
 
   Raises:
     ValueError: a path is not a run directory or holds damaged JSON.
@@ -217,5 +335,8 @@ def report(run_dirs, out_dir: str | os.PathLike) -> dict:
   runs = [load_run(p) for p in run_dirs]
   label_runs(runs)
   files = write_plots(runs, out_dir)
+  if plot_by_config(runs, pathlib.Path(out_dir) / "report_by_config.png"):
+    files.append(pathlib.Path(out_dir) / "report_by_config.png")
   return {"runs": [table_row(run) for run in runs],
+          "by_config": by_config_rows(runs),
           "files": [str(f) for f in files]}

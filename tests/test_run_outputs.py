@@ -276,10 +276,57 @@ def test_report_json_is_all_of_stdout(runs, tmp_path, capsys):
   assert unfinished["rounds"] == 4 and "unfinished" in unfinished["status"]
   assert unfinished["eval_accuracy"] == fixed.history[-1]["eval_accuracy"]
   assert unfinished["epsilon"] == fixed.history[-1]["epsilon"]
+  # The copy is the same configuration: one row, its finished run's.
+  (by_config,) = result["by_config"]
+  assert (by_config["num_runs"], by_config["num_finished"]) == (2, 1)
+  assert by_config["eval_accuracy_mean"] == fixed.summary["eval_accuracy"]
   assert sorted(pathlib.Path(f).name for f in result["files"]) == [
-      "report_accuracy.png", "report_epsilon.png", "report_loss.png"]
+      "report_accuracy.png", "report_by_config.png", "report_epsilon.png",
+      "report_loss.png"]
   for f in result["files"]:
     _assert_png(pathlib.Path(f))
+
+
+def test_report_groups_runs_that_differ_only_in_their_seed(
+    runs, tmp_path, capsys):
+  root, fixed, adaptive = runs
+  fixed_1 = runner.run(_tiny(seed=1), run_dir=tmp_path / "a1", **_QUIET)
+  # A run of the adaptive configuration still going: counted, not averaged.
+  going = tmp_path / "b_going"
+  shutil.copytree(root / "b", going)
+  (going / "summary.json").unlink()
+  config = json.loads((going / "config.json").read_text())
+  (going / "config.json").write_text(json.dumps({**config, "seed": 7}))
+  out = tmp_path / "out"
+  assert cli.main(["report", str(root / "a"), str(root / "b"),
+                   str(tmp_path / "a1"), str(going), "--out", str(out),
+                   "--json"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  fixed_row, adaptive_row = result["by_config"]
+  # Labelled by what tells the configurations apart.
+  assert fixed_row["configuration"] == "adaptive_clipping=False"
+  assert adaptive_row["configuration"] == "adaptive_clipping=True"
+  assert fixed_row["seeds"] == [0, 1] and fixed_row["num_finished"] == 2
+  accs = [fixed.summary["eval_accuracy"], fixed_1.summary["eval_accuracy"]]
+  assert fixed_row["eval_accuracy_mean"] == pytest.approx(np.mean(accs))
+  assert fixed_row["eval_accuracy_std"] == pytest.approx(
+      np.std(accs, ddof=1))
+  assert adaptive_row["seeds"] == [0, 7]
+  assert (adaptive_row["num_runs"], adaptive_row["num_finished"]) == (2, 1)
+  assert adaptive_row["eval_accuracy_mean"] == adaptive.summary[
+      "eval_accuracy"]
+  assert adaptive_row["eval_accuracy_std"] == 0.0
+  assert str(out / "report_by_config.png") in result["files"]
+  _assert_png(out / "report_by_config.png")
+  # The text output prints the table over seeds only when there is one.
+  assert cli.main(["report", str(root / "a"), str(tmp_path / "a1"),
+                   "--out", str(out)]) == 0
+  text = capsys.readouterr().out
+  assert "over seeds:" in text and "0 1" in text and "2/2" in text
+  assert cli.main(["report", str(root / "a"), str(root / "b"), "--out",
+                   str(tmp_path / "out2")]) == 0
+  assert "over seeds:" not in capsys.readouterr().out
+  assert not (tmp_path / "out2" / "report_by_config.png").exists()
 
 
 def test_report_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
