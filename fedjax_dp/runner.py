@@ -26,6 +26,7 @@ from fedjax_dp import epsilon_reports
 from fedjax_dp import evaluation
 from fedjax_dp import round_calls
 from fedjax_dp import run_directory
+from fedjax_dp import run_outputs
 from fedjax_dp import simulation
 from fedjax_dp import tree_util
 from fedjax_dp.data import files
@@ -289,6 +290,13 @@ def _restore(directory: run_directory.RunDirectory,
   log(f"resuming {directory.path}: no usable checkpoint, starting from round "
       "0")
   return carry, sim.plan.new_ledger(), 0, 0
+
+
+def _elapsed_before(directory: run_directory.RunDirectory) -> float:
+  """The last kept metrics row's elapsed_s (0 where it has none)."""
+  rows = run_outputs.read_rows(directory.metrics_path)
+  elapsed = rows[-1].get("elapsed_s") if rows else None
+  return float(elapsed) if run_outputs.is_number(elapsed) else 0.0
 
 
 @dataclasses.dataclass
@@ -696,6 +704,11 @@ def run(
   if directory is not None:
     directory.open(config.to_dict(), sim.plan.noise_multiplier, ledger,
                    metrics_offset)
+  if first_round:
+    # The clock goes on from the kept rows: a resumed run's elapsed_s and
+    # wall_time_s count every segment whose rows it kept (not the time
+    # between the interruption and the resume, nor rounds it replays).
+    start -= _elapsed_before(directory)
   def started():
     _log_start(sim, planned_epsilon(), log)
     if device_calls is not None:

@@ -187,8 +187,13 @@ def test_a_resumed_run_shows_each_round_once(tmp_path):
   # As if the run had died before its last checkpoint: rounds 2 and 3 are
   # replayed from the checkpoint after round 1.
   shutil.rmtree(tmp_path / "checkpoints" / "ckpt_4")
-  runner.run(config, run_dir=tmp_path, resume=True, **_QUIET)
+  kept_elapsed = _rows(tmp_path)[1]["elapsed_s"]
+  resumed = runner.run(config, run_dir=tmp_path, resume=True, **_QUIET)
   assert [r["round"] for r in _rows(tmp_path)] == [0, 1, 2, 3]
+  # The clock goes on from the kept rows instead of starting again at 0.
+  elapsed = [r["elapsed_s"] for r in _rows(tmp_path)]
+  assert elapsed == sorted(elapsed) and elapsed[2] > kept_elapsed
+  assert resumed.summary["wall_time_s"] > elapsed[3] > kept_elapsed
   _assert_csv_equals_metrics(tmp_path)
   _, table = _csv_rows(tmp_path / "metrics.csv")
   assert [int(line["round"]) for line in table] == [0, 1, 2, 3]
