@@ -24,8 +24,10 @@ Every arm spends epsilon 18.85 at delta = 1e-4 (PLD): 100 of 506 clients
 per round is a sampling rate of 0.2, far above the paper's populations'.
 
 Cost measured on the 2-core CPU (2026-12-04): about 7.3 s per round on a
-quiet machine (13 s while shared with another job), so about 25 minutes
-per run and 5 hours for 3 seeds x (adaptive + 3 fixed clips). Run (first
+quiet machine (13 s while shared with another job); 1,400 to 1,580 s per
+run, about 5 hours for 3 seeds x (adaptive + 3 fixed clips). Results (3
+seeds): adaptive 0.400 +- 0.003, fixed C = 0.2 / 0.4 / 0.8: 0.411 / 0.420
+/ 0.387 held-out accuracy (docs/reproductions.md). Run (first
 obtain the texts once:
 fedjax-dp data fetch shakespeare):
   E=experiments/andrew2021_paper_scale.py
