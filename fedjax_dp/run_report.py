@@ -150,15 +150,19 @@ def _text(key: str, row: dict) -> str:
   return str(value)
 
 
-def format_table(rows: list[dict]) -> str:
-  """The table as aligned text columns."""
-  cells = [[heading for _, heading in COLUMNS]]
-  cells += [[_text(key, row) for key, _ in COLUMNS] for row in rows]
-  widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+def _aligned(cells: list[list[str]]) -> str:
+  """Rows of cells (the first the headings) as aligned text columns."""
+  widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
            for line in cells]
   lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)
+
+
+def format_table(rows: list[dict]) -> str:
+  """The table as aligned text columns."""
+  return _aligned([[heading for _, heading in COLUMNS]] +
+                  [[_text(key, row) for key, _ in COLUMNS] for row in rows])
 
 
 def _plot(runs: list[Run], what: str, path: pathlib.Path) -> bool:
@@ -225,36 +229,32 @@ def _configuration(run: Run) -> str:
                     sort_keys=True, default=repr)
 
 
-def config_groups(runs: list[Run]) -> list[list[Run]]:
+def config_groups(runs: list[Run]) -> list[tuple[str, list[Run]]]:
   """The runs grouped over seeds (equal configs apart from the seed and
-  the name), in order of first appearance."""
-  groups = {}
+  the name), in order of first appearance, each with its label: the config
+  fields whose values tell the groups apart (the name alone when nothing
+  else does)."""
+  by_key = {}
   for run in runs:
-    groups.setdefault(_configuration(run), []).append(run)
-  return list(groups.values())
-
-
-def _group_labels(groups: list[list[Run]]) -> list[str]:
-  """Each group's label: the config fields whose values tell the groups
-  apart (the name alone when nothing else does)."""
+    by_key.setdefault(_configuration(run), []).append(run)
+  groups = list(by_key.values())
   configs = [group[0].config for group in groups]
   fields = sorted({k for c in configs for k in c} - set(_NOT_CONFIGURATION))
   differing = [k for k in fields if len({json.dumps(c.get(k), sort_keys=True,
                                                     default=repr)
                                          for c in configs}) > 1]
-  return [reports.fields_label({k: c.get(k) for k in differing})
-          or group[0].name for c, group in zip(configs, groups)]
+  return [(reports.fields_label({k: c.get(k) for k in differing})
+           or group[0].name, group) for c, group in zip(configs, groups)]
 
 
-def by_config_rows(runs: list[Run]) -> list[dict]:
-  """One row per configuration over seeds: its seeds, how many of its
-  runs finished, and the mean and standard deviation of their final
-  accuracy, epsilon and wall time over its finished runs (over all its runs,
-  at the round each reached, when none finished: a run still going would
-  otherwise pull the mean of the finished ones)."""
-  groups = config_groups(runs)
+def by_config_rows(groups: list[tuple[str, list[Run]]]) -> list[dict]:
+  """One row per configuration over seeds (`config_groups`): its seeds, how
+  many of its runs finished, and the mean and standard deviation of their
+  final accuracy, epsilon and wall time over its finished runs (over all its
+  runs, at the round each reached, when none finished: a run still going
+  would otherwise pull the mean of the finished ones)."""
   rows = []
-  for label, group in zip(_group_labels(groups), groups):
+  for label, group in groups:
     table = [table_row(run) for run in group]
     finished = [r for r in table if r["status"] == "finished"]
     table = finished or table
@@ -291,22 +291,19 @@ def format_by_config(rows: list[dict]) -> str:
         pm(row["eval_accuracy_mean"], row["eval_accuracy_std"]),
         pm(row["epsilon_mean"], row["epsilon_std"]),
         f"{row['wall_time_s_mean']:.1f}"])
-  widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-  lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
-           for line in cells]
-  lines.insert(1, "  ".join("-" * w for w in widths))
-  return "\n".join(lines)
+  return _aligned(cells)
 
 
-def plot_by_config(runs: list[Run], path: pathlib.Path) -> bool:
-  """Held-out accuracy per configuration over seeds; False (nothing
-  written) when no configuration has more than one run or no run has
-  held-out accuracy."""
-  groups = config_groups(runs)
-  if max(len(g) for g in groups) < 2 or not any(
-      run_outputs.points(run.rows, "eval_accuracy")[0] for run in runs):
+def plot_by_config(groups: list[tuple[str, list[Run]]],
+                   path: pathlib.Path) -> bool:
+  """Held-out accuracy per configuration over seeds (`config_groups`);
+  False (nothing written) when no configuration has more than one run or
+  no run has held-out accuracy."""
+  if max(len(g) for _, g in groups) < 2 or not any(
+      run_outputs.points(run.rows, "eval_accuracy")[0]
+      for _, g in groups for run in g):
     return False
-  counts = sorted({len(g) for g in groups})
+  counts = sorted({len(g) for _, g in groups})
   seeds = (f"{counts[0]}" if len(counts) == 1
            else f"{counts[0]}-{counts[-1]}")
   fig, ax = run_outputs.new_axes(
@@ -314,7 +311,7 @@ def plot_by_config(runs: list[Run], path: pathlib.Path) -> bool:
       f"{seeds} seeds", "held-out accuracy", width=7.5)
   colors = run_outputs.pyplot().get_cmap(
       "tab10" if len(groups) <= 10 else "tab20")
-  for k, (label, group) in enumerate(zip(_group_labels(groups), groups)):
+  for k, (label, group) in enumerate(groups):
     reports.draw_mean_accuracy(ax, [run.rows for run in group],
                                colors(k % colors.N),
                                f"{label} ({len(group)} runs)", len(groups))
@@ -335,8 +332,9 @@ def report(run_dirs, out_dir: str | os.PathLike) -> dict:
   runs = [load_run(p) for p in run_dirs]
   label_runs(runs)
   files = write_plots(runs, out_dir)
-  if plot_by_config(runs, pathlib.Path(out_dir) / "report_by_config.png"):
+  groups = config_groups(runs)
+  if plot_by_config(groups, pathlib.Path(out_dir) / "report_by_config.png"):
     files.append(pathlib.Path(out_dir) / "report_by_config.png")
   return {"runs": [table_row(run) for run in runs],
-          "by_config": by_config_rows(runs),
+          "by_config": by_config_rows(groups),
           "files": [str(f) for f in files]}
